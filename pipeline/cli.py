@@ -1,0 +1,78 @@
+"""The ``kdcache`` command line.
+
+Sub-commands live next to the code they drive and are imported only when used, so that
+``kdcache verify`` does not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from kdcache.storage.errors import StoreError
+
+# name -> "module:attribute" of a click.Command
+COMMANDS: dict[str, str] = {
+    "cache-teacher": "kdcache.pipeline.cache_teacher:command",
+    "train-student": "kdcache.pipeline.train_student:command",
+    "sweep": "kdcache.pipeline.sweep:command",
+    "build-teacher": "kdcache.pipeline.default_teacher:command",
+    "compare": "kdcache.pipeline.compare:command",
+    "verify": "kdcache.pipeline.store_commands:verify",
+    "inspect": "kdcache.pipeline.store_commands:inspect",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = COMMANDS[cmd_name].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # that part of kdcache is not built yet
+                return None
+            raise
+        command: click.Command = getattr(module, attribute)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kdcache")
+def cli() -> None:
+    """kdcache: cache a teacher's top-k soft targets once, distill many students from them."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns every user mistake into one line and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        # our UserError and click's own usage errors (bad option, missing argument): one line
+        message = e.format_message()
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            message = f"{message} (see `{e.ctx.command_path} --help`)"
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(2)
+    except StoreError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    # with standalone_mode=False click returns the exit code of ctx.exit(n) (e.g. verify's 1)
+    if isinstance(result, int) and not isinstance(result, bool):
+        sys.exit(result)
