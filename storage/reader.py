@@ -1,0 +1,274 @@
+"""Reading a store: only committed shards, decoded whole to numpy, with cheap invariant checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._base import (
+    SHARDS_DIR,
+    ShardArrays,
+    ShardRecord,
+    TeacherSequence,
+    check_invariants,
+    get_codec,
+    record_name,
+    sha256,
+    temporary_target,
+)
+from ._fs import StoreFS
+from .errors import StoreCorrupt, StoreError, StoreNotFound
+from .manifest import parse_manifest
+
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+RAW_LOGPROB_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+
+def load_manifest(fs: StoreFS) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` (``StoreNotFound`` / ``StoreCorrupt`` / unsupported)."""
+    try:
+        data = fs.read(MANIFEST)
+    except FileNotFoundError as e:
+        raise StoreNotFound(
+            f"no logit store (manifest.json missing), {fs.url}, "
+            "check the path or create the store with `kdcache cache-teacher`"
+        ) from e
+    except IsADirectoryError as e:
+        raise StoreCorrupt(f"manifest.json is a directory, {fs.url}, remove it") from e
+    return parse_manifest(data, where=f"{fs.url}/{MANIFEST}")
+
+
+def list_records(
+    fs: StoreFS, backend: str, *, retry: bool = True
+) -> tuple[dict[str, ShardRecord], list[tuple[str, str]]]:
+    """Parse every commit record: (valid records by name, [(name, problem)] for bad ones)."""
+    names = {}
+    for entry in fs.list_names(SHARDS_DIR):
+        name = record_name(entry)
+        if name is not None:
+            names[name] = f"{SHARDS_DIR}/{entry}"
+    try:
+        blobs = fs.read_many(list(names.values()))
+    except FileNotFoundError:  # a record vanished while listing (store being replaced)
+        if not retry:
+            raise StoreCorrupt(f"commit records vanish while listing, {fs.url}") from None
+        return list_records(fs, backend, retry=False)
+    records: dict[str, ShardRecord] = {}
+    problems: list[tuple[str, str]] = []
+    for name, rel in names.items():
+        try:
+            record = ShardRecord.from_bytes(blobs[rel], name)
+            if record.backend != backend:
+                raise StoreCorrupt(
+                    f"record backend {record.backend!r} != store backend {backend!r}"
+                )
+            records[name] = record
+        except StoreCorrupt as e:
+            problems.append((name, str(e)))
+    return records, problems
+
+
+def read_files(fs: StoreFS, record: ShardRecord) -> dict[str, bytes]:
+    """The shard's files keyed relative to the shard path ("" for a single-file shard)."""
+    try:
+        blobs = fs.read_many(list(record.files))
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise StoreCorrupt(
+            f"shard {record.name} is missing a file, {e}, run `kdcache verify`", shard=record.name
+        ) from e
+    cut = len(record.path) + 1
+    return {rel[cut:] if rel != record.path else "": data for rel, data in blobs.items()}
+
+
+def decode_shard(
+    record: ShardRecord, files: dict[str, bytes], manifest: dict[str, Any], *, check: bool
+) -> ShardArrays:
+    """Decode ``files`` of ``record`` and check dtypes (always) and invariants (``check``)."""
+    name = record.name
+    if check:
+        for rel, info in record.files.items():
+            key = rel[len(record.path) + 1 :] if rel != record.path else ""
+            if len(files[key]) != info["size"]:
+                raise StoreCorrupt(
+                    f"shard {name} file {rel} has {len(files[key])} bytes, record says "
+                    f"{info['size']}, run `kdcache verify`",
+                    shard=name,
+                )
+    arrays, raw, stored = get_codec(record.backend).decode(files, name)
+    wanted = manifest["logprob_dtype"]
+    if (
+        stored != wanted
+        or str(raw.dtype) != RAW_LOGPROB_DTYPE[wanted]
+        or str(arrays.topk_ids.dtype) != manifest["id_dtype"]
+        or arrays.tokens.dtype != np.int32
+    ):
+        raise StoreCorrupt(
+            f"shard {name} has dtypes ids={arrays.topk_ids.dtype} logprobs={stored}/{raw.dtype}, "
+            f"manifest says {manifest['id_dtype']}/{wanted}, run `kdcache verify`",
+            shard=name,
+        )
+    arrays.seq_offsets = arrays.seq_offsets.astype(np.int64, copy=False)
+    if check:
+        check_invariants(
+            arrays,
+            raw_logprobs=raw,
+            top_k=manifest["top_k"],
+            vocab_size=manifest["vocab_size"],
+            record=record,
+        )
+    return arrays
+
+
+def read_tokenizer_files(fs: StoreFS) -> dict[str, bytes]:
+    """``STORE/tokenizer/*`` as {file name: bytes}, temporaries skipped."""
+    names = [n for n in fs.list_names(TOKENIZER_DIR) if temporary_target(n) is None]
+    blobs = fs.read_many([f"{TOKENIZER_DIR}/{n}" for n in names])
+    return {rel.split("/", 1)[1]: data for rel, data in blobs.items()}
+
+
+class Store:
+    """A logit store opened for reading; sees committed shards only (``refresh()`` re-lists)."""
+
+    def __init__(self, fs: StoreFS, manifest: dict[str, Any]) -> None:
+        self._fs = fs
+        self.url = fs.url
+        self.manifest = manifest
+        self.backend: str = manifest["backend"]
+        self.top_k: int = manifest["top_k"]
+        self.vocab_size: int = manifest["vocab_size"]
+        self.seq_len: int = manifest["seq_len"]
+        self.shards: list[ShardRecord] = []
+        self._by_name: dict[str, ShardRecord] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the manifest's mutable facts and re-list committed shards."""
+        self.manifest = load_manifest(self._fs)
+        records, problems = list_records(self._fs, self.backend)
+        if problems:
+            name, problem = problems[0]
+            raise StoreCorrupt(f"{problem}, {self.url}, run `kdcache verify`", shard=name)
+        self.shards = sorted(records.values(), key=lambda r: (r.split, r.index))
+        self._by_name = {r.name: r for r in self.shards}
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({r.split for r in self.shards})
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.shards)
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(r.num_sequences for r in self.shards)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all committed shard files (excluding manifest and records)."""
+        return sum(r.nbytes for r in self.shards)
+
+    def shards_of(self, split: str | None = None) -> list[ShardRecord]:
+        return [r for r in self.shards if split is None or r.split == split]
+
+    def read_shard(self, shard: ShardRecord | str, *, check: bool = True) -> ShardArrays:
+        """Decode one whole shard: tokens (N,), topk_ids (N, k), topk_logprobs (N, k)."""
+        name = shard if isinstance(shard, str) else shard.name
+        record = self._by_name.get(name)
+        if record is None:
+            raise StoreError(
+                f"no committed shard named {name!r} in {self.url}, "
+                f"committed: {len(self.shards)} shards (call refresh() to re-list)"
+            )
+        return decode_shard(record, read_files(self._fs, record), self.manifest, check=check)
+
+    def iter_sequences(self, split: str | None = None) -> Iterator[TeacherSequence]:
+        """Every sequence of ``split`` (all splits when None), in shard order.
+
+        The next shard is decoded in a background thread while this one is consumed.
+        """
+        records = self.shards_of(split)
+        if not records:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending: Future[ShardArrays] = pool.submit(self.read_shard, records[0])
+            for nxt in [*records[1:], None]:
+                arrays = pending.result()
+                if nxt is not None:
+                    pending = pool.submit(self.read_shard, nxt)
+                yield from arrays
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The teacher tokenizer's files stored with the store ({} when absent)."""
+        return read_tokenizer_files(self._fs)
+
+    def sample_logprobs(self, max_rows: int = 65536) -> npt.NDArray[np.float32]:
+        """Up to ``max_rows`` top-k rows (rows, k) as float32, spread over up to 4 shards."""
+        if not self.shards:
+            return np.zeros((0, self.top_k), np.float32)
+        step = max(1, len(self.shards) // 4)
+        picked = self.shards[::step][:4]
+        per = max(1, max_rows // len(picked))
+        rows = []
+        for record in picked:
+            lp = self.read_shard(record, check=False).topk_logprobs
+            rows.append(np.asarray(lp[:: max(1, lp.shape[0] // per)][:per], np.float32))
+        return np.concatenate(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({self.url!r}, backend={self.backend}, k={self.top_k}, "
+            f"shards={len(self.shards)}, tokens={self.num_tokens})"
+        )
+
+
+def open_store(
+    url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> Store:
+    """Open a store for reading (a local path or an fsspec URL such as ``memory://s``)."""
+    fs = StoreFS(url, storage_options)
+    return Store(fs, load_manifest(fs))
+
+
+def verify_store(
+    url: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    on_shard: Callable[[str, int], None] | None = None,
+) -> list[tuple[str, str]]:
+    """Recompute every checksum and check every invariant: [(shard or "manifest", problem)].
+
+    ``on_shard(name, total)`` is called after each shard (for progress bars). Raises ``StoreError``
+    when the store itself cannot be opened (missing, unparseable or unsupported manifest).
+    """
+    fs = StoreFS(url, storage_options)
+    manifest = load_manifest(fs)
+    records, problems = list_records(fs, manifest["backend"])
+    for name in sorted(records, key=lambda n: (records[n].split, records[n].index)):
+        record = records[name]
+        try:
+            files = read_files(fs, record)
+            for rel, info in record.files.items():
+                key = rel[len(record.path) + 1 :] if rel != record.path else ""
+                if len(files[key]) != info["size"] or sha256(files[key]) != info["sha256"]:
+                    raise StoreCorrupt(f"checksum mismatch in {rel}", shard=name)
+            decode_shard(record, files, manifest, check=True)
+        except StoreCorrupt as e:
+            problems.append((name, str(e).removesuffix(", run `kdcache verify`")))
+        if on_shard is not None:
+            on_shard(name, len(records))
+    expected = manifest["tokenizer"].get("files")
+    if isinstance(expected, dict):
+        stored = read_tokenizer_files(fs)
+        for file_name, digest in sorted(expected.items()):
+            if file_name not in stored:
+                problems.append(("tokenizer", f"tokenizer/{file_name} is missing"))
+            elif sha256(stored[file_name]) != digest:
+                problems.append(("tokenizer", f"tokenizer/{file_name} checksum mismatch"))
+    return problems

@@ -1,0 +1,341 @@
+"""Writing a store: shards buffered in memory, committed atomically (data first, record last)."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._base import (
+    SHARD_NAME,
+    SHARDS_DIR,
+    ShardArrays,
+    ShardRecord,
+    float32_to_bf16,
+    get_codec,
+    rows_sorted_descending,
+    sha256,
+    temporary_target,
+)
+from ._fs import TMP_PREFIX, StoreFS
+from .errors import ShardExists, StoreCorrupt, StoreError, StoreIncompatible
+from .manifest import dumps, manifest_differences, utc_now, validate_manifest
+from .reader import (
+    MANIFEST,
+    TOKENIZER_DIR,
+    list_records,
+    load_manifest,
+    read_tokenizer_files,
+)
+
+_STORE_ENTRIES = {MANIFEST, SHARDS_DIR, TOKENIZER_DIR}
+
+
+def _numpy(values: Any) -> npt.NDArray[Any]:
+    """numpy view of an array-like; torch tensors (any device, bfloat16 too) are moved to CPU."""
+    if hasattr(values, "detach") and hasattr(
+        values, "cpu"
+    ):  # a torch.Tensor, without importing torch
+        values = values.detach().cpu()
+        if str(values.dtype) == "torch.bfloat16":
+            values = values.float()
+        values = values.numpy()
+    return np.asarray(values)
+
+
+class ShardWriter:
+    """Collects sequences of one shard in memory; ``commit()`` makes them visible atomically."""
+
+    def __init__(
+        self, store: StoreWriter, split: str, index: int, corpus_range: dict[str, Any] | None
+    ) -> None:
+        self._store = store
+        self.split = split
+        self.index = index
+        self.name = f"{split}-{index:05d}"
+        self.corpus_range = corpus_range
+        self.num_sequences = 0
+        self.num_tokens = 0
+        self._parts: list[tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]] = []
+        self._done = False
+        m = store.manifest
+        self._k: int = m["top_k"]
+        self._vocab: int = m["vocab_size"]
+        self._id_dtype = np.dtype(m["id_dtype"])
+        self._lp_dtype: str = m["logprob_dtype"]
+
+    def append(self, tokens: Any, topk_ids: Any, topk_logprobs: Any) -> None:
+        """Add one sequence: tokens (L,), topk_ids (L, k), topk_logprobs (L, k), L >= 1.
+
+        Raises:
+            ValueError: wrong shapes, ids outside the vocabulary, rows not sorted descending.
+        """
+        if self._done:
+            raise ValueError(f"shard {self.name} is already committed or aborted, open a new one")
+        tokens, ids, lps = _numpy(tokens), _numpy(topk_ids), _numpy(topk_logprobs)
+        n = tokens.shape[0] if tokens.ndim == 1 else -1
+        if n < 1 or ids.shape != (n, self._k) or lps.shape != (n, self._k):
+            raise ValueError(
+                f"sequence shapes must be (L,), (L, {self._k}), (L, {self._k}) with L >= 1, "
+                f"got {tokens.shape}, {ids.shape}, {lps.shape}"
+            )
+        for label, values in (("token", tokens), ("top-k id", ids)):
+            if values.dtype.kind not in "iu":
+                raise ValueError(f"{label}s must be integers, got dtype {values.dtype}")
+            lo, hi = int(values.min()), int(values.max())
+            if lo < 0 or hi >= self._vocab:
+                raise ValueError(f"{label} outside [0, {self._vocab}), found {lo}..{hi}")
+        if lps.dtype.kind != "f":
+            raise ValueError(f"log-probs must be floats, got dtype {lps.dtype}")
+        if self._lp_dtype == "bfloat16":
+            stored = float32_to_bf16(lps.astype(np.float32, copy=False))
+        else:
+            stored = lps.astype(self._lp_dtype)
+        if not rows_sorted_descending(stored):
+            raise ValueError(f"top-k log-probs must be sorted descending per row ({self.name})")
+        if np.isnan(lps).any() or (lps[:, 0] > 0).any():
+            raise ValueError(f"log-probs must be <= 0 and not NaN ({self.name})")
+        self._parts.append((tokens.astype(np.int32), ids.astype(self._id_dtype), stored))
+        self.num_sequences += 1
+        self.num_tokens += n
+
+    def commit(self) -> ShardRecord:
+        """Write the shard under a temporary name, move it into place, then write its record."""
+        if self._done:
+            raise ValueError(f"shard {self.name} is already committed or aborted")
+        if self.num_sequences == 0:
+            raise ValueError(f"shard {self.name} has no sequences, append before committing")
+        lengths = np.array([p[0].shape[0] for p in self._parts], np.int64)
+        arrays = ShardArrays(
+            tokens=np.concatenate([p[0] for p in self._parts]),
+            topk_ids=np.concatenate([p[1] for p in self._parts]),
+            topk_logprobs=np.concatenate([p[2] for p in self._parts]),
+            seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            shard=self.name,
+        )
+        self._parts = []
+        store = self._store
+        codec = get_codec(store.manifest["backend"])
+        blobs = codec.encode(arrays, self._lp_dtype)
+        final = f"{SHARDS_DIR}/{self.name}{codec.suffix}"
+        tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{uuid.uuid4().hex}-{self.name}{codec.suffix}"
+        files: dict[str, dict[str, Any]] = {
+            (f"{final}/{key}" if key else final): {"size": len(data), "sha256": sha256(data)}
+            for key, data in sorted(blobs.items())
+        }
+        record = ShardRecord(
+            name=self.name,
+            split=self.split,
+            index=self.index,
+            backend=store.manifest["backend"],
+            path=final,
+            num_sequences=self.num_sequences,
+            num_tokens=self.num_tokens,
+            corpus_range=self.corpus_range,
+            nbytes=sum(f["size"] for f in files.values()),
+            files=files,
+            created_at=utc_now(),
+        )
+        fs = store._fs
+        try:
+            fs.write_tree(tmp, blobs)
+            if fs.exists(record.record_path):
+                raise ShardExists(f"shard {self.name} was committed by another writer meanwhile")
+            fs.remove(final)  # an uncommitted leftover of an earlier crash
+            fs.move(tmp, final)
+            fs.write_atomic(record.record_path, record.to_bytes())
+        except BaseException:
+            fs.remove(tmp)
+            self._done = True
+            raise
+        self._done = True
+        return record
+
+    def abort(self) -> None:
+        """Drop the buffered sequences; nothing of this shard becomes visible."""
+        self._parts = []
+        self._done = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class StoreWriter:
+    """Appends shards to a store whose manifest matches this run."""
+
+    def __init__(self, fs: StoreFS, manifest: dict[str, Any]) -> None:
+        self._fs = fs
+        self.url = fs.url
+        self.manifest = manifest
+        self._open: dict[str, ShardWriter] = {}
+        self._next: dict[str, int] = {}
+
+    def committed(self, split: str | None = None) -> dict[str, ShardRecord]:
+        """Committed shards by name (re-listed from the store on every call)."""
+        records, problems = list_records(self._fs, self.manifest["backend"])
+        if problems:
+            name, problem = problems[0]
+            raise StoreCorrupt(f"{problem}, {self.url}, run `kdcache verify`", shard=name)
+        return {n: r for n, r in records.items() if split is None or r.split == split}
+
+    def open_shard(
+        self, split: str, index: int, *, corpus_range: dict[str, Any] | None = None
+    ) -> ShardWriter:
+        """Start shard ``<split>-<index>``; cleans leftovers of that name only."""
+        name = f"{split}-{index:05d}" if isinstance(index, int) and index >= 0 else ""
+        if not SHARD_NAME.match(name):
+            raise ValueError(
+                f"bad shard split/index, {split!r}/{index!r}, use a lowercase split and index >= 0"
+            )
+        if self._fs.exists(f"{SHARDS_DIR}/{name}.json"):
+            raise ShardExists(f"shard {name} is already committed in {self.url}, skip it")
+        self.clean_temporaries([name])
+        return ShardWriter(self, split, index, corpus_range)
+
+    def append(
+        self, split: str, tokens: Any, topk_ids: Any, topk_logprobs: Any
+    ) -> ShardRecord | None:
+        """Add a sequence to ``split``'s rollover shard; returns its record when it filled up."""
+        writer = self._open.get(split)
+        if writer is None:
+            if split not in self._next:
+                done = [r.index for r in self.committed(split).values()]
+                self._next[split] = max(done, default=-1) + 1
+            writer = self._open[split] = self.open_shard(split, self._next[split])
+        writer.append(tokens, topk_ids, topk_logprobs)
+        if writer.num_tokens < self.manifest["shard_tokens"]:
+            return None
+        del self._open[split]
+        self._next[split] = writer.index + 1
+        return writer.commit()
+
+    def flush(self) -> list[ShardRecord]:
+        """Commit every partly filled rollover shard."""
+        records = []
+        for split in sorted(self._open):
+            writer = self._open.pop(split)
+            self._next[split] = writer.index + 1
+            records.append(writer.commit())
+        return records
+
+    def clean_temporaries(self, names: list[str] | None = None) -> int:
+        """Delete leftovers (temporaries, uncommitted shard data) of ``names`` or of all shards.
+
+        ``None`` also removes other writers' in-flight files: use it with a single writer only.
+        """
+        entries = self._fs.list_names(SHARDS_DIR)
+        present = set(entries)
+        removed = 0
+        for entry in entries:
+            target = temporary_target(entry)
+            stem = re.sub(r"\.(zarr|arrow|json)$", "", target or entry)
+            if names is not None and stem not in names:
+                continue
+            leftover = target is not None or (
+                entry.endswith((".zarr", ".arrow")) and f"{stem}.json" not in present
+            )
+            if leftover:
+                self._fs.remove(f"{SHARDS_DIR}/{entry}")
+                removed += 1
+        if names is None:
+            for base in ("", TOKENIZER_DIR):
+                for entry in self._fs.list_names(base):
+                    if temporary_target(entry) is not None:
+                        self._fs.remove(f"{base}/{entry}" if base else entry)
+                        removed += 1
+        return removed
+
+    def mark_finished(self, stats: dict[str, Any]) -> None:
+        """Record that the run completed: manifest gains ``finished: true`` and ``stats``."""
+        manifest = load_manifest(self._fs)
+        manifest["finished"] = True
+        manifest["stats"] = dict(stats)
+        self._fs.write_atomic(MANIFEST, dumps(manifest))
+        self.manifest = manifest
+
+    def write_tokenizer(self, files: dict[str, bytes]) -> None:
+        """Store the teacher tokenizer's files under ``tokenizer/`` (identical files: no-op)."""
+        expected = self.manifest["tokenizer"].get("files")
+        existing = read_tokenizer_files(self._fs)
+        for name, data in sorted(files.items()):
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
+                raise ValueError(f"bad tokenizer file name, {name!r}, use a plain file name")
+            if isinstance(expected, dict) and expected.get(name, sha256(data)) != sha256(data):
+                raise StoreIncompatible(
+                    f"tokenizer file {name} differs from the manifest's sha256, {self.url}, "
+                    "use the teacher this store was made with",
+                    [f"tokenizer/{name}: sha256 differs from manifest"],
+                )
+            if name in existing:
+                if existing[name] != data:
+                    raise StoreIncompatible(
+                        f"tokenizer file {name} differs from the stored one, {self.url}, "
+                        "use the teacher this store was made with",
+                        [f"tokenizer/{name}: stored file differs"],
+                    )
+                continue
+            self._fs.write_atomic(f"{TOKENIZER_DIR}/{name}", data)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.flush()
+        else:
+            for writer in self._open.values():
+                writer.abort()
+            self._open.clear()
+
+
+def create_store(
+    url: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> StoreWriter:
+    """Create a store, or open an existing one for appending if its manifest agrees.
+
+    Raises:
+        StoreIncompatible: the existing store's manifest differs (``.differences`` lists all).
+        StoreError: the location holds something that is not a store.
+    """
+    validate_manifest(manifest, error=ValueError)
+    fs = StoreFS(url, storage_options)
+    if fs.exists(MANIFEST):
+        existing = load_manifest(fs)
+        differences = manifest_differences(existing, manifest)
+        if differences:
+            raise StoreIncompatible(
+                f"the store at {fs.url} was made with other settings: {'; '.join(differences)}; "
+                "use the same settings or another output location",
+                differences,
+            )
+        return StoreWriter(fs, existing)
+    if fs.exists("") and not fs.isdir(""):
+        raise StoreError(f"store location is a file, {fs.url}, pass a directory path")
+    others = [
+        e for e in fs.list_names("") if e not in _STORE_ENTRIES and not e.startswith(TMP_PREFIX)
+    ]
+    if others:
+        raise StoreError(
+            f"store location is not empty and holds no manifest.json, {fs.url} "
+            f"(has {', '.join(others[:3])}), pass an empty or new directory"
+        )
+    fs.write_atomic(MANIFEST, dumps(manifest))
+    return StoreWriter(fs, manifest)
