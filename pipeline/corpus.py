@@ -79,8 +79,7 @@ def resolve_corpus(spec: str) -> list[Path]:
         elif path.is_file():
             if path.suffix not in SUFFIXES:
                 raise CorpusError(
-                    f"corpus file has an unsupported type, {spec}, "
-                    f"use one of {', '.join(SUFFIXES)}"
+                    f"corpus file has an unsupported type, {spec}, use one of {', '.join(SUFFIXES)}"
                 )
             files = [path]
         else:
@@ -103,7 +102,7 @@ def corpus_fingerprint(spec: str, files: list[Path]) -> str:
         names = [p.relative_to(root).as_posix() for p in files]
     else:
         names = [p.as_posix() for p in files]
-    for name, path in zip(names, files):
+    for name, path in zip(names, files, strict=True):
         digest.update(f"{name}\0{path.stat().st_size}\n".encode())
     return digest.hexdigest()
 

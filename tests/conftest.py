@@ -76,3 +76,81 @@ def save_tiny_model(model_type: str, tokenizer_dir: Path, path: Path, **override
 def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """A tiny Llama teacher directory (weights + tokenizer), loadable with from_pretrained."""
     return save_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def small_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A handful of small stdlib sources plus one file with invalid UTF-8 and one empty file."""
+    from kdcache.pipeline.corpus import stdlib_files
+
+    path = tmp_path_factory.mktemp("small_corpus")
+    small = [f for f in stdlib_files() if 1_000 < f.stat().st_size < 4_000][:8]
+    for i, source in enumerate(small):
+        (path / f"f{i:02d}_{source.name}").write_bytes(source.read_bytes())
+    # sorted first, so even a --max-tokens run reads them
+    (path / "a_latin1.txt").write_bytes(b"caf\xe9 cr\xe8me br\xfbl\xe9e, " * 20)
+    (path / "a_empty.md").write_text("\n\n")
+    return path
+
+
+def write_synthetic_store(
+    url: str,
+    *,
+    vocab_size: int = TINY_VOCAB,
+    top_k: int = 8,
+    lengths: dict[str, list[list[int]]],
+    backend: str = "zarr",
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+) -> str:
+    """A valid store from synthetic teacher rows: ``lengths[split]`` lists shards of sequence lengths.
+
+    Tokens follow a simple rule (next = (3 · token + 1) mod vocab, with noise) and the teacher's
+    top-k puts most mass on that next token, so a student can learn something; rows are a real
+    full-vocabulary log-softmax's top-k, sorted descending. Sequence s of split ``x`` starts with
+    token ``s`` mod vocab, so tests can recognise sequences by their first token and shard.
+    """
+    import numpy as np
+
+    from kdcache.storage import create_store, make_manifest
+
+    rng = np.random.default_rng(seed)
+    seq_len = max(n for shards in lengths.values() for shard in shards for n in shard)
+    manifest = make_manifest(
+        backend=backend,
+        teacher={
+            "name": "synthetic",
+            "sha256": "0" * 64,
+            "dtype": "float32",
+            "architecture": "none",
+        },
+        tokenizer={"name": "tiny-bpe"},
+        vocab_size=vocab_size,
+        top_k=top_k,
+        seq_len=seq_len,
+        corpus={"spec": "synthetic", "fingerprint": str(seed), "eval_fraction": 0.0},
+        shard_tokens=10_000,
+    )
+    writer = create_store(url, manifest)
+    if tokenizer_dir is not None:
+        writer.write_tokenizer(
+            {p.name: p.read_bytes() for p in Path(tokenizer_dir).iterdir() if p.is_file()}
+        )
+    for split, shards in lengths.items():
+        counter = 0
+        for index, shard in enumerate(shards):
+            with writer.open_shard(split, index) as shard_writer:
+                for n in shard:
+                    tokens = np.empty(n, dtype=np.int64)
+                    tokens[0] = counter % vocab_size
+                    for t in range(1, n):
+                        noise = rng.random() < 0.2
+                        nxt = (3 * tokens[t - 1] + 1) % vocab_size
+                        tokens[t] = rng.integers(vocab_size) if noise else nxt
+                    logits = rng.normal(0.0, 1.0, size=(n, vocab_size))
+                    logits[np.arange(n), (3 * tokens + 1) % vocab_size] += 6.0
+                    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+                    ids = np.argsort(-logprobs, axis=-1, kind="stable")[:, :top_k]
+                    shard_writer.append(tokens, ids, np.take_along_axis(logprobs, ids, -1))
+                    counter += 1
+    return url

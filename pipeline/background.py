@@ -1,0 +1,179 @@
+"""Overlap for stage one: a prefetching reader thread and a shard-writing thread.
+
+Both use bounded queues (memory stays bounded when one side is slower) and hand errors back to
+the main thread instead of hanging: an exception in a thread is re-raised by the next
+``put``/iteration of the main thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+_POLL = 0.1  # seconds between checks of the other side's health
+_DONE = object()
+
+
+class Prefetcher(Generic[T]):
+    """Iterates ``make()`` in a daemon thread, at most ``maxsize`` items ahead of the consumer."""
+
+    def __init__(self, make: Callable[[], Iterable[T]], maxsize: int = 2) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(make,), daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make: Callable[[], Iterable[T]]) -> None:
+        try:
+            for item in make():
+                if not self._put(item):
+                    return
+        except BaseException as e:  # handed to the consumer, re-raised there
+            self._error = e
+        self._put(_DONE)
+
+    def __iter__(self) -> Iterator[T]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _DONE:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                yield item
+        finally:
+            self._stop.set()
+
+
+def to_host(*tensors: torch.Tensor) -> tuple[Any, ...]:
+    """Start device→host copies without waiting for them.
+
+    On CUDA the copies go to pinned buffers with ``non_blocking=True`` and an event marks their
+    end; the writer thread waits on that event, so the next forward is queued immediately.
+
+    Returns:
+        the host tensors, then the event (``None`` on CPU).
+    """
+    if tensors[0].device.type != "cuda":
+        return (*tensors, None)
+    host = []
+    for tensor in tensors:
+        buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        buffer.copy_(tensor, non_blocking=True)
+        host.append(buffer)
+    event = torch.cuda.Event()
+    event.record()
+    return (*host, event)
+
+
+class ShardSink:
+    """Appends batches to shards and commits them in a background thread.
+
+    The main thread calls ``open(split, index, corpus_range)``, then ``put(...)`` per batch,
+    then ``commit()``; the writer thread does the compression and I/O in the same order.
+    """
+
+    def __init__(self, writer: Any, maxsize: int = 8) -> None:
+        self.committed = 0
+        self._writer = writer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def open(self, split: str, index: int, corpus_range: dict[str, Any]) -> None:
+        self._send(("open", split, index, corpus_range))
+
+    def put(
+        self, tokens: np.ndarray, ids: torch.Tensor, logprobs: torch.Tensor, event: Any
+    ) -> None:
+        """One batch: tokens (B, S), ids (B, S, k), logprobs (B, S, k) on the host."""
+        self._send(("batch", tokens, ids, logprobs, event))
+
+    def commit(self) -> None:
+        self._send(("commit",))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if not self._thread.is_alive():
+                raise RuntimeError("the shard writer thread stopped unexpectedly")
+            try:
+                self._queue.put(message, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        shard = None
+        try:
+            while True:
+                message = self._queue.get()
+                kind = message[0]
+                if kind == "stop":
+                    break
+                if kind == "open":
+                    shard = self._writer.open_shard(message[1], message[2], corpus_range=message[3])
+                elif kind == "batch":
+                    _, tokens, ids, logprobs, event = message
+                    if event is not None:
+                        event.synchronize()
+                    ids, logprobs = ids.numpy(), logprobs.numpy()
+                    for row in range(tokens.shape[0]):  # one stored sequence per input row
+                        shard.append(tokens[row], ids[row], logprobs[row])
+                elif kind == "commit":
+                    shard.commit()
+                    shard = None
+                    self.committed += 1
+        except BaseException as e:  # re-raised in the main thread by the next _send / close
+            self._error = e
+        finally:
+            if shard is not None:
+                shard.abort()
+
+    def close(self, abort: bool = False) -> None:
+        """Finish the queued work (or, with ``abort``, drop it) and re-raise a thread error."""
+        if abort:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+        if self._thread.is_alive():
+            try:
+                self._send(("stop",))
+            except BaseException:
+                if not abort:
+                    raise
+        self._thread.join()
+        if self._error is not None and not abort:
+            raise self._error
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(abort=exc_type is not None)

@@ -1,0 +1,117 @@
+"""Real processes: 2-rank torchrun gives the 1-process store; kill -9 then rerun gives it too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdcache.storage import open_store, verify_store
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "2", "--shard-tokens", "128",
+        "--eval-fraction", "0.2", "--max-tokens", "3000"]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    # one thread per process: the same float reductions in every run, so content is bit-equal
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def command(teacher: Path, corpus: Path, out: Path) -> list[str]:
+    return [
+        "cache-teacher",
+        "--teacher",
+        str(teacher),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        *ARGS,
+    ]
+
+
+def single(teacher: Path, corpus: Path, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcache.pipeline", *command(teacher, corpus, out)],
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    store_a, store_b = open_store(str(a)), open_store(str(b))
+    assert [r.name for r in store_a.shards] == [r.name for r in store_b.shards]
+    for ra, rb in zip(store_a.shards, store_b.shards, strict=True):
+        assert (ra.num_sequences, ra.num_tokens, ra.corpus_range) == (
+            rb.num_sequences,
+            rb.num_tokens,
+            rb.corpus_range,
+        )
+        x, y = store_a.read_shard(ra), store_b.read_shard(rb)
+        for field in ("tokens", "topk_ids", "topk_logprobs", "seq_offsets"):
+            assert np.array_equal(getattr(x, field), getattr(y, field)), (ra.name, field)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_teacher_dir: Path, small_corpus_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "store"
+    process = single(tiny_teacher_dir, small_corpus_dir, out)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert len(open_store(str(out)).shards) >= 6
+    return out
+
+
+def test_two_ranks_with_torchrun_write_the_same_store(
+    reference: Path, tmp_path: Path, tiny_teacher_dir: Path, small_corpus_dir: Path
+) -> None:
+    out = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(29500 + os.getpid() % 1000),
+         "-m", "kdcache.pipeline", *command(tiny_teacher_dir, small_corpus_dir, out)],
+        env=env(), capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    summaries = [
+        line for line in result.stdout.decode().splitlines() if line.startswith("cache-teacher:")
+    ]
+    assert len(summaries) == 1  # only the main process reports
+    assert verify_store(str(out)) == []
+    assert_same_store(reference, out)
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_store(
+    reference: Path, tmp_path: Path, tiny_teacher_dir: Path, small_corpus_dir: Path
+) -> None:
+    out = tmp_path / "store"
+    process = single(tiny_teacher_dir, small_corpus_dir, out)
+    deadline = time.monotonic() + 120
+    while not list((out / "shards").glob("*.json")) if (out / "shards").exists() else True:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = len(open_store(str(out)).shards)
+    assert 1 <= committed < len(open_store(str(reference)).shards)
+    assert verify_store(str(out)) == []
+
+    rerun = single(tiny_teacher_dir, small_corpus_dir, out)
+    stdout, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()[-2000:]
+    assert f"{committed} already there" in stdout.decode()
+    assert verify_store(str(out)) == []
+    assert_same_store(reference, out)
