@@ -1,0 +1,411 @@
+"""Stream a split of a logit store as training batches: shuffled, split across ranks and workers, resumable.
+
+Order of one epoch, for one *slot* (= one DataLoader worker of one Accelerate rank):
+
+1. the split's committed shards are permuted with ``(seed, epoch)``;
+2. with at least as many shards as slots, shard ``j`` of that order goes to slot ``j % slots``;
+   with fewer shards than slots, every slot reads every shard and keeps the sequences whose
+   global index ``% slots`` is its own — either way the slots partition the split exactly;
+3. the slot's sequences (each shard's in a seeded order) pass through a shuffle buffer of
+   ``buffer_size`` sequences.
+
+The emission order is computed from the commit records alone (sequence counts), so resuming is
+cheap: a slot's position is ``(epoch, sequences emitted)``, and on resume only the shards that
+still hold pending sequences are decoded. Shards are decoded whole with ``Store.read_shard``
+(the next one in a background thread); the buffer holds copies of sequences in the store's
+compact dtypes, so memory is bounded by the buffer plus two shards.
+
+Batches (torch tensors): ``input_ids`` (B, L) int64, ``topk_ids`` (B, L, k) int64,
+``topk_logprobs`` (B, L, k) float32, ``labels`` (B, L) int64 (the next token; -100 at the last
+position of a sequence and on padding), ``attention_mask`` (B, L) int64. Sequences shorter than
+the longest in the batch are right-padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdcache.pipeline.losses import IGNORE_INDEX
+from kdcache.storage import Store, StoreError, open_store
+
+META = ("_slot", "_epoch", "_emitted")
+
+
+@dataclass
+class SlotPlan:
+    """One epoch of one slot: the shards to decode and the order sequences leave the buffer.
+
+    Attributes:
+        shards: indices into the split's records, in decoding order.
+        items: (n, 2) int64 — (position in ``shards``, sequence index in that shard), in the
+            order the sequences enter the buffer.
+        order: (n,) int64 — indices into ``items`` in emission order.
+    """
+
+    shards: list[int]
+    items: np.ndarray
+    order: np.ndarray
+
+
+def buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Emission order of a shuffle buffer fed items 0..n-1: (n,) int64.
+
+    While the buffer is full, each new item replaces (and emits) a uniformly chosen resident;
+    the residents left at the end leave in random order.
+    """
+    if buffer_size <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    buffer = list(range(min(buffer_size, n)))
+    picks = rng.integers(0, len(buffer), size=max(0, n - len(buffer))).tolist()
+    for emitted, incoming in enumerate(range(len(buffer), n)):
+        j = picks[emitted]
+        out[emitted] = buffer[j]
+        buffer[j] = incoming
+    out[n - len(buffer) :] = rng.permutation(np.asarray(buffer, dtype=np.int64))
+    return out
+
+
+def plan_slot(
+    counts: list[int],
+    *,
+    seed: int,
+    epoch: int,
+    slot: int,
+    slots: int,
+    shuffle: bool,
+    buffer_size: int,
+) -> SlotPlan:
+    """The epoch plan of ``slot`` out of ``slots`` over shards holding ``counts`` sequences."""
+    rng = np.random.default_rng([seed, epoch, 0])
+    shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
+    starts = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first sequence
+    slot_rng = np.random.default_rng([seed, epoch, 1, slot])
+    shards: list[int] = []
+    parts: list[np.ndarray] = []
+    for j, shard in enumerate(shard_order.tolist()):
+        if len(counts) >= slots:
+            if j % slots != slot:
+                continue
+            seqs = np.arange(counts[shard], dtype=np.int64)
+        else:  # fewer shards than slots: stride over global sequence indices
+            first = (slot - starts[shard]) % slots
+            seqs = np.arange(first, counts[shard], slots, dtype=np.int64)
+        if seqs.size == 0:
+            continue
+        if shuffle:
+            seqs = slot_rng.permutation(seqs)
+        parts.append(np.stack([np.full_like(seqs, len(shards)), seqs], axis=1))
+        shards.append(shard)
+    items = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+    order = buffer_order(len(items), buffer_size if shuffle else 1, slot_rng)
+    return SlotPlan(shards, items, order)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, allocated in shared memory when it will cross a process boundary.
+
+    A DataLoader worker would otherwise copy every batch into shared memory once more when it
+    sends it (what ``default_collate`` avoids the same way).
+    """
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def collate(
+    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    pad_id: int = 0,
+    *,
+    shared: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Pad and stack (tokens (L,), topk_ids (L, k), topk_logprobs (L, k)) into a batch of tensors.
+
+    Args:
+        sequences: per sequence, numpy arrays in the store's dtypes.
+        pad_id: ``input_ids`` value of padding.
+        shared: allocate the batch in shared memory (inside DataLoader workers).
+    """
+    b = len(sequences)
+    length = max(s[0].shape[0] for s in sequences)
+    k = sequences[0][1].shape[1]
+    out = {
+        "input_ids": _empty((b, length), torch.int64, shared),  # (B, L)
+        "topk_ids": _empty((b, length, k), torch.int64, shared),  # (B, L, k)
+        "topk_logprobs": _empty((b, length, k), torch.float32, shared),  # (B, L, k)
+        "labels": _empty((b, length), torch.int64, shared),  # (B, L)
+        "attention_mask": _empty((b, length), torch.int64, shared),  # (B, L)
+    }
+    a = {name: t.numpy() for name, t in out.items()}  # numpy views of the same memory
+    for i, (tokens, ids, logprobs) in enumerate(sequences):
+        n = tokens.shape[0]
+        a["input_ids"][i, :n] = tokens
+        a["input_ids"][i, n:] = pad_id
+        a["labels"][i, : n - 1] = tokens[1:]  # row t predicts the token after tokens[t]
+        a["labels"][i, n - 1 :] = IGNORE_INDEX
+        a["attention_mask"][i, :n] = 1
+        a["attention_mask"][i, n:] = 0
+        a["topk_ids"][i, :n] = ids  # casts uint16/uint32 → int64 in one pass
+        a["topk_ids"][i, n:] = 0
+        a["topk_logprobs"][i, :n] = logprobs
+        a["topk_logprobs"][i, n:] = 0.0
+    return out
+
+
+class TeacherDataset(IterableDataset):
+    """Batches of one split of a store for one Accelerate rank (see the module docstring).
+
+    Args:
+        store: an open ``Store`` or its URL.
+        split: "train" or "eval".
+        batch_size: sequences per batch.
+        seed: shuffle seed.
+        shuffle: permute shards and sequences and use the buffer (False = stored order).
+        buffer_size: shuffle buffer capacity in sequences.
+        infinite: loop over epochs forever (a batch may span two epochs); else one epoch,
+            ending with a possibly smaller batch.
+        rank, world_size: this process and the number of processes (Accelerate).
+        pad_id: ``input_ids`` value of padding.
+        storage_options: fsspec options when ``store`` is a URL.
+    """
+
+    def __init__(
+        self,
+        store: Store | str,
+        split: str = "train",
+        *,
+        batch_size: int = 8,
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer_size: int = 1024,
+        infinite: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_id: int = 0,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = (
+            store
+            if isinstance(store, Store)
+            else open_store(store, storage_options=storage_options)
+        )
+        self.split = split
+        self.records = self.store.shards_of(split)
+        self.counts = [r.num_sequences for r in self.records]
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.buffer_size, self.infinite, self.pad_id = buffer_size, infinite, pad_id
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = 1  # set by TeacherLoader before the workers start
+        self.worker_offset = 0  # DataLoader worker w serves logical worker (w + offset) % W
+        self.positions: dict[int, tuple[int, int]] = {}  # slot → (epoch, sequences emitted)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.records)
+
+    def slots(self) -> list[int]:
+        """The slots of this rank, one per logical worker."""
+        return [self.rank * self.num_workers + w for w in range(self.num_workers)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "positions": {str(s): list(p) for s, p in self.positions.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("split", "seed", "world_size", "num_workers"):
+            if state[name] != getattr(self, name):
+                raise ValueError(
+                    f"loader state is for {name}={state[name]!r}, this loader has "
+                    f"{getattr(self, name)!r}; resume with the same settings"
+                )
+        self.positions = {int(s): (int(p[0]), int(p[1])) for s, p in state["positions"].items()}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._iter_batches()
+        except StoreError as e:
+            # handed to the main process as data: a DataLoader worker would wrap the exception
+            # in a multi-line traceback, and a damaged shard deserves one clean line
+            yield {"_error": str(e)}
+
+    def _iter_batches(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        shared = info is not None
+        logical = (worker + self.worker_offset) % self.num_workers
+        slot = self.rank * self.num_workers + logical
+        epoch, skip = self.positions.get(slot, (0, 0))
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            while self.infinite or epoch == 0:
+                emitted = skip
+                for sequence in self._epoch(pool, epoch, slot, skip):
+                    pending.append(sequence)
+                    emitted += 1
+                    if len(pending) == self.batch_size:
+                        yield {
+                            **collate(pending, self.pad_id, shared=shared),
+                            "_slot": slot,
+                            "_epoch": epoch,
+                            "_emitted": emitted,
+                        }
+                        pending = []
+                if emitted == 0 and skip == 0:
+                    break  # this slot has no data at all: never spin
+                epoch, skip = epoch + 1, 0
+        if pending:
+            yield {
+                **collate(pending, self.pad_id, shared=shared),
+                "_slot": slot,
+                "_epoch": epoch - 1,
+                "_emitted": emitted,
+            }
+
+    def _epoch(
+        self, pool: ThreadPoolExecutor, epoch: int, slot: int, skip: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The slot's sequences of one epoch after the first ``skip``, as compact numpy copies."""
+        plan = plan_slot(
+            self.counts,
+            seed=self.seed,
+            epoch=epoch,
+            slot=slot,
+            slots=self.world_size * self.num_workers,
+            shuffle=self.shuffle,
+            buffer_size=self.buffer_size,
+        )
+        todo = plan.order[skip:]
+        if todo.size == 0:
+            return
+        # shards that still hold a pending sequence, in decoding order
+        needed = np.zeros(len(plan.items), dtype=bool)
+        needed[todo] = True
+        positions = sorted(set(plan.items[needed, 0].tolist()))
+        cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        loaded = 0  # how many of `positions` are decoded into the cache
+        first_item = np.searchsorted(plan.items[:, 0], np.arange(len(plan.shards) + 1))
+        future: Future | None = None
+
+        def submit(i: int) -> Future | None:
+            if i >= len(positions):
+                return None
+            return pool.submit(self.store.read_shard, self.records[plan.shards[positions[i]]])
+
+        future = submit(0)
+        for item in todo.tolist():
+            while item not in cache:
+                assert future is not None, "plan/cache out of sync"
+                arrays = future.result()
+                future = submit(loaded + 1)
+                p = positions[loaded]
+                loaded += 1
+                offsets = arrays.seq_offsets
+                for idx in range(first_item[p], first_item[p + 1]):
+                    if needed[idx]:
+                        s = int(plan.items[idx, 1])
+                        a, b = int(offsets[s]), int(offsets[s + 1])
+                        cache[idx] = (
+                            arrays.tokens[a:b].copy(),
+                            arrays.topk_ids[a:b].copy(),
+                            arrays.topk_logprobs[a:b].copy(),
+                        )
+                del arrays
+            yield cache.pop(item)
+
+
+class _Cursor:
+    """Which logical worker's batch comes next (shared by a TeacherLoader and its iterator)."""
+
+    def __init__(self) -> None:
+        self.next_logical = 0
+
+
+def _batches(
+    ds: TeacherDataset, cursor: _Cursor, num_workers: int, pin_memory: bool, prefetch_factor: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches from a fresh DataLoader, recording the consumed position in ``ds``/``cursor``.
+
+    A free function (not a method) so the generator holds no reference to the TeacherLoader:
+    dropping the loader then shuts its worker processes down at once, not at a later GC cycle.
+    """
+    ds.worker_offset = cursor.next_logical  # DataLoader starts with its worker 0
+    loader = DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers else None,
+    )
+    for batch in loader:
+        if "_error" in batch:
+            raise StoreError(batch["_error"])
+        slot, epoch, emitted = (int(batch.pop(name)) for name in META)
+        ds.positions[slot] = (epoch, emitted)
+        cursor.next_logical = (slot - ds.rank * ds.num_workers + 1) % ds.num_workers
+        yield batch
+
+
+class TeacherLoader:
+    """A resumable DataLoader over a ``TeacherDataset``: yields batches, tracks what was consumed.
+
+    ``state_dict()`` records, per slot, the position after the last batch handed out, and which
+    worker comes next, so ``load_state_dict()`` + iterating continues exactly where an
+    uninterrupted run would have (same batches, same order), mid-epoch included. ``next(loader)``
+    keeps one iterator open (the training loop); ``iter(loader)`` starts a fresh pass from the
+    recorded position (one epoch of an ``infinite=False`` dataset, e.g. eval).
+    """
+
+    def __init__(
+        self,
+        dataset: TeacherDataset,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+    ) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        dataset.num_workers = max(1, num_workers)
+        self._cursor = _Cursor()
+        self._iterator: Iterator[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset.state_dict(), "next_worker": self._cursor.next_logical}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+        self._cursor.next_logical = int(state["next_worker"])
+        self.close()
+
+    def close(self) -> None:
+        """Stop the open iterator and its worker processes."""
+        if self._iterator is not None:
+            self._iterator.close()  # type: ignore[attr-defined]
+            self._iterator = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return _batches(
+            self.dataset, self._cursor, self.num_workers, self.pin_memory, self.prefetch_factor
+        )
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = iter(self)
+        return next(self._iterator)

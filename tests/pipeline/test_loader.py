@@ -1,0 +1,128 @@
+"""The store loader: exact partition over ranks × workers, seeded shuffles, batches, resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_synthetic_store
+
+from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, buffer_order, plan_slot
+from kdcache.storage import open_store
+
+# five train shards (one with a short last sequence), one eval shard
+LENGTHS = {"train": [[16] * 5, [16] * 4, [16] * 6 + [9], [16] * 3, [16] * 5], "eval": [[16] * 4]}
+N_TRAIN = 24
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_synthetic_store(str(tmp_path_factory.mktemp("loader") / "s"), lengths=LENGTHS)
+
+
+def _keys(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Sequences are numbered by their first token (see write_synthetic_store)."""
+    return batch["input_ids"][:, 0].tolist()
+
+
+def _all_keys(loader: TeacherLoader) -> list[int]:
+    return [key for batch in loader for key in _keys(batch)]
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, {"train": [[16] * 11, [16] * 13]}])
+def test_two_ranks_times_two_workers_partition_the_split(tmp_path: Path, lengths: dict) -> None:
+    # 5 shards ≥ 4 slots: shards are dealt out; 2 shards < 4 slots: sequences are strided
+    url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths)
+    keys: list[int] = []
+    for rank in range(2):
+        dataset = TeacherDataset(url, batch_size=3, seed=5, infinite=False, rank=rank, world_size=2)
+        keys += _all_keys(TeacherLoader(dataset, num_workers=2))
+    assert Counter(keys) == Counter(range(sum(map(len, lengths["train"]))))
+
+
+def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str) -> None:
+    store = open_store(store_url)
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    dataset = TeacherDataset(store, batch_size=4, seed=1, buffer_size=8, infinite=False)
+    seen = 0
+    for batch in TeacherLoader(dataset):
+        b, length = batch["input_ids"].shape
+        k = store.top_k
+        assert batch["topk_ids"].shape == (b, length, k) and batch["topk_ids"].dtype == torch.int64
+        assert batch["topk_logprobs"].dtype == torch.float32
+        assert batch["labels"].dtype == torch.int64 and batch["attention_mask"].shape == (b, length)
+        for i, key in enumerate(_keys(batch)):
+            seq = by_key[key]
+            n = len(seq.tokens)
+            np.testing.assert_array_equal(batch["input_ids"][i, :n], seq.tokens)
+            np.testing.assert_array_equal(batch["labels"][i, : n - 1], seq.tokens[1:])
+            assert (batch["labels"][i, n - 1 :] == -100).all()
+            assert batch["attention_mask"][i].sum() == n
+            np.testing.assert_array_equal(batch["topk_ids"][i, :n], seq.topk_ids.astype(np.int64))
+            np.testing.assert_array_equal(
+                batch["topk_logprobs"][i, :n], seq.topk_logprobs.astype(np.float32)
+            )
+            assert (batch["topk_logprobs"][i, n:] == 0).all()
+            seen += 1
+    assert seen == N_TRAIN
+
+
+def test_shuffle_is_seeded_and_changes_every_epoch(store_url: str) -> None:
+    def first_epochs(seed: int) -> list[int]:
+        loader = TeacherLoader(TeacherDataset(store_url, batch_size=4, seed=seed, buffer_size=6))
+        return [k for _ in range(N_TRAIN // 4 * 2) for k in _keys(next(loader))]
+
+    a, again, other = first_epochs(0), first_epochs(0), first_epochs(1)
+    assert a == again and a != other
+    epoch1, epoch2 = a[:N_TRAIN], a[N_TRAIN:]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(N_TRAIN))  # each epoch exactly once
+    assert epoch1 != epoch2
+    ordered = TeacherDataset(store_url, batch_size=4, shuffle=False, infinite=False)
+    assert _all_keys(TeacherLoader(ordered)) == list(range(N_TRAIN))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_with_the_same_batches(store_url: str, workers: int) -> None:
+    def loader() -> TeacherLoader:
+        dataset = TeacherDataset(store_url, batch_size=5, seed=3, buffer_size=7)
+        return TeacherLoader(dataset, num_workers=workers)
+
+    reference = loader()
+    first = [_keys(next(reference)) for _ in range(5)]  # ends mid-epoch, mid-worker-cycle
+    state = reference.state_dict()
+    expected = [_keys(next(reference)) for _ in range(8)]  # crosses into the next epoch
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [_keys(next(resumed)) for _ in range(8)] == expected
+    assert first != expected[:5]
+
+
+def test_resume_refuses_a_different_worker_count(store_url: str) -> None:
+    one = TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=0)
+    next(one)
+    two = TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=2)
+    with pytest.raises(ValueError, match="num_workers"):
+        two.load_state_dict(one.state_dict())
+
+
+def test_memory_url_works_with_workers(tmp_path: Path) -> None:
+    url = write_synthetic_store("memory://loader-test/s", lengths={"train": [[8] * 3, [8] * 2]})
+    loader = TeacherLoader(TeacherDataset(url, batch_size=2, infinite=False), num_workers=2)
+    assert sorted(_all_keys(loader)) == list(range(5))
+
+
+def test_buffer_order_and_plans_are_permutations() -> None:
+    rng = np.random.default_rng(0)
+    order = buffer_order(100, 10, rng)
+    assert sorted(order.tolist()) == list(range(100)) and order.tolist() != list(range(100))
+    assert buffer_order(5, 1, rng).tolist() == list(range(5))
+    counts = [4, 0, 7, 3]
+    items = set()
+    for slot in range(3):
+        plan = plan_slot(counts, seed=0, epoch=2, slot=slot, slots=3, shuffle=True, buffer_size=4)
+        assert sorted(plan.order.tolist()) == list(range(len(plan.items)))
+        items |= {(plan.shards[p], s) for p, s in plan.items.tolist()}
+    assert items == {(shard, s) for shard, n in enumerate(counts) for s in range(n)}
