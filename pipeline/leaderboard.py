@@ -1,0 +1,133 @@
+"""Sweep results: leaderboard tables, the Pareto front and a plot of it."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    "candidate",
+    "parameters",
+    "non_embedding_parameters",
+    "tokens_seen",
+    "eval_cross_entropy",
+    "kl_to_teacher",
+    "top1_agreement",
+    "ece",
+    "train_tokens_per_s",
+    "inference_tokens_per_s",
+)
+
+
+def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows not dominated in (fewer parameters, lower eval cross-entropy), sorted by size."""
+    front: list[dict[str, Any]] = []
+    best = math.inf
+    for row in sorted(rows, key=lambda r: (r["parameters"], r["eval_cross_entropy"])):
+        if row["eval_cross_entropy"] < best:
+            front.append(row)
+            best = row["eval_cross_entropy"]
+    return front
+
+
+def size_class(parameters: int) -> str:
+    """Decade buckets by parameter count: '100K-1M', '1M-10M', ..."""
+    decade = 10 ** math.floor(math.log10(max(parameters, 1)))
+    return f"{_short(decade)}-{_short(decade * 10)}"
+
+
+def _short(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n:g}"
+
+
+def best_per_size_class(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        label = size_class(row["parameters"])
+        if label not in best or row["eval_cross_entropy"] < best[label]["eval_cross_entropy"]:
+            best[label] = row
+    return dict(sorted(best.items(), key=lambda item: item[1]["parameters"]))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_leaderboard(
+    rows: Sequence[dict[str, Any]], out_dir: Path, baseline: str | None = None
+) -> None:
+    """``leaderboard.csv`` (all columns + settings) and ``leaderboard.md``, best eval CE first.
+
+    The Pareto column marks the front among the distilled candidates (``baseline`` excluded).
+    """
+    ranked = sorted(rows, key=lambda r: r["eval_cross_entropy"])
+    extra = sorted({k for r in ranked for k in r} - set(COLUMNS))
+    with (out_dir / "leaderboard.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra])
+        writer.writeheader()
+        writer.writerows(ranked)
+    front = {id(r) for r in pareto_front([r for r in ranked if r["candidate"] != baseline])}
+    lines = [
+        "| rank | " + " | ".join(COLUMNS) + " | pareto |",
+        "|" + "---|" * (len(COLUMNS) + 2),
+    ]
+    for rank, row in enumerate(ranked, start=1):
+        cells = " | ".join(_format(row[c]) for c in COLUMNS)
+        lines.append(f"| {rank} | {cells} | {'*' if id(row) in front else ''} |")
+    (out_dir / "leaderboard.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, baseline: str | None = None) -> None:
+    """Parameters (log x) vs eval cross-entropy, the Pareto front joined, the CE-only baseline marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    students = [r for r in rows if r["candidate"] != baseline]
+    ax.scatter(
+        [r["parameters"] for r in students],
+        [r["eval_cross_entropy"] for r in students],
+        color="tab:blue",
+        label="candidates (KD)",
+    )
+    for r in students:
+        ax.annotate(r["candidate"], (r["parameters"], r["eval_cross_entropy"]), fontsize=6)
+    front = pareto_front(students)
+    ax.plot(
+        [r["parameters"] for r in front],
+        [r["eval_cross_entropy"] for r in front],
+        color="tab:red",
+        marker="o",
+        label="Pareto front",
+    )
+    for r in rows:
+        if r["candidate"] == baseline:
+            ax.scatter(
+                [r["parameters"]],
+                [r["eval_cross_entropy"]],
+                color="black",
+                marker="x",
+                s=60,
+                label="CE-only baseline (no teacher)",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("eval cross-entropy (nats/token)")
+    ax.set_title("kdcache sweep: size vs quality")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

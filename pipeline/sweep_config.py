@@ -1,0 +1,247 @@
+"""Sweep configuration: a YAML file → validated candidates, before any training starts.
+
+Example (``sweeps/default.yaml``)::
+
+    base: tiny                 # preset name, config .json/.yaml, or HF model directory
+    seed: 0
+    budget: {steps: 300}       # or {tokens: 2000000}
+    batch_size: 8
+    search:                    # a grid: every combination is one candidate
+      hidden_size: [64, 128]
+      num_hidden_layers: [1, 2, 4]
+      loss: [kl]
+    baseline: true             # also train the base student with --loss ce (no teacher)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdcache.pipeline.errors import UserError
+
+ARCHITECTURE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+TRAINING_KEYS = ("loss", "temperature", "alpha", "lr")
+SEARCH_KEYS = ARCHITECTURE_KEYS + TRAINING_KEYS
+TOP_LEVEL_KEYS = (
+    "base",
+    "seed",
+    "budget",
+    "batch_size",
+    "lr",
+    "loss",
+    "temperature",
+    "alpha",
+    "warmup",
+    "eval_batches",
+    "search",
+    "candidates",
+    "baseline",
+)
+BUDGET_KEYS = ("steps", "tokens")
+LOSSES = ("kl", "ghost", "reverse-kl", "ce")
+_SHORT = {
+    "hidden_size": "h",
+    "num_hidden_layers": "l",
+    "num_attention_heads": "a",
+    "num_key_value_heads": "kv",
+    "intermediate_size": "i",
+    "loss": "",
+    "temperature": "T",
+    "alpha": "alpha",
+    "lr": "lr",
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One student to train: architecture overrides of the base plus training settings."""
+
+    name: str
+    architecture: dict[str, int]
+    loss: str
+    temperature: float
+    alpha: float
+    lr: float
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **self.architecture,
+            "loss": self.loss,
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "lr": self.lr,
+        }
+
+
+@dataclass
+class SweepConfig:
+    base: str
+    seed: int
+    budget_steps: int | None
+    budget_tokens: int | None
+    batch_size: int
+    warmup: int
+    eval_batches: int
+    candidates: list[Candidate] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail(path: Path, what: str, fix: str) -> UserError:
+    return UserError(f"{what}, in {path}, {fix}")
+
+
+def _unknown(path: Path, where: str, keys: set[str], allowed: tuple[str, ...]) -> None:
+    if keys:
+        raise _fail(
+            path,
+            f"unknown key{'s' if len(keys) > 1 else ''} {', '.join(sorted(keys))} {where}",
+            f"allowed: {', '.join(allowed)}",
+        )
+
+
+def _positive_int(path: Path, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(path, f"{name} must be a whole number >= 1, got {value!r}", "fix the value")
+    return value
+
+
+def _number(path: Path, name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _fail(path, f"{name} must be a number in [{low}, {high}], got {value!r}", "fix it")
+    if not math.isfinite(value):
+        raise _fail(path, f"{name} must be finite, got {value!r}", "fix it")
+    return float(value)
+
+
+def _candidate_name(overrides: dict[str, Any]) -> str:
+    parts = []
+    for key in SEARCH_KEYS:
+        if key in overrides:
+            value = overrides[key]
+            parts.append(
+                f"{_SHORT[key]}{value:g}" if isinstance(value, float) else f"{_SHORT[key]}{value}"
+            )
+    return "-".join(parts) or "base"
+
+
+def _make_candidate(path: Path, defaults: dict[str, Any], overrides: dict[str, Any]) -> Candidate:
+    settings = {**defaults, **overrides}
+    architecture = {}
+    for key in ARCHITECTURE_KEYS:
+        if key in settings:
+            architecture[key] = _positive_int(path, key, settings[key])
+    hidden, heads = architecture.get("hidden_size"), architecture.get("num_attention_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        raise _fail(
+            path,
+            f"hidden_size {hidden} is not divisible by num_attention_heads {heads}",
+            "choose sizes that divide",
+        )
+    kv = architecture.get("num_key_value_heads")
+    if kv is not None and heads is not None and heads % kv:
+        raise _fail(
+            path,
+            f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}",
+            "choose sizes that divide",
+        )
+    loss = settings.get("loss", "kl")
+    if loss not in LOSSES:
+        raise _fail(path, f"unknown loss {loss!r}", f"use one of {', '.join(LOSSES)}")
+    return Candidate(
+        name=_candidate_name(overrides),
+        architecture=architecture,
+        loss=loss,
+        temperature=_number(path, "temperature", settings.get("temperature", 1.0), 1e-3, 100.0),
+        alpha=_number(path, "alpha", settings.get("alpha", 0.5), 0.0, 1.0),
+        lr=_number(path, "lr", settings.get("lr", 1e-3), 1e-8, 10.0),
+    )
+
+
+def load_sweep_config(path: Path) -> SweepConfig:
+    """Read and validate a sweep YAML; every mistake is a ``UserError`` before any training.
+
+    Raises:
+        UserError: unreadable file, unknown keys (named), empty search space, budget < 1,
+            invalid sizes or losses.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read sweep config, {path}, ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep config is not valid YAML, {path}, fix the syntax") from e
+    if not isinstance(raw, dict):
+        raise _fail(path, "sweep config must be a mapping of keys", "see sweeps/default.yaml")
+    _unknown(path, "at the top level", set(raw) - set(TOP_LEVEL_KEYS), TOP_LEVEL_KEYS)
+
+    budget = raw.get("budget")
+    if not isinstance(budget, dict) or len(budget) != 1:
+        raise _fail(
+            path, f"budget must be {{steps: N}} or {{tokens: N}}, got {budget!r}", "set one"
+        )
+    _unknown(path, "in budget", set(budget) - set(BUDGET_KEYS), BUDGET_KEYS)
+    ((budget_kind, budget_value),) = budget.items()
+    budget_value = _positive_int(path, f"budget {budget_kind}", budget_value)
+
+    defaults = {k: raw[k] for k in ("loss", "temperature", "alpha", "lr") if k in raw}
+    search = raw.get("search") or {}
+    explicit = raw.get("candidates") or []
+    if not isinstance(search, dict):
+        raise _fail(path, "search must be a mapping of key: [values]", "see sweeps/default.yaml")
+    _unknown(path, "in search", set(search) - set(SEARCH_KEYS), SEARCH_KEYS)
+    if not isinstance(explicit, list):
+        raise _fail(path, "candidates must be a list of mappings", "see sweeps/default.yaml")
+
+    overrides_list: list[dict[str, Any]] = []
+    if search:
+        grid = {k: v if isinstance(v, list) else [v] for k, v in search.items()}
+        empty = sorted(k for k, v in grid.items() if not v)
+        if empty:
+            raise _fail(
+                path, f"empty search space (no values for {', '.join(empty)})", "list values"
+            )
+        keys = [k for k in SEARCH_KEYS if k in grid]
+        overrides_list += [
+            dict(zip(keys, combo, strict=True))
+            for combo in itertools.product(*(grid[k] for k in keys))
+        ]
+    for entry in explicit:
+        if not isinstance(entry, dict):
+            raise _fail(path, f"a candidate must be a mapping, got {entry!r}", "fix the list")
+        _unknown(path, "in a candidate", set(entry) - set(SEARCH_KEYS), SEARCH_KEYS)
+        overrides_list.append(dict(entry))
+    if not overrides_list:
+        raise _fail(path, "empty search space", "give `search:` values or a `candidates:` list")
+
+    candidates = [_make_candidate(path, defaults, o) for o in overrides_list]
+    if raw.get("baseline", False):
+        base = _make_candidate(path, defaults, {})
+        candidates.append(Candidate("baseline-ce", base.architecture, "ce", 1.0, 0.0, base.lr))
+    names = [c.name for c in candidates]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise _fail(path, f"duplicate candidates {', '.join(duplicates)}", "remove the repeats")
+
+    return SweepConfig(
+        base=str(raw.get("base", "tiny")),
+        seed=int(raw.get("seed", 0)),
+        budget_steps=budget_value if budget_kind == "steps" else None,
+        budget_tokens=budget_value if budget_kind == "tokens" else None,
+        batch_size=_positive_int(path, "batch_size", raw.get("batch_size", 8)),
+        warmup=int(raw.get("warmup", 0)),
+        eval_batches=_positive_int(path, "eval_batches", raw.get("eval_batches", 20)),
+        candidates=candidates,
+        raw=raw,
+    )
