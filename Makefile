@@ -1,0 +1,150 @@
+# kdcache — `make help` lists the targets and the variables they take.
+#
+#   make cache-teacher train-student   # default teacher -> logit store -> KD vs CE-only student
+#   make test                          # ruff + mypy (storage/) + pytest, what CI runs
+#
+# Every target that runs project code depends on `install`, which builds `$(VENV)` once
+# (a stamp file makes later runs instant; it is redone only when pyproject.toml changes).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# --- environment -----------------------------------------------------------------------------
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdcache-installed
+# CPU-only machines get the CPU wheel of torch first, so pip never pulls a multi-GB CUDA build
+TORCH_CPU ?= torch==2.13.0
+# where that CPU wheel comes from: empty = pip's configured sources (here a local wheel dir);
+# elsewhere e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+# --- stage one: teacher and store ------------------------------------------------------------
+TEACHER ?=
+DEFAULT_TEACHER ?= artifacts/teacher
+TEACHER_DIR = $(or $(TEACHER),$(DEFAULT_TEACHER))
+TEACHER_STEPS ?= 150
+CORPUS ?= stdlib
+STORE ?= artifacts/store
+TOPK ?= 32
+SEQLEN ?= 256
+FORMAT ?= zarr
+EVAL_FRACTION ?= 0.02
+MAX_TOKENS ?= 600000
+THREADS ?= 2
+
+# --- stage two: students ---------------------------------------------------------------------
+STUDENT ?= tiny
+STEPS ?= 300
+BATCH_SIZE ?= 8
+LOSS ?= ghost
+TEMPERATURE ?=
+ALPHA ?=
+SEED ?= 0
+TRAIN_ARGS ?=
+OUT ?= runs/kd
+CE_OUT ?= runs/ce
+SWEEP ?= sweeps/default.yaml
+SWEEP_OUT ?= runs/sweep
+
+# --- tests -----------------------------------------------------------------------------------
+PYTEST_ARGS ?=
+
+KDCACHE := $(BIN)/kdcache
+STUDENT_ARGS = --store $(STORE) --student $(STUDENT) --steps $(STEPS) --batch-size $(BATCH_SIZE) \
+	--seed $(SEED) $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(ALPHA),--alpha $(ALPHA)) \
+	$(TRAIN_ARGS)
+
+.PHONY: help install teacher cache-teacher train-student compare sweep test lint format \
+	readme bench clean distclean
+
+help: ## list targets and variables
+	@echo "kdcache — offline knowledge distillation"
+	@echo
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/\1|\2/' | \
+		awk -F'|' '{printf "  %-16s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables (current value):"
+	@echo "  TEACHER=$(TEACHER)      HF id or model dir; empty = build the default into $(DEFAULT_TEACHER)"
+	@echo "  TEACHER_STEPS=$(TEACHER_STEPS)  training steps of the default teacher"
+	@echo "  CORPUS=$(CORPUS)        dir, file, glob of .txt/.md/.py/.jsonl/.parquet, or stdlib"
+	@echo "  STORE=$(STORE)  logit store: local path or fsspec URL (s3://...)"
+	@echo "  TOPK=$(TOPK)  SEQLEN=$(SEQLEN)  FORMAT=$(FORMAT) (zarr|arrow)"
+	@echo "  MAX_TOKENS=$(MAX_TOKENS)  cap on cached corpus tokens (empty = whole corpus)"
+	@echo "  EVAL_FRACTION=$(EVAL_FRACTION)  share of documents held out (teacher and store agree)"
+	@echo "  THREADS=$(THREADS)  CPU threads of the default-teacher build"
+	@echo "  STUDENT=$(STUDENT)  preset (tiny|small|base), config .json/.yaml or HF dir"
+	@echo "  STEPS=$(STEPS)  BATCH_SIZE=$(BATCH_SIZE)  LOSS=$(LOSS) (kl|ghost|reverse-kl|ce)  SEED=$(SEED)"
+	@echo "  TEMPERATURE=$(TEMPERATURE)  ALPHA=$(ALPHA)  (empty = train-student's defaults)"
+	@echo "  TRAIN_ARGS=$(TRAIN_ARGS)  extra train-student options for both students, e.g. --lr 2e-3"
+	@echo "  OUT=$(OUT)  CE_OUT=$(CE_OUT)  KD and CE-only student dirs (replaced by train-student)"
+	@echo "  SWEEP=$(SWEEP)  SWEEP_OUT=$(SWEEP_OUT)"
+	@echo "  VENV=$(VENV)  PYTHON=$(PYTHON)  TORCH_INDEX=$(TORCH_INDEX)  PYTEST_ARGS=$(PYTEST_ARGS)"
+
+install: $(STAMP) ## create the venv (VENV) with kdcache (editable) and the dev tools
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(HAS_CUDA),,$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+	@echo "installed kdcache into $(VENV)"
+
+teacher: $(DEFAULT_TEACHER)/config.json ## build the default teacher (tokenizer + small Llama) once
+
+$(DEFAULT_TEACHER)/config.json: | install
+	$(KDCACHE) build-teacher --corpus $(CORPUS) --out $(DEFAULT_TEACHER) --steps $(TEACHER_STEPS) \
+		--eval-fraction $(EVAL_FRACTION) --threads $(THREADS) --force
+
+cache-teacher: install $(if $(TEACHER),,teacher) ## cache the teacher's top-k log-probs into STORE (resumable)
+	$(KDCACHE) cache-teacher --teacher $(TEACHER_DIR) --corpus $(CORPUS) --out $(STORE) \
+		--top-k $(TOPK) --seq-len $(SEQLEN) --format $(FORMAT) --eval-fraction $(EVAL_FRACTION) \
+		$(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS))
+
+train-student: install ## train STUDENT with KD (OUT) and CE-only (CE_OUT), then compare
+	@# replace earlier runs of this target (only directories that hold a train-student run)
+	@for dir in $(OUT) $(CE_OUT); do if [ -f "$$dir/run.json" ]; then rm -rf "$$dir"; fi; done
+	$(KDCACHE) train-student $(STUDENT_ARGS) --loss $(LOSS) --out $(OUT)
+	$(KDCACHE) train-student $(STUDENT_ARGS) --loss ce --out $(CE_OUT)
+	$(KDCACHE) compare --teacher $(TEACHER_DIR) --store $(STORE) --kd $(OUT) --ce $(CE_OUT)
+
+compare: install ## print the teacher / KD / CE-only table again
+	$(KDCACHE) compare --teacher $(TEACHER_DIR) --store $(STORE) --kd $(OUT) --ce $(CE_OUT)
+
+sweep: install ## train the candidates of SWEEP from STORE into SWEEP_OUT
+	$(KDCACHE) sweep --store $(STORE) --config $(SWEEP) --out $(SWEEP_OUT)
+
+lint: install ## ruff check + ruff format --check + mypy on storage/
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint ## lint, then the whole pytest suite (no test collected = failure)
+	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "Error: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
+
+readme: install ## regenerate the CLI reference in README.md from --help
+	$(BIN)/python tests/test_readme.py --write
+
+bench: install ## run every bench/*.py, then assemble bench/RESULTS.md
+	@set -e; for script in $(sort $(filter-out bench/report.py,$(wildcard bench/*.py))); do \
+		echo "== $$script"; $(BIN)/python $$script; done
+	$(BIN)/python bench/report.py
+
+clean: ## remove artifacts/, runs/ and caches (keeps the venv)
+	rm -rf artifacts runs build dist .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean ## clean, and remove the venv
+	rm -rf $(VENV)

@@ -1,0 +1,52 @@
+"""`bench/report.py` puts the machine's facts on top of every benchmark section."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_report():  # bench/ is a folder of scripts, not a package
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_has_machine_facts_then_sections_in_name_order(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "b_store.md").write_text("## Store size\n\n| k | bytes/token |\n| 64 | 190 |\n")
+    (results / "a_loader.md").write_text("loader: 1.2M tokens/s\n")  # no heading: one is added
+    out = tmp_path / "RESULTS.md"
+    assert load_report().main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# kdcache benchmark results")
+    assert f"| cores | {os.cpu_count()} |" in text
+    for fact in (
+        "| CPU |",
+        "| RAM |",
+        "| torch |",
+        "| zarr |",
+        "| pyarrow |",
+        "| assembled (UTC) |",
+    ):
+        assert fact in text
+    assert (
+        text.index("## a_loader")
+        < text.index("## Store size")
+        < text.index("source: `bench/b_store.py`")
+    )
+    assert "| 64 | 190 |" in text
+
+
+def test_missing_results_directory_is_exit_2(tmp_path: Path) -> None:
+    assert (
+        load_report().main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "R.md")])
+        == 2
+    )
+    assert not (tmp_path / "R.md").exists()
