@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kdcache.pipeline.batches import batch_to_device
 from kdcache.pipeline.losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, kd_per_token
 
 ECE_BINS = 15
@@ -120,7 +121,7 @@ def evaluate(
     totals = _Totals(ECE_BINS)
     try:
         for batch in islice(batches, max_batches):
-            b = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+            b = batch_to_device(batch, device)  # compact dtypes cross, ids widened on the device
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             vocab = logits.shape[-1]
             k = b["topk_ids"].shape[-1]

@@ -12,13 +12,17 @@ Order of one epoch, for one *slot* (= one DataLoader worker of one Accelerate ra
 The emission order is computed from the commit records alone (sequence counts), so resuming is
 cheap: a slot's position is ``(epoch, sequences emitted)``, and on resume only the shards that
 still hold pending sequences are decoded. Shards are decoded whole with ``Store.read_shard``
-(the next one in a background thread); the buffer holds copies of sequences in the store's
-compact dtypes, so memory is bounded by the buffer plus two shards.
+(the next one in a background thread); sequences are collated straight from the latest shard,
+and those still in the buffer when the next shard arrives are copied out in the store's compact
+dtypes, so memory is bounded by the buffer plus three shards.
 
-Batches (torch tensors): ``input_ids`` (B, L) int64, ``topk_ids`` (B, L, k) int64,
-``topk_logprobs`` (B, L, k) float32, ``labels`` (B, L) int64 (the next token; -100 at the last
-position of a sequence and on padding), ``attention_mask`` (B, L) int64. Sequences shorter than
-the longest in the batch are right-padded.
+Batches (torch tensors, in the store's compact dtypes — see ``batches.py``): ``input_ids``
+(B, L) int64, ``topk_ids`` (B, L, k) uint16 (int32 for vocabularies over 65 536; widen with
+``batch_to_device``, which ``train_step`` and ``evaluate`` use), ``topk_logprobs`` (B, L, k)
+float16 (float32 for float32/bfloat16 stores), ``labels`` (B, L) int64 (the next token; -100 at
+the last position of a sequence and on padding), ``attention_mask`` (B, L) int64. Sequences
+shorter than the longest in the batch are right-padded. DataLoader workers collate into a ring
+of reused shared-memory buffers (``SharedRing``), so only a slot index crosses processes.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.pipeline.losses import IGNORE_INDEX
+from kdcache.pipeline.batches import SharedRing, batch_layout, collate, layout_of
 from kdcache.storage import Store, StoreError, open_store
 
-META = ("_slot", "_epoch", "_emitted")
+META = ("_slot", "_epoch", "_emitted", "_worker", "_buffer")
+# ring slots per worker beyond its prefetched batches: the batch just received, the consumer's
+# previous one, and one more (e.g. a second accumulated micro-batch)
+SPARE_BUFFERS = 3
 
 
 @dataclass
@@ -109,58 +116,6 @@ def plan_slot(
     return SlotPlan(shards, items, order)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, allocated in shared memory when it will cross a process boundary.
-
-    A DataLoader worker would otherwise copy every batch into shared memory once more when it
-    sends it (what ``default_collate`` avoids the same way).
-    """
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-def collate(
-    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    pad_id: int = 0,
-    *,
-    shared: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Pad and stack (tokens (L,), topk_ids (L, k), topk_logprobs (L, k)) into a batch of tensors.
-
-    Args:
-        sequences: per sequence, numpy arrays in the store's dtypes.
-        pad_id: ``input_ids`` value of padding.
-        shared: allocate the batch in shared memory (inside DataLoader workers).
-    """
-    b = len(sequences)
-    length = max(s[0].shape[0] for s in sequences)
-    k = sequences[0][1].shape[1]
-    out = {
-        "input_ids": _empty((b, length), torch.int64, shared),  # (B, L)
-        "topk_ids": _empty((b, length, k), torch.int64, shared),  # (B, L, k)
-        "topk_logprobs": _empty((b, length, k), torch.float32, shared),  # (B, L, k)
-        "labels": _empty((b, length), torch.int64, shared),  # (B, L)
-        "attention_mask": _empty((b, length), torch.int64, shared),  # (B, L)
-    }
-    a = {name: t.numpy() for name, t in out.items()}  # numpy views of the same memory
-    for i, (tokens, ids, logprobs) in enumerate(sequences):
-        n = tokens.shape[0]
-        a["input_ids"][i, :n] = tokens
-        a["input_ids"][i, n:] = pad_id
-        a["labels"][i, : n - 1] = tokens[1:]  # row t predicts the token after tokens[t]
-        a["labels"][i, n - 1 :] = IGNORE_INDEX
-        a["attention_mask"][i, :n] = 1
-        a["attention_mask"][i, n:] = 0
-        a["topk_ids"][i, :n] = ids  # casts uint16/uint32 → int64 in one pass
-        a["topk_ids"][i, n:] = 0
-        a["topk_logprobs"][i, :n] = logprobs
-        a["topk_logprobs"][i, n:] = 0.0
-    return out
-
-
 class TeacherDataset(IterableDataset):
     """Batches of one split of a store for one Accelerate rank (see the module docstring).
 
@@ -208,6 +163,7 @@ class TeacherDataset(IterableDataset):
         self.num_workers = 1  # set by TeacherLoader before the workers start
         self.worker_offset = 0  # DataLoader worker w serves logical worker (w + offset) % W
         self.positions: dict[int, tuple[int, int]] = {}  # slot → (epoch, sequences emitted)
+        self.ring: SharedRing | None = None  # set by TeacherLoader before workers start
 
     @property
     def num_tokens(self) -> int:
@@ -246,11 +202,27 @@ class TeacherDataset(IterableDataset):
     def _iter_batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        shared = info is not None
+        ring = None if info is None else self.ring
         logical = (worker + self.worker_offset) % self.num_workers
         slot = self.rank * self.num_workers + logical
         epoch, skip = self.positions.get(slot, (0, 0))
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def batch(epoch: int, emitted: int) -> dict[str, Any]:
+            meta = {"_slot": slot, "_epoch": epoch, "_emitted": emitted, "_worker": worker}
+            layout = layout_of(pending)
+            nbytes = batch_layout(layout)[1]
+            if ring is not None:
+                buffer, index = ring.acquire(worker, nbytes)
+                if buffer is not None:  # only the slot index crosses the process boundary
+                    collate(pending, self.pad_id, out=buffer)
+                    return {**meta, "_buffer": index, "_layout": layout}
+            out = None
+            if info is not None:  # a one-off batch, in the shared memory it is sent through
+                out = torch.empty(0, dtype=torch.uint8)
+                out.set_(torch.UntypedStorage._new_shared(nbytes))
+            return {**collate(pending, self.pad_id, out=out), **meta, "_buffer": -1}
+
         with ThreadPoolExecutor(max_workers=1) as pool:
             while self.infinite or epoch == 0:
                 emitted = skip
@@ -258,28 +230,23 @@ class TeacherDataset(IterableDataset):
                     pending.append(sequence)
                     emitted += 1
                     if len(pending) == self.batch_size:
-                        yield {
-                            **collate(pending, self.pad_id, shared=shared),
-                            "_slot": slot,
-                            "_epoch": epoch,
-                            "_emitted": emitted,
-                        }
+                        yield batch(epoch, emitted)
                         pending = []
                 if emitted == 0 and skip == 0:
                     break  # this slot has no data at all: never spin
                 epoch, skip = epoch + 1, 0
         if pending:
-            yield {
-                **collate(pending, self.pad_id, shared=shared),
-                "_slot": slot,
-                "_epoch": epoch - 1,
-                "_emitted": emitted,
-            }
+            yield batch(epoch - 1, emitted)
 
     def _epoch(
         self, pool: ThreadPoolExecutor, epoch: int, slot: int, skip: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The slot's sequences of one epoch after the first ``skip``, as compact numpy copies."""
+        """The slot's sequences of one epoch after the first ``skip``, in the store's dtypes.
+
+        Sequences are views of their decoded shard until the next shard is decoded; those still
+        waiting in the shuffle buffer then become copies, so the shard is freed: besides the
+        copies, at most two decoded shards are held, plus the one decoding in the background.
+        """
         plan = plan_slot(
             self.counts,
             seed=self.seed,
@@ -307,23 +274,30 @@ class TeacherDataset(IterableDataset):
             return pool.submit(self.store.read_shard, self.records[plan.shards[positions[i]]])
 
         future = submit(0)
+        views: list[int] = []  # cache entries that are views of the latest decoded shard
         for item in todo.tolist():
             while item not in cache:
                 assert future is not None, "plan/cache out of sync"
                 arrays = future.result()
                 future = submit(loaded + 1)
+                # the previous shard's sequences still in the buffer are copied out, so it is
+                # freed; the rest were collated straight from it (in stored order: all of them)
+                for idx in views:
+                    if idx in cache:
+                        tokens, ids, logprobs = cache[idx]
+                        cache[idx] = (tokens.copy(), ids.copy(), logprobs.copy())
                 p = positions[loaded]
                 loaded += 1
                 offsets = arrays.seq_offsets
-                for idx in range(first_item[p], first_item[p + 1]):
-                    if needed[idx]:
-                        s = int(plan.items[idx, 1])
-                        a, b = int(offsets[s]), int(offsets[s + 1])
-                        cache[idx] = (
-                            arrays.tokens[a:b].copy(),
-                            arrays.topk_ids[a:b].copy(),
-                            arrays.topk_logprobs[a:b].copy(),
-                        )
+                views = [idx for idx in range(first_item[p], first_item[p + 1]) if needed[idx]]
+                for idx in views:
+                    s = int(plan.items[idx, 1])
+                    a, b = int(offsets[s]), int(offsets[s + 1])
+                    cache[idx] = (
+                        arrays.tokens[a:b],
+                        arrays.topk_ids[a:b],
+                        arrays.topk_logprobs[a:b],
+                    )
                 del arrays
             yield cache.pop(item)
 
@@ -344,20 +318,38 @@ def _batches(
     dropping the loader then shuts its worker processes down at once, not at a later GC cycle.
     """
     ds.worker_offset = cursor.next_logical  # DataLoader starts with its worker 0
+    ds.ring = ring = None
+    if num_workers:
+        # room for a full-length batch; prefetched batches + the ones a consumer holds
+        manifest = ds.store.manifest
+        ids = "uint16" if manifest["id_dtype"] == "uint16" else "int32"
+        logprobs = "float16" if manifest["logprob_dtype"] == "float16" else "float32"
+        layout = (ds.batch_size, ds.store.seq_len, ds.store.top_k, ids, logprobs)
+        slots = prefetch_factor + SPARE_BUFFERS
+        ds.ring = ring = SharedRing(num_workers, slots, batch_layout(layout)[1])
+    pin = pin_memory and torch.cuda.is_available()
     loader = DataLoader(
         ds,
         batch_size=None,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=pin,
         prefetch_factor=prefetch_factor if num_workers else None,
     )
-    for batch in loader:
-        if "_error" in batch:
-            raise StoreError(batch["_error"])
-        slot, epoch, emitted = (int(batch.pop(name)) for name in META)
-        ds.positions[slot] = (epoch, emitted)
-        cursor.next_logical = (slot - ds.rank * ds.num_workers + 1) % ds.num_workers
-        yield batch
+    try:
+        for batch in loader:
+            if "_error" in batch:
+                raise StoreError(batch["_error"])
+            slot, epoch, emitted, worker, index = (int(batch.pop(name)) for name in META)
+            ds.positions[slot] = (epoch, emitted)
+            cursor.next_logical = (slot - ds.rank * ds.num_workers + 1) % ds.num_workers
+            if ring is not None:
+                ring.release()  # slots of batches the consumer has dropped since the last one
+                if index >= 0:
+                    batch = ring.batch(worker, index, tuple(batch.pop("_layout")), pin)
+            yield batch
+    finally:
+        if ds.ring is ring:  # the shared memory lives on only in batches still held
+            ds.ring = None
 
 
 class TeacherLoader:

@@ -49,6 +49,19 @@ class LossSums:
     ce_tokens: int
 
 
+def widen_ids(ids: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Teacher ids of any integer dtype as int64 on ``device`` (default: where they are).
+
+    Loader batches carry uint16 (or int32) ids, and ``gather`` needs int64. uint16 has few
+    kernels on some backends, so it travels as its int16 bit pattern and is widened with a mask.
+    """
+    device = ids.device if device is None else device
+    if ids.dtype == torch.uint16:
+        bits = ids.view(torch.int16).to(device, non_blocking=True)
+        return bits.to(torch.int64).bitwise_and_(0xFFFF)
+    return ids.to(device, non_blocking=True).to(torch.int64)
+
+
 def _log_tail(logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 − Σ exp(logprobs)) over the last axis, clamped: (N, k) → (N,)."""
     mass = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
@@ -66,7 +79,7 @@ def kd_per_token(
 
     Args:
         logits: (N, V) student logits, any float dtype.
-        topk_ids: (N, k) int64 teacher ids.
+        topk_ids: (N, k) teacher ids, int64 or a loader's compact dtype (widened here).
         topk_logprobs: (N, k) teacher log-probs at temperature 1.
         loss: "kl", "ghost" or "reverse-kl".
         temperature: T > 0.
@@ -75,6 +88,7 @@ def kd_per_token(
         (N,) float32.
     """
     t = float(temperature)
+    topk_ids = widen_ids(topk_ids)  # (N, k) int64; a no-op for int64 ids
     teacher = topk_logprobs.float()  # (N, k)
     if loss == "ghost":
         student = torch.log_softmax(logits.float(), dim=-1)  # (N, V) at T = 1

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kdcache.pipeline.batches import batch_to_device
 from kdcache.pipeline.losses import IGNORE_INDEX, combine, loss_sums
 
 LOG_FIELDS = ("step", "tokens", "loss", "kd", "ce", "lr", "grad_norm", "elapsed_s", "tokens_per_s")
@@ -104,8 +105,8 @@ def train_step(
     Each term is averaged over the tokens of the whole step, so accumulating N micro-batches
     gives the gradient of one N-times larger batch.
     """
-    device = accelerator.device
-    batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+    # compact loader dtypes cross to the device, widened there (ids → int64)
+    batches = [batch_to_device(b, accelerator.device) for b in micro_batches]
     kd_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     ce_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     model = trainee.model

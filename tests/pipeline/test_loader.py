@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import write_synthetic_store
 
+from kdcache.pipeline.batches import SharedRing, batch_to_device, collate, layout_of
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, buffer_order, plan_slot
 from kdcache.storage import open_store
 
@@ -51,9 +52,14 @@ def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str
     for batch in TeacherLoader(dataset):
         b, length = batch["input_ids"].shape
         k = store.top_k
-        assert batch["topk_ids"].shape == (b, length, k) and batch["topk_ids"].dtype == torch.int64
-        assert batch["topk_logprobs"].dtype == torch.float32
+        # the store's compact dtypes: uint16 ids, float16 log-probs
+        assert batch["topk_ids"].shape == (b, length, k) and batch["topk_ids"].dtype == torch.uint16
+        assert batch["topk_logprobs"].dtype == torch.float16
         assert batch["labels"].dtype == torch.int64 and batch["attention_mask"].shape == (b, length)
+        wide = batch_to_device(batch, "cpu")
+        assert (
+            wide["topk_ids"].dtype == torch.int64 and wide["topk_logprobs"].dtype == torch.float16
+        )
         for i, key in enumerate(_keys(batch)):
             seq = by_key[key]
             n = len(seq.tokens)
@@ -61,10 +67,8 @@ def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str
             np.testing.assert_array_equal(batch["labels"][i, : n - 1], seq.tokens[1:])
             assert (batch["labels"][i, n - 1 :] == -100).all()
             assert batch["attention_mask"][i].sum() == n
-            np.testing.assert_array_equal(batch["topk_ids"][i, :n], seq.topk_ids.astype(np.int64))
-            np.testing.assert_array_equal(
-                batch["topk_logprobs"][i, :n], seq.topk_logprobs.astype(np.float32)
-            )
+            np.testing.assert_array_equal(wide["topk_ids"][i, :n], seq.topk_ids.astype(np.int64))
+            np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], seq.topk_logprobs)
             assert (batch["topk_logprobs"][i, n:] == 0).all()
             seen += 1
     assert seen == N_TRAIN
@@ -126,3 +130,67 @@ def test_buffer_order_and_plans_are_permutations() -> None:
         assert sorted(plan.order.tolist()) == list(range(len(plan.items)))
         items |= {(plan.shards[p], s) for p, s in plan.items.tolist()}
     assert items == {(shard, s) for shard, n in enumerate(counts) for s in range(n)}
+
+
+def test_held_batches_stay_intact_while_workers_reuse_their_buffers(store_url: str) -> None:
+    # holding every batch of 3 epochs (more than the ring has slots) forces one-off buffers;
+    # dropping them lets the workers reuse slots — no batch may ever change under its holder
+    store = open_store(store_url)
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    loader = TeacherLoader(TeacherDataset(store, batch_size=2, seed=4), num_workers=2)
+    held = [next(loader) for _ in range(3 * N_TRAIN // 2)]
+    snapshot = [{name: t.clone() for name, t in b.items()} for b in held]
+    for _ in range(20):  # keep reading while the held batches still exist
+        next(loader)
+    for batch, copy in zip(held, snapshot, strict=True):
+        for name in batch:
+            assert torch.equal(batch[name], copy[name]), name
+        for i, key in enumerate(_keys(batch)):
+            n = len(by_key[key].tokens)
+            np.testing.assert_array_equal(batch["topk_ids"][i, :n].long(), by_key[key].topk_ids)
+    del held, snapshot, batch, copy
+    for _ in range(30):  # dropped batches: slots come back into use, contents stay right
+        batch = next(loader)
+        seq = by_key[_keys(batch)[0]]
+        np.testing.assert_array_equal(
+            batch["topk_logprobs"][0, : len(seq.tokens)], seq.topk_logprobs
+        )
+    loader.close()
+
+
+def test_shared_ring_reuses_a_slot_once_its_batch_is_dropped() -> None:
+    tokens = np.arange(4, dtype=np.int32)
+    ids = np.array([[1, 65535]] * 4, dtype=np.uint16)  # the top of the uint16 range
+    logprobs = np.full((4, 2), -0.5, dtype=np.float16)
+    layout = layout_of([(tokens, ids, logprobs)])
+    ring = SharedRing(workers=1, slots=2, slot_bytes=4096)
+    buffer, first = ring.acquire(0, 4096)
+    assert buffer is not None
+    collate([(tokens, ids, logprobs)], out=buffer)
+    batch = ring.batch(0, first, layout, pin=False)
+    assert batch_to_device(batch, "cpu")["topk_ids"][0, 0].tolist() == [1, 65535]
+    _, second = ring.acquire(0, 4096)
+    assert second != first and ring.acquire(0, 4096) == (None, -1)  # both in use
+    ids_view = batch["topk_ids"].reshape(-1)  # a derived view keeps the slot in use
+    del batch
+    ring.release()
+    assert ring.acquire(0, 4096) == (None, -1)
+    del ids_view
+    ring.release()
+    assert ring.acquire(0, 4096)[1] == first
+    assert ring.acquire(0, 1 << 20) == (None, -1)  # larger than a slot: caller goes one-off
+
+
+def test_large_vocabularies_travel_as_int32_ids(tmp_path: Path) -> None:
+    url = write_synthetic_store(
+        str(tmp_path / "s"), vocab_size=70_000, top_k=4, lengths={"train": [[6, 6]]}
+    )
+    store = open_store(url)
+    stored = np.concatenate([s.topk_ids for s in store.iter_sequences("train")])
+    assert stored.dtype == np.uint32 and stored.max() >= 65_536  # ids above the uint16 range
+    for workers in (0, 1):
+        dataset = TeacherDataset(store, batch_size=2, shuffle=False, infinite=False)
+        batch = next(iter(TeacherLoader(dataset, num_workers=workers)))
+        assert batch["topk_ids"].dtype == torch.int32
+        wide = batch_to_device(batch, "cpu")["topk_ids"]
+        np.testing.assert_array_equal(wide.reshape(-1, 4).numpy(), stored)

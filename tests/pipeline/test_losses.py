@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.pipeline.losses import IGNORE_INDEX, distillation_loss, kd_per_token, loss_sums
+from kdcache.pipeline.losses import (
+    IGNORE_INDEX,
+    distillation_loss,
+    kd_per_token,
+    loss_sums,
+    widen_ids,
+)
 
 V = 50
 
@@ -158,3 +164,18 @@ def test_unknown_loss_is_refused() -> None:
     _, ids, logprobs = _teacher_topk(1, 2, k=3)
     with pytest.raises(ValueError, match="unknown loss"):
         distillation_loss(_logits(1, 2), _batch(ids, logprobs), loss="mse")
+
+
+@pytest.mark.parametrize("loss", ["kl", "ghost", "reverse-kl"])
+def test_compact_loader_dtypes_give_the_same_loss(loss: str) -> None:
+    # loader batches carry uint16/int32 ids and float16 log-probs; the loss widens them itself
+    _, ids, logprobs = _teacher_topk(2, 4, 6)
+    logprobs = logprobs.half().float()  # values a float16 store can hold
+    logits = _logits(2, 4)
+    wide = loss_sums(logits, _batch(ids, logprobs), loss=loss, chunk_tokens=3).kd_sum
+    for id_dtype in (torch.uint16, torch.int32):
+        compact = _batch(ids.to(id_dtype), logprobs.half())
+        assert torch.equal(loss_sums(logits, compact, loss=loss, chunk_tokens=3).kd_sum, wide)
+    high = torch.tensor([[40_000, 65_535]], dtype=torch.int64)  # above int16's range
+    assert widen_ids(high.to(torch.uint16)).tolist() == high.tolist()
+    assert widen_ids(high.to(torch.uint16)).dtype == torch.int64
