@@ -48,7 +48,7 @@ SEED ?= 0
 TRAIN_ARGS ?=
 OUT ?= runs/kd
 CE_OUT ?= runs/ce
-SWEEP ?= sweeps/default.yaml
+SWEEP ?= pipeline/configs/sweep.yaml
 SWEEP_OUT ?= runs/sweep
 
 # --- tests -----------------------------------------------------------------------------------
