@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import machine_line
 
 VARIANTS = ("bare", "math", "naive", "cache")
 RESULTS = Path(__file__).parent / "results" / "cache_overhead.md"
@@ -182,33 +183,13 @@ def run_variant(args: argparse.Namespace, variant: str, teacher: Path, work: Pat
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, {device}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
-        f"load average at start {load}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--sizes", default="128x2,256x4,512x6", help="hidden x layers, comma-separated"
     )
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per variant")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per variant")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=64)
@@ -227,7 +208,7 @@ def main() -> None:
     from kdcache.pipeline.tokenizer import train_bpe_tokenizer
 
     started = time.perf_counter()
-    facts = machine()
+    facts = machine_line()
     print(facts)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,6 +77,22 @@ def machine_facts() -> list[tuple[str, str]]:
     ]
 
 
+def machine_line() -> str:
+    """One line for a benchmark section: CPU, cores, GPU, library versions, load at start."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    try:
+        import torch
+
+        threads = f" ({torch.get_num_threads()} threads)"
+    except ImportError:
+        threads = ""
+    return (
+        f"{cpu_model()}, {os.cpu_count()} logical cores, GPU: {gpu()}, torch {version('torch')}"
+        f"{threads}, zarr {version('zarr')}, pyarrow {version('pyarrow')}, "
+        f"Python {platform.python_version()}, load average at start {load}"
+    )
+
+
 def build_report(results: Path) -> str:
     """The text of RESULTS.md: machine facts, then every ``results/*.md`` section in name order."""
     lines = [

@@ -13,8 +13,6 @@ by a random permutation (the pessimistic case for compression).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import machine_line
 
 RESULTS = Path(__file__).parent / "results" / "store.md"
 
@@ -56,25 +55,6 @@ def zipf_rows(
         ids[a : a + m] = rank_to_id[np.take_along_axis(cand, np.take_along_axis(best, order, 1), 1)]
         logprobs[a : a + m] = np.take_along_axis(values, order, 1) - lse
     return ids, logprobs
-
-
-def machine_facts() -> str:
-    import pyarrow
-    import zarr
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores (load avg {load}), Python {platform.python_version()}, "
-        f"numpy {np.__version__}, zarr {zarr.__version__}, pyarrow {pyarrow.__version__}"
-    )
 
 
 def rates(tokens: int, wall_start: float, cpu_start: float) -> tuple[float, float]:
@@ -154,7 +134,7 @@ def encoded_bytes(backend: str, ids: np.ndarray, logprobs: np.ndarray, vocab: in
     return sum(len(b) for b in get_codec(backend).encode(arrays, "float16").values())
 
 
-def real_store_lines(path: str, repeats: int) -> list[str]:
+def real_store_lines(path: str, repeats: int, zarr_synthetic_bpt: float, args_k: int) -> list[str]:
     """Bytes/token and read speed on a store a real teacher wrote (e.g. the quickstart's)."""
     from kdcache.storage import open_store
     from kdcache.storage._base import get_codec
@@ -193,9 +173,10 @@ def real_store_lines(path: str, repeats: int) -> list[str]:
         f"| re-encoded as zarr | {sizes['zarr']:.1f} | |",
         f"| re-encoded as arrow | {sizes['arrow']:.1f} | |",
         "",
-        f"Uncompressed this would be {4 + store.top_k * 2 * 2} B/token; a real teacher's rows are "
-        "more predictable than the synthetic Zipf rows above (sharper distributions, ids that "
-        "repeat along a sequence), so they compress further.",
+        f"Uncompressed this would be {4 + store.top_k * 2 * 2} B/token: the stored shards take "
+        f"{100 * store.nbytes / store.num_tokens / (4 + store.top_k * 4):.0f}% of that (the "
+        "synthetic rows above: "
+        f"{100 * zarr_synthetic_bpt / (4 + args_k * 4):.0f}%).",
     ]
 
 
@@ -227,7 +208,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     n_seq = max(1, args.tokens // args.seq_len)
-    print(f"machine: {machine_facts()}")
+    print(f"machine: {machine_line()}")
     print(
         f"generating {n_seq * args.seq_len:,} tokens (k={args.k}, vocab={args.vocab}, ids {args.id_order}) ..."
     )
@@ -265,7 +246,7 @@ def main() -> None:
     lines = [
         "## Logit store (bench/store.py)",
         "",
-        f"Machine: {machine_facts()}. Codec threads: {args.threads}.",
+        f"Machine: {machine_line()}. Codec threads: {args.threads}.",
         f"Data: {results[0]['tokens']:,} tokens in sequences of {args.seq_len}, k={args.k}, "
         f"vocab {args.vocab:,}, float16 log-probs, ids in {args.id_order} order; "
         f"mean top-1 prob {top1:.3f}, mean top-k mass {mass:.3f}. Uncompressed: {raw} B/token. "
@@ -305,7 +286,9 @@ def main() -> None:
         "range, rows sorted) the next cost.",
     ]
     if args.real_store and Path(args.real_store, "manifest.json").is_file():
-        lines += real_store_lines(args.real_store, args.repeats)
+        lines += real_store_lines(
+            args.real_store, args.repeats, results[0]["bytes_per_token"], args.k
+        )
     else:
         lines += [
             "",
