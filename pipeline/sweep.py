@@ -28,7 +28,7 @@ from kdcache.pipeline.leaderboard import best_per_size_class, plot_pareto, write
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader
 from kdcache.pipeline.student import build_student, count_parameters, load_store_tokenizer
 from kdcache.pipeline.sweep_config import Candidate, SweepConfig, load_sweep_config
-from kdcache.pipeline.train_student import _check_store, _eval_batches
+from kdcache.pipeline.train_student import check_store, eval_batches
 from kdcache.pipeline.trainee import (
     load_checkpoint,
     make_accelerator,
@@ -199,14 +199,14 @@ def _train_group(
     if main:
         has_eval = bool(store.shards_of("eval"))
         probe = (
-            next(iter(_eval_batches(store, config.batch_size, pad_id)), None) if has_eval else None
+            next(iter(eval_batches(store, config.batch_size, pad_id)), None) if has_eval else None
         )
         for candidate, trainee in zip(group, trainees, strict=True):
             model = accelerator.unwrap_model(trainee.model)
             metrics = (
                 evaluate(
                     model,
-                    _eval_batches(store, config.batch_size, pad_id),
+                    eval_batches(store, config.batch_size, pad_id),
                     max_batches=config.eval_batches,
                 )
                 if has_eval
@@ -250,7 +250,7 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     # 1. the store, and every candidate built once on its vocabulary — before any training
     store = open_store(settings["store"])
     for loss in sorted({c.loss for c in config.candidates}):
-        _check_store(store, loss)
+        check_store(store, loss)
     tokenizer = load_store_tokenizer(store)
     for candidate in config.candidates:
         try:

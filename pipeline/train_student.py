@@ -64,7 +64,7 @@ def _check_settings(s: dict[str, Any]) -> None:
         raise UserError(f"--alpha must be between 0 and 1, got {s['alpha']}, use e.g. 0.5")
 
 
-def _check_store(store: Any, loss: str) -> None:
+def check_store(store: Any, loss: str) -> None:
     """The store must hold training data and what ``loss`` needs."""
     if not store.shards_of("train"):
         raise UserError(
@@ -138,7 +138,7 @@ def _rewrite_log(path: Path, up_to_step: int) -> None:
         writer.writerows(rows)
 
 
-def _eval_batches(store: Any, batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
+def eval_batches(store: Any, batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
     """One pass over the store's eval split in stored order (a fresh loader each time)."""
     dataset = TeacherDataset(
         store, "eval", batch_size=batch_size, shuffle=False, infinite=False, pad_id=pad_id
@@ -165,7 +165,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 
     # 1. the store and the student (vocabulary checked before anything trains)
     store = open_store(s["store"])
-    _check_store(store, s["loss"])
+    check_store(store, s["loss"])
     tokenizer = load_store_tokenizer(store)
     model, source = build_student(
         s["student"],
@@ -245,7 +245,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         model_ = accelerator.unwrap_model(trainee.model)
         with accelerator.autocast():
             metrics = evaluate(
-                model_, _eval_batches(store, s["batch_size"], pad_id), max_batches=s["eval_batches"]
+                model_, eval_batches(store, s["batch_size"], pad_id), max_batches=s["eval_batches"]
             )
         eval_history.append({"step": trainee.step, **metrics})
         trainee.extra["eval_history"] = eval_history
