@@ -189,7 +189,7 @@ def main() -> None:
         "--sizes", default="128x2,256x4,512x6", help="hidden x layers, comma-separated"
     )
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per variant")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per variant")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=64)
