@@ -46,13 +46,18 @@ def _short(n: float) -> str:
     return f"{n:g}"
 
 
-def best_per_size_class(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def best_per_size_class(
+    rows: Sequence[dict[str, Any]], size_key: str = "non_embedding_parameters"
+) -> dict[str, dict[str, Any]]:
+    """The lowest eval cross-entropy per decade of ``size_key`` (non-embedding parameters:
+    at small sizes the embedding, fixed by the vocabulary, would put every student in one class).
+    """
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
-        label = size_class(row["parameters"])
+        label = size_class(row[size_key])
         if label not in best or row["eval_cross_entropy"] < best[label]["eval_cross_entropy"]:
             best[label] = row
-    return dict(sorted(best.items(), key=lambda item: item[1]["parameters"]))
+    return dict(sorted(best.items(), key=lambda item: item[1][size_key]))
 
 
 def _format(value: Any) -> str:

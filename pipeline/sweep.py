@@ -307,7 +307,8 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
         students = [r for r in rows if r["candidate"] != BASELINE]
         for label, row in best_per_size_class(students).items():
             click.echo(
-                f"best {label}: {row['candidate']} ({row['parameters']:,} parameters, "
+                f"best {label} non-embedding parameters: {row['candidate']} "
+                f"({row['non_embedding_parameters']:,} of {row['parameters']:,} parameters, "
                 f"eval CE {row['eval_cross_entropy']:.4f})"
             )
         tokens = sum(int(r["tokens_seen"]) for r in rows)

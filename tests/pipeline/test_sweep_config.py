@@ -99,9 +99,17 @@ def test_pareto_front_and_size_classes():
     ]
     assert [r["candidate"] for r in pareto_front(rows)] == ["a", "c", "e"]
     assert size_class(400_000) == "100K-1M"
-    best = best_per_size_class(rows)
+    best = best_per_size_class(rows, size_key="parameters")
     assert {label: r["candidate"] for label, r in best.items()} == {
         "10K-100K": "a",
         "100K-1M": "c",
         "1M-10M": "e",
+    }
+    for row, non_embedding in zip(rows, (5_000, 60_000, 20_000, 150_000, 900_000), strict=True):
+        row["non_embedding_parameters"] = non_embedding
+    best = best_per_size_class(rows)  # by non-embedding parameters
+    assert {label: r["candidate"] for label, r in best.items()} == {
+        "1K-10K": "a",
+        "10K-100K": "c",
+        "100K-1M": "e",
     }
