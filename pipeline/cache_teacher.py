@@ -248,11 +248,17 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
     )
+
+    def advance(tokens: int) -> None:
+        bar.update(tokens)
+        if bar.n > bar.total:  # the size estimate (corpus bytes / 3) was low: keep the ETA sane
+            bar.total = int(bar.n * 1.1)
+
     with ShardSink(writer, maxsize=8) as sink, torch.inference_mode():
         for shard in plan:
             name = f"{shard.split}-{shard.index:05d}"
             if shard.index % world != rank or name in already:
-                bar.update(shard.num_tokens)  # another rank's work, or done in an earlier run
+                advance(shard.num_tokens)  # another rank's work, or done in an earlier run
                 continue
             sink.open(shard.split, shard.index, shard.corpus_range)
             for group in batches(shard.sequences, s.batch_size):
@@ -262,7 +268,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
                 input_ids = tokens.to(device, non_blocking=True).long()
                 ids, logprobs = targets(input_ids)  # (B, S, k) each, on the device
                 sink.put(tokens.numpy(), *to_host(ids, logprobs.to(store_logprob_dtype)))
-                bar.update(tokens.numel())
+                advance(tokens.numel())
             sink.commit()
             bar.set_postfix(shards=len(already) + sink.committed, refresh=False)
     bar.total = bar.n
