@@ -71,7 +71,7 @@ def evaluate_teacher(
     from transformers.utils import logging as hf_logging
 
     from kdcache.pipeline.evaluation import evaluate
-    from kdcache.pipeline.loader import TeacherDataset, TeacherLoader
+    from kdcache.pipeline.loader import eval_batches
     from kdcache.storage import open_store
 
     store = open_store(store_url)
@@ -94,14 +94,8 @@ def evaluate_teacher(
     model.to(device).eval()
     # the same pass train-student evaluates on: the eval split in stored order, one epoch
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    dataset = TeacherDataset(
-        store, "eval", batch_size=batch_size, shuffle=False, infinite=False, pad_id=pad_id
-    )
-    loader = TeacherLoader(dataset, pin_memory=device.type == "cuda")
-    try:
-        return evaluate(model, iter(loader), device=device, max_batches=max_batches)
-    finally:
-        loader.close()
+    batches = eval_batches(store, batch_size, pad_id, pin_memory=device.type == "cuda")
+    return evaluate(model, batches, device=device, max_batches=max_batches)
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:

@@ -401,3 +401,16 @@ class TeacherLoader:
         if self._iterator is None:
             self._iterator = iter(self)
         return next(self._iterator)
+
+
+def eval_batches(
+    store: Store, batch_size: int, pad_id: int, *, pin_memory: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over the eval split in stored order, from a fresh loader.
+
+    The pass every evaluation uses (train-student, sweep, compare), so their figures agree.
+    """
+    dataset = TeacherDataset(
+        store, "eval", batch_size=batch_size, shuffle=False, infinite=False, pad_id=pad_id
+    )
+    return iter(TeacherLoader(dataset, pin_memory=pin_memory))

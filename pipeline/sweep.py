@@ -25,10 +25,10 @@ from tqdm import tqdm
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
 from kdcache.pipeline.leaderboard import best_per_size_class, plot_pareto, write_leaderboard
-from kdcache.pipeline.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.student import build_student, count_parameters, load_store_tokenizer
 from kdcache.pipeline.sweep_config import Candidate, SweepConfig, load_sweep_config
-from kdcache.pipeline.train_student import check_store, eval_batches
+from kdcache.pipeline.train_student import check_store
 from kdcache.pipeline.trainee import (
     load_checkpoint,
     make_accelerator,

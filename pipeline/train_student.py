@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
-from kdcache.pipeline.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.losses import LOSSES
 from kdcache.pipeline.student import build_student, count_parameters, load_store_tokenizer
 from kdcache.pipeline.trainee import (
@@ -136,14 +135,6 @@ def _rewrite_log(path: Path, up_to_step: int) -> None:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def eval_batches(store: Any, batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
-    """One pass over the store's eval split in stored order (a fresh loader each time)."""
-    dataset = TeacherDataset(
-        store, "eval", batch_size=batch_size, shuffle=False, infinite=False, pad_id=pad_id
-    )
-    return iter(TeacherLoader(dataset))
 
 
 def _print_table(history: list[dict[str, float]]) -> None:
