@@ -39,17 +39,41 @@ class LogitHead:
     logit_divisor: float | None = None
     softcap: float | None = None
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (N, H) -> logits (N, V) in the model's dtype.
+
+        With ``out`` (N, V) and a plain ``nn.Linear`` head, the logits are written into ``out``
+        and transformed in place (the same values: the same kernels, in the same order), so a
+        caller can reuse one buffer per chunk instead of a fresh vocab-wide allocation.
+        """
         if self.hidden_divisor is not None:
             hidden = hidden / self.hidden_divisor
-        logits = self.lm_head(hidden)  # (N, V) in the model's dtype
+        head = self.lm_head
+        if out is None or not self.writes_into_buffer or out.dtype != head.weight.dtype:
+            logits = head(hidden)  # (N, V) in the model's dtype
+            if self.logit_multiplier is not None:
+                logits = logits * self.logit_multiplier
+            if self.logit_divisor is not None:
+                logits = logits / self.logit_divisor
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits
+        if head.bias is None:
+            torch.mm(hidden, head.weight.t(), out=out)
+        else:
+            torch.addmm(head.bias, hidden, head.weight.t(), out=out)
         if self.logit_multiplier is not None:
-            logits = logits * self.logit_multiplier
+            out.mul_(self.logit_multiplier)
         if self.logit_divisor is not None:
-            logits = logits / self.logit_divisor
+            out.div_(self.logit_divisor)
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    @property
+    def writes_into_buffer(self) -> bool:
+        """Whether ``__call__(hidden, out=...)`` fills ``out`` (a plain ``nn.Linear`` head)."""
+        return type(self.lm_head) is torch.nn.Linear
 
     def describe(self) -> str:
         parts = [
@@ -86,38 +110,85 @@ def logit_head(model: Any) -> LogitHead:
     return head
 
 
-def default_chunk_tokens(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Tokens per chunk so that the logits (model dtype) plus their float32 copy fit the budget."""
-    return max(1, budget_bytes // (vocab_size * 8))
+def default_chunk_tokens(
+    vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES, itemsize: int = 4
+) -> int:
+    """Tokens per chunk so that the chunk's scratch (see ``ChunkScratch``) fits the budget."""
+    per_row = vocab_size * (8 if itemsize == 4 else itemsize + 8)
+    return max(1, budget_bytes // per_row)
+
+
+class ChunkScratch:
+    """Vocab-wide buffers reused from chunk to chunk and batch to batch.
+
+    A fresh (C, V) tensor per chunk costs a page fault per 4 KiB on the CPU (glibc maps blocks of
+    32 MiB or more afresh on every allocation): that was most of the target math's time there.
+    The buffers hold one chunk: logits in the model's dtype, their float32 copy (not needed for a
+    float32 model) and the float32 log-softmax.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, name: str, like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A (rows, V) buffer of ``dtype`` on ``like``'s device; reallocated only to grow."""
+        buffer = self._buffers.get(name)
+        fits = (
+            buffer is not None
+            and buffer.dtype == dtype
+            and buffer.device == like.device
+            and buffer.shape[1] == shape[1]
+            and buffer.shape[0] >= shape[0]
+        )
+        if not fits:
+            buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=like.device)
+        return buffer[: shape[0]]  # (rows, V), contiguous
 
 
 def chunked_topk(
-    hidden: torch.Tensor, head: Any, top_k: int, chunk_tokens: int
+    hidden: torch.Tensor,
+    head: Any,
+    top_k: int,
+    chunk_tokens: int,
+    scratch: ChunkScratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``log_softmax(head(hidden))`` over the full vocabulary, one token chunk at a time.
 
     Args:
         hidden: (N, H) final hidden states, or (N, V) logits when ``head`` is the identity.
-        head: hidden (C, H) -> logits (C, V).
+        head: hidden (C, H) -> logits (C, V); a ``LogitHead`` writes into a reused buffer.
         top_k: k.
         chunk_tokens: rows per chunk.
+        scratch: buffers to reuse across calls (a fresh set when ``None``).
 
     Returns:
         ids (N, k) int32 and logprobs (N, k) float32, sorted descending per row, on the device.
     """
+    scratch = ChunkScratch() if scratch is None else scratch
     n = hidden.shape[0]
     ids = torch.empty((n, top_k), dtype=torch.int32, device=hidden.device)
     logprobs = torch.empty((n, top_k), dtype=torch.float32, device=hidden.device)
+    weight = head.lm_head.weight if getattr(head, "writes_into_buffer", False) else None
     for start in range(0, n, chunk_tokens):
         stop = min(start + chunk_tokens, n)
-        logits = head(hidden[start:stop]).float()  # (C, V)
-        # log_softmax(x) = x - logsumexp(x): the top-k of x are the top-k of its log-softmax,
-        # so only the k winners are shifted and no second (C, V) tensor is allocated.
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
-        values, indices = torch.topk(logits, top_k, dim=-1, sorted=True)  # (C, k)
-        logprobs[start:stop] = values - lse
+        rows = hidden[start:stop]
+        if weight is not None:
+            shape = (stop - start, int(weight.shape[0]))
+            logits = head(rows, out=scratch.get("logits", rows, shape, weight.dtype))  # (C, V)
+        else:
+            logits = head(rows)  # (C, V)
+        if logits.dtype != torch.float32:
+            logits = scratch.get("float32", logits, tuple(logits.shape), torch.float32).copy_(
+                logits
+            )
+        # the model's own kernel, so the values are the reference's to the last bit
+        chunk = scratch.get("logprobs", logits, tuple(logits.shape), torch.float32)
+        torch.log_softmax(logits, dim=-1, out=chunk)  # (C, V)
+        values, indices = torch.topk(chunk, top_k, dim=-1, sorted=True)  # (C, k)
+        logprobs[start:stop] = values
         ids[start:stop] = indices
-        del logits
     return ids, logprobs
 
 
@@ -134,8 +205,10 @@ class TopkTargets:
         self.model = model
         self.top_k = top_k
         self.head = logit_head(model)
-        vocab = int(self.head.lm_head.weight.shape[0])
-        self.chunk_tokens = chunk_tokens or default_chunk_tokens(vocab)
+        weight = self.head.lm_head.weight
+        vocab, itemsize = int(weight.shape[0]), weight.element_size()
+        self.chunk_tokens = chunk_tokens or default_chunk_tokens(vocab, itemsize=itemsize)
+        self.scratch = ChunkScratch()
         self.use_model_forward = False  # set by self_check when the chunked path disagrees
 
     @property
@@ -148,7 +221,7 @@ class TopkTargets:
         b, s = input_ids.shape
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         ids, logprobs = chunked_topk(
-            hidden.reshape(b * s, -1), self.head, self.top_k, self.chunk_tokens
+            hidden.reshape(b * s, -1), self.head, self.top_k, self.chunk_tokens, self.scratch
         )
         return ids.view(b, s, -1), logprobs.view(b, s, -1)  # (B, S, k)
 
@@ -156,7 +229,9 @@ class TopkTargets:
         rows_ids, rows_logprobs = [], []
         for row in input_ids:  # (S,): one row's (S, V) logits at a time
             logits = self.model(input_ids=row[None], use_cache=False).logits[0]  # (S, V)
-            ids, logprobs = chunked_topk(logits, _identity, self.top_k, self.chunk_tokens)
+            ids, logprobs = chunked_topk(
+                logits, _identity, self.top_k, self.chunk_tokens, self.scratch
+            )
             rows_ids.append(ids)
             rows_logprobs.append(logprobs)
         return torch.stack(rows_ids), torch.stack(rows_logprobs)  # (B, S, k)

@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "gemma2": {"final_logit_softcapping": 2.0, "head_dim": 16},
     "granite": {"logits_scaling": 4.0},
     "cohere": {"logit_scale": 0.25},
+    "phi": {},  # an lm_head with a bias
 }
 
 
@@ -88,6 +89,29 @@ def test_self_check_falls_back_when_the_transform_is_unknown() -> None:
     full, (ref_values, _) = reference_topk(model, input_ids, TOP_K)
     torch.testing.assert_close(logprobs, ref_values, atol=1e-4, rtol=0)
     torch.testing.assert_close(full.gather(-1, ids.long()), ref_values, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "phi"])
+def test_bfloat16_targets_equal_the_models_own_forward(model_type: str) -> None:
+    model = tiny_model(model_type, **ARCHITECTURES[model_type]).to(torch.bfloat16)
+    input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    targets = TopkTargets(model, TOP_K, chunk_tokens=6)
+    assert targets.self_check(input_ids[:1]) is None
+    ids, logprobs = targets(input_ids)
+    full, (ref_values, _) = reference_topk(model, input_ids, TOP_K)
+    # the same bfloat16 logits, upcast, then the same float32 log_softmax
+    torch.testing.assert_close(logprobs, ref_values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.gather(-1, ids.long()), ref_values, atol=1e-5, rtol=0)
+
+
+def test_buffers_are_reused_from_batch_to_batch() -> None:
+    model = tiny_model("llama")
+    targets = TopkTargets(model, TOP_K, chunk_tokens=8)
+    targets(torch.randint(0, VOCAB, (2, 12)))
+    buffers = {name: b.data_ptr() for name, b in targets.scratch._buffers.items()}
+    assert set(buffers) == {"logits", "logprobs"}  # float32 model: no float32 copy needed
+    targets(torch.randint(0, VOCAB, (3, 12)))
+    assert {name: b.data_ptr() for name, b in targets.scratch._buffers.items()} == buffers
 
 
 def test_chunked_topk_matches_log_softmax_for_any_chunk_size() -> None:
