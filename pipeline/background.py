@@ -7,7 +7,9 @@ the main thread instead of hanging: an exception in a thread is re-raised by the
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -19,6 +21,25 @@ import torch
 T = TypeVar("T")
 _POLL = 0.1  # seconds between checks of the other side's health
 _DONE = object()
+
+
+BACKGROUND_NICENESS = 10  # added to the process' niceness for the reader and writer threads
+
+
+def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> None:
+    """Give the calling thread (and threads it starts later) a lower CPU priority.
+
+    The main thread drives the teacher: on a GPU it queues kernels, on a CPU it runs them on every
+    core. Tokenizing and compressing must fill the gaps, not preempt it. Linux only (elsewhere the
+    call would renice the whole process); a no-op when not permitted.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+    except OSError:
+        pass
 
 
 class Prefetcher(Generic[T]):
@@ -41,6 +62,7 @@ class Prefetcher(Generic[T]):
         return False
 
     def _run(self, make: Callable[[], Iterable[T]]) -> None:
+        lower_thread_priority()
         try:
             for item in make():
                 if not self._put(item):
@@ -123,6 +145,7 @@ class ShardSink:
                 continue
 
     def _run(self) -> None:
+        lower_thread_priority()
         shard = None
         try:
             while True:
