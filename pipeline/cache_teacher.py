@@ -155,6 +155,16 @@ def batches(sequences: list[np.ndarray], batch_size: int) -> list[list[np.ndarra
     return groups
 
 
+def check_token_ids(tokens: Any, vocab_size: int, teacher: str) -> None:
+    """The tokenizer may know more tokens than the model embeds; such an id must not reach it."""
+    highest = int(tokens.max())
+    if highest >= vocab_size:
+        raise UserError(
+            f"the teacher's tokenizer produced token id {highest}, outside the model's vocabulary "
+            f"of {vocab_size}, {teacher}, use the tokenizer the model was trained with"
+        )
+
+
 def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     """Run stage one; returns the summary facts (also printed by the main process)."""
     started = time.perf_counter()
@@ -193,6 +203,8 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
             f"--seq-len exceeds the teacher's context of {context} tokens, got {s.seq_len}, "
             f"pass at most {context}"
         )
+    probe = source.tokenizer(PROBE_TEXT * 4, add_special_tokens=False)["input_ids"][:64] or [eos_id]
+    check_token_ids(np.asarray(probe), vocab_size, s.teacher)
     corpus, corpus_bytes = corpus_facts(s, files)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -214,8 +226,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
 
     model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
     targets = TopkTargets(model, s.top_k, s.chunk_tokens)
-    probe = source.tokenizer(PROBE_TEXT * 4, add_special_tokens=False)["input_ids"][:64]
-    note = targets.self_check(torch.tensor([probe or [eos_id]], device=device))
+    note = targets.self_check(torch.tensor([probe], device=device))
     if note and accelerator.is_main_process:
         click.echo(f"Note: {note}", err=True)
     store_logprob_dtype = torch.float16 if manifest["logprob_dtype"] == "float16" else torch.float32
@@ -254,25 +265,28 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         if bar.n > bar.total:  # the size estimate (corpus bytes / 3) was low: keep the ETA sane
             bar.total = int(bar.n * 1.1)
 
-    with ShardSink(writer, maxsize=8) as sink, torch.inference_mode():
-        for shard in plan:
-            name = f"{shard.split}-{shard.index:05d}"
-            if shard.index % world != rank or name in already:
-                advance(shard.num_tokens)  # another rank's work, or done in an earlier run
-                continue
-            sink.open(shard.split, shard.index, shard.corpus_range)
-            for group in batches(shard.sequences, s.batch_size):
-                tokens = torch.from_numpy(np.stack(group))  # (B, S) int32
-                if device.type == "cuda":
-                    tokens = tokens.pin_memory()
-                input_ids = tokens.to(device, non_blocking=True).long()
-                ids, logprobs = targets(input_ids)  # (B, S, k) each, on the device
-                sink.put(tokens.numpy(), *to_host(ids, logprobs.to(store_logprob_dtype)))
-                advance(tokens.numel())
-            sink.commit()
-            bar.set_postfix(shards=len(already) + sink.committed, refresh=False)
-    bar.total = bar.n
-    bar.close()
+    try:  # on an error the bar is closed before the one-line message is printed
+        with ShardSink(writer, maxsize=8) as sink, torch.inference_mode():
+            for shard in plan:
+                name = f"{shard.split}-{shard.index:05d}"
+                if shard.index % world != rank or name in already:
+                    advance(shard.num_tokens)  # another rank's work, or done in an earlier run
+                    continue
+                sink.open(shard.split, shard.index, shard.corpus_range)
+                for group in batches(shard.sequences, s.batch_size):
+                    tokens = torch.from_numpy(np.stack(group))  # (B, S) int32
+                    check_token_ids(tokens, vocab_size, s.teacher)
+                    if device.type == "cuda":
+                        tokens = tokens.pin_memory()
+                    input_ids = tokens.to(device, non_blocking=True).long()
+                    ids, logprobs = targets(input_ids)  # (B, S, k) each, on the device
+                    sink.put(tokens.numpy(), *to_host(ids, logprobs.to(store_logprob_dtype)))
+                    advance(tokens.numel())
+                sink.commit()
+                bar.set_postfix(shards=len(already) + sink.committed, refresh=False)
+        bar.total = bar.n
+    finally:
+        bar.close()
 
     accelerator.wait_for_everyone()
     records = writer.committed()

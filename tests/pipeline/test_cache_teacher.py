@@ -234,3 +234,29 @@ def test_arrow_store_holds_the_same_content(
     for name in zarr:
         for a, b in zip(zarr[name], arrow[name], strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["probe", "corpus"])
+def test_token_ids_beyond_the_models_vocabulary_are_a_clear_error(
+    tmp_path: Path, tiny_tokenizer_dir: Path, small_corpus_dir: Path, capsys, where: str
+) -> None:
+    from conftest import save_tiny_model
+
+    from kdcache.pipeline.cache_teacher import PROBE_TEXT
+
+    # the model embeds fewer tokens than its tokenizer produces: caught before the store is
+    # created when the probe text shows it, else at the first batch that has such a token
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    probe_max = max(tokenizer(PROBE_TEXT * 4, add_special_tokens=False)["input_ids"][:64])
+    vocab = probe_max if where == "probe" else probe_max + 1
+    teacher = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "teacher", vocab_size=vocab)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert run(*cache_args(teacher, small_corpus_dir, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("Error: ")
+    assert f"outside the model's vocabulary of {vocab}" in err[-1]
+    if where == "probe":
+        assert len(err) == 1 and not out.exists()
+    else:  # the store stays valid: nothing half-written is visible
+        assert verify_store(str(out)) == []
