@@ -71,6 +71,7 @@ def evaluate_teacher(
     from transformers.utils import logging as hf_logging
 
     from kdcache.pipeline.evaluation import evaluate
+    from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.pipeline.loader import eval_batches
     from kdcache.storage import open_store
 
@@ -92,6 +93,7 @@ def evaluate_teacher(
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    keep_freed_memory(device)  # CPU only: no page-fault storm per vocab-wide tensor
     # the same pass train-student evaluates on: the eval split in stored order, one epoch
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     batches = eval_batches(store, batch_size, pad_id, pin_memory=device.type == "cuda")

@@ -35,6 +35,7 @@ from kdcache.pipeline.corpus import (
     resolve_corpus,
 )
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.packing import pack_sequences
 
 METADATA_FILE = "kdcache_teacher.json"
@@ -206,6 +207,7 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
 
     # 2. model and optimizer
     model = _build_model(s, tokenizer).to(device)
+    keep_freed_memory(device)  # CPU only: no page-fault storm per vocab-wide tensor
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
+from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.leaderboard import best_per_size_class, plot_pareto, write_leaderboard
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.student import build_student, count_parameters, load_store_tokenizer
@@ -122,6 +123,7 @@ def _train_group(
     """
     main = accelerator.is_main_process
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
     loader = TeacherLoader(
         TeacherDataset(
             store,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
+from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.losses import LOSSES
 from kdcache.pipeline.student import build_student, count_parameters, load_store_tokenizer
@@ -185,6 +186,8 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     resuming = s["resume"] and (out / "checkpoint").is_dir()
     if main and not (out / RUN_FILE).is_file():
         (out / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+
+    keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
 
     # 2. loaders: this rank's share of train (endless, shuffled) and the eval split (main only)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
