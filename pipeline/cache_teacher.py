@@ -175,6 +175,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.pipeline.packing import plan_shards, tokenize_documents
     from kdcache.pipeline.targets import TopkTargets
     from kdcache.pipeline.teacher import (
@@ -225,6 +226,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     already = set(writer.committed())
 
     model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
+    keep_freed_memory(device, large_blocks=False)  # CPU: no page faults per layer activation
     targets = TopkTargets(model, s.top_k, s.chunk_tokens)
     note = targets.self_check(torch.tensor([probe], device=device))
     if note and accelerator.is_main_process:

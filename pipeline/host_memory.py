@@ -11,8 +11,11 @@ of trimming it. The price is a higher resident peak (freed blocks stay mapped; 6
 that run).
 
 Used after the model is built or loaded (load-time copies still go back to the OS), only on the
-CPU: CUDA's caching allocator already reuses device memory. Stage one does not need it, its
-vocab-wide buffers are reused explicitly (``targets.ChunkScratch``).
+CPU: CUDA's caching allocator already reuses device memory. Stage one reuses its vocab-wide
+buffers explicitly (``targets.ChunkScratch``) and only settles what glibc's adaptive threshold
+would reach anyway (blocks up to 32 MiB, e.g. the teacher's attention scores), from the start and
+whatever ran before: without it, a teacher forward paid 1-3 s of page faults per 65k tokens or
+not, depending on the allocation history of the process.
 """
 
 from __future__ import annotations
@@ -23,12 +26,22 @@ import sys
 from typing import Any
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>: keep this much free memory at the heap's top
+M_MMAP_THRESHOLD = -3  # <malloc.h>: blocks from this size on are served by mmap
 M_MMAP_MAX = -4  # <malloc.h>: at most this many blocks served by mmap; 0 = none
 KEEP_FREE_BYTES = (1 << 31) - 1  # mallopt takes an int: 2 GiB
+MMAP_THRESHOLD_CEILING = 32 << 20  # glibc's largest mmap threshold on 64-bit
 
 
-def keep_freed_memory(device: Any) -> bool:
+def keep_freed_memory(device: Any, *, large_blocks: bool = True) -> bool:
     """On Linux/glibc with ``device`` on the CPU, reuse freed heap memory; True when applied.
+
+    Args:
+        device: where the model computes; nothing is changed unless its type is ``cpu``.
+        large_blocks: also serve blocks of 32 MiB and more from the heap (training: its
+            vocab-wide tensors are that large). Without it, only what glibc's own adaptive
+            threshold reaches after its first large ``free`` is settled from the start: blocks
+            up to 32 MiB come from the heap and up to 64 MiB of freed heap is kept (stage one:
+            the teacher's attention and MLP activations; its vocab-wide buffers are reused).
 
     The settings last for the process (and the DataLoader workers it forks afterwards).
     """
@@ -40,4 +53,11 @@ def keep_freed_memory(device: Any) -> bool:
     except (OSError, AttributeError):  # musl and others: no mallopt, nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
+    if large_blocks:
+        settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
+    else:
+        settings = (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD_CEILING),
+            (M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_CEILING),
+        )
+    return all(mallopt(option, value) == 1 for option, value in settings)
