@@ -7,6 +7,7 @@ the main thread instead of hanging: an exception in a thread is re-raised by the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -23,23 +24,20 @@ _POLL = 0.1  # seconds between checks of the other side's health
 _DONE = object()
 
 
-BACKGROUND_NICENESS = 10  # added to the process' niceness for the reader and writer threads
-
-
-def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> None:
-    """Give the calling thread (and threads it starts later) a lower CPU priority.
+def lower_thread_priority() -> None:
+    """Let the calling thread (and threads it starts later) run only on otherwise idle cores.
 
     The main thread drives the teacher: on a GPU it queues kernels, on a CPU it runs them on every
-    core. Tokenizing and compressing must fill the gaps, not preempt it. Linux only (elsewhere the
-    call would renice the whole process); a no-op when not permitted.
+    core. Tokenizing and compressing must fill the gaps, not preempt it: on a CPU a preempted
+    intra-op thread stalls the whole parallel kernel. Linux's SCHED_IDLE policy does that; the
+    bounded queues keep it from starving (a full queue blocks the main thread, which frees its
+    core). Linux only (elsewhere the call would apply to the whole process); a no-op when not
+    permitted.
     """
     if sys.platform != "linux":
         return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
 class Prefetcher(Generic[T]):

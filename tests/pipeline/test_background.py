@@ -11,12 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.pipeline.background import (
-    BACKGROUND_NICENESS,
-    Prefetcher,
-    ShardSink,
-    lower_thread_priority,
-)
+from kdcache.pipeline.background import Prefetcher, ShardSink, lower_thread_priority
 
 
 def test_prefetcher_yields_everything_in_order() -> None:
@@ -49,31 +44,33 @@ def test_prefetcher_reraises_the_producer_error_in_the_consumer() -> None:
         next(items)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux-only")
-def test_background_threads_run_at_lower_priority_than_the_main_thread() -> None:
-    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+def _policy() -> int:
+    return os.sched_getscheduler(threading.get_native_id())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux-only")
+def test_background_threads_run_only_on_idle_cores() -> None:
     seen: list[int] = []
 
     def make():
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        seen.append(_policy())
         yield 0
 
     list(Prefetcher(make))
-    assert seen == [min(main + BACKGROUND_NICENESS, 19)]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # untouched
+    assert seen == [os.SCHED_IDLE]
+    assert _policy() == os.SCHED_OTHER  # the main thread is untouched
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux-only")
-def test_threads_started_by_a_background_thread_inherit_its_priority() -> None:
-    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux-only")
+def test_threads_started_by_a_background_thread_inherit_its_policy() -> None:
     seen: list[int] = []
 
     def child() -> None:
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        seen.append(_policy())
 
     def parent() -> None:
         lower_thread_priority()
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        seen.append(_policy())
         worker = threading.Thread(target=child)  # e.g. zarr's I/O loop, started lazily
         worker.start()
         worker.join()
@@ -81,7 +78,7 @@ def test_threads_started_by_a_background_thread_inherit_its_priority() -> None:
     thread = threading.Thread(target=parent)
     thread.start()
     thread.join()
-    assert seen == [min(main + BACKGROUND_NICENESS, 19)] * 2
+    assert seen == [os.SCHED_IDLE] * 2
 
 
 class _RecordingWriter:
