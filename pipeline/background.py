@@ -40,10 +40,32 @@ def lower_thread_priority() -> None:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
+def thread_ids() -> set[int]:
+    """The process' threads (Python and native) by kernel id; empty off Linux."""
+    if sys.platform != "linux":
+        return set()
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+def restore_priority_of_threads_since(before: set[int]) -> None:
+    """Back to the normal policy for every thread started after ``before = thread_ids()``.
+
+    A background thread's children inherit SCHED_IDLE, among them long-lived ones it happens to
+    start first (zarr's I/O loop and its worker pool, pyarrow's native pool). Once stage one is
+    done they must not stay idle-only: a later read of a store in the same process would starve
+    behind a busy forward.
+    """
+    for tid in thread_ids() - before:
+        with contextlib.suppress(OSError):  # ended meanwhile, or not permitted
+            if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+
 class Prefetcher(Generic[T]):
     """Iterates ``make()`` in a daemon thread, at most ``maxsize`` items ahead of the consumer."""
 
     def __init__(self, make: Callable[[], Iterable[T]], maxsize: int = 2) -> None:
+        self._threads_before = thread_ids()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -80,6 +102,7 @@ class Prefetcher(Generic[T]):
                 yield item
         finally:
             self._stop.set()
+            restore_priority_of_threads_since(self._threads_before)
 
 
 def to_host(*tensors: torch.Tensor) -> tuple[Any, ...]:
@@ -111,6 +134,7 @@ class ShardSink:
     """
 
     def __init__(self, writer: Any, maxsize: int = 8) -> None:
+        self._threads_before = thread_ids()
         self.committed = 0
         self._writer = writer
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
@@ -185,6 +209,7 @@ class ShardSink:
                 if not abort:
                     raise
         self._thread.join()
+        restore_priority_of_threads_since(self._threads_before)
         if self._error is not None and not abort:
             raise self._error
 

@@ -81,6 +81,30 @@ def test_threads_started_by_a_background_thread_inherit_its_policy() -> None:
     assert seen == [os.SCHED_IDLE] * 2
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux-only")
+def test_threads_a_background_thread_left_running_get_the_normal_policy_back() -> None:
+    started = threading.Event()
+    finish = threading.Event()
+    tids: list[int] = []
+
+    def long_lived() -> None:  # like zarr's I/O loop: started lazily, lives on
+        tids.append(threading.get_native_id())
+        started.set()
+        finish.wait()
+
+    def make():
+        threading.Thread(target=long_lived, daemon=True).start()
+        started.wait()
+        yield 0
+
+    try:
+        items = Prefetcher(make)
+        assert list(items) == [0]
+        assert os.sched_getscheduler(tids[0]) == os.SCHED_OTHER
+    finally:
+        finish.set()
+
+
 class _RecordingWriter:
     """Stands in for a StoreWriter: records what the sink thread did, in order."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -260,3 +261,19 @@ def test_token_ids_beyond_the_models_vocabulary_are_a_clear_error(
         assert len(err) == 1 and not out.exists()
     else:  # the store stays valid: nothing half-written is visible
         assert verify_store(str(out)) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux-only")
+def test_no_thread_stays_idle_priority_after_a_run(cached: Path) -> None:
+    import os
+
+    from kdcache.pipeline.background import thread_ids
+
+    assert open_store(str(cached)).shards  # zarr's I/O threads exist and were used
+    policies = {}
+    for tid in thread_ids():
+        try:
+            policies[tid] = os.sched_getscheduler(tid)
+        except OSError:  # ended meanwhile
+            continue
+    assert os.SCHED_IDLE not in policies.values()
