@@ -140,6 +140,8 @@ readme: install ## regenerate the CLI reference in README.md from --help
 bench: install ## run every bench/*.py, then assemble bench/RESULTS.md
 	@set -e; for script in $(sort $(filter-out bench/report.py,$(wildcard bench/*.py))); do \
 		echo "== $$script"; $(BIN)/python $$script; done
+	@echo "== bench/cache_overhead.py --torch-threads 1 (one core left to the pipeline)"
+	$(BIN)/python bench/cache_overhead.py --torch-threads 1 --sizes 128x2,256x4
 	$(BIN)/python bench/report.py
 
 clean: ## remove artifacts/, runs/ and caches (keeps the venv)
