@@ -42,33 +42,28 @@ class LogitHead:
     def __call__(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (N, H) -> logits (N, V) in the model's dtype.
 
-        With ``out`` (N, V) and a plain ``nn.Linear`` head, the logits are written into ``out``
-        and transformed in place (the same values: the same kernels, in the same order), so a
-        caller can reuse one buffer per chunk instead of a fresh vocab-wide allocation.
+        The final-logit transforms run in place on the head's output (the same values as the
+        model's out-of-place ops). With ``out`` (N, V) and a plain ``nn.Linear`` head, that
+        output is ``out`` itself, so a caller can reuse one buffer per chunk instead of a fresh
+        vocab-wide allocation.
         """
         if self.hidden_divisor is not None:
             hidden = hidden / self.hidden_divisor
         head = self.lm_head
-        if out is None or not self.writes_into_buffer or out.dtype != head.weight.dtype:
-            logits = head(hidden)  # (N, V) in the model's dtype
-            if self.logit_multiplier is not None:
-                logits = logits * self.logit_multiplier
-            if self.logit_divisor is not None:
-                logits = logits / self.logit_divisor
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits
-        if head.bias is None:
-            torch.mm(hidden, head.weight.t(), out=out)
+        if out is not None and self.writes_into_buffer and out.dtype == head.weight.dtype:
+            if head.bias is None:
+                logits = torch.mm(hidden, head.weight.t(), out=out)
+            else:
+                logits = torch.addmm(head.bias, hidden, head.weight.t(), out=out)
         else:
-            torch.addmm(head.bias, hidden, head.weight.t(), out=out)
+            logits = head(hidden)  # (N, V) in the model's dtype, a fresh tensor
         if self.logit_multiplier is not None:
-            out.mul_(self.logit_multiplier)
+            logits.mul_(self.logit_multiplier)
         if self.logit_divisor is not None:
-            out.div_(self.logit_divisor)
+            logits.div_(self.logit_divisor)
         if self.softcap is not None:
-            out.div_(self.softcap).tanh_().mul_(self.softcap)
-        return out
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
 
     @property
     def writes_into_buffer(self) -> bool:
