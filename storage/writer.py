@@ -120,7 +120,7 @@ class ShardWriter:
         )
         self._parts = []
         store = self._store
-        codec = get_codec(store.manifest["backend"])
+        codec = store.codec
         blobs = codec.encode(arrays, self._lp_dtype)
         final = f"{SHARDS_DIR}/{self.name}{codec.suffix}"
         tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{uuid.uuid4().hex}-{self.name}{codec.suffix}"
@@ -180,6 +180,9 @@ class StoreWriter:
         self._fs = fs
         self.url = fs.url
         self.manifest = manifest
+        # Resolved here, in the thread that opens the store: the first import of a backend
+        # (zarr: ~130 modules) must not happen in a writer thread that runs beside a forward.
+        self.codec = get_codec(manifest["backend"])
         self._open: dict[str, ShardWriter] = {}
         self._next: dict[str, int] = {}
 

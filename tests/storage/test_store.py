@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -442,3 +444,24 @@ def test_torch_tensors_are_accepted(tmp_path: Path) -> None:
         shard.append(torch.tensor(tokens), torch.tensor(ids), lp_bf16)
     (seq,) = open_store(tmp_path / "s").iter_sequences()
     np.testing.assert_array_equal(seq.topk_logprobs, lp_bf16.float().numpy())
+
+
+@pytest.mark.parametrize("backend,module", [("zarr", "zarr"), ("arrow", "pyarrow")])
+def test_backend_is_imported_when_the_store_is_opened(
+    tmp_path: Path, backend: str, module: str
+) -> None:
+    """Not at the first commit: that runs in cache-teacher's writer thread, beside the forward,
+    and a first import (zarr: ~130 modules) would hold the GIL the forward's thread needs."""
+    script = f"""
+import sys
+from kdcache.storage import create_store, make_manifest
+manifest = make_manifest(backend={backend!r}, teacher={{}}, tokenizer={{}}, vocab_size=1000,
+                         top_k=8, seq_len=8, corpus={{}}, shard_tokens=100)
+assert {module!r} not in sys.modules, "imported before the store was opened"
+create_store(sys.argv[1], manifest)
+assert {module!r} in sys.modules, "not imported by create_store"
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
