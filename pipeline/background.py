@@ -62,7 +62,12 @@ def restore_priority_of_threads_since(before: set[int]) -> None:
 
 
 class Prefetcher(Generic[T]):
-    """Iterates ``make()`` in a daemon thread, at most ``maxsize`` items ahead of the consumer."""
+    """Iterates ``make()`` in a daemon thread, at most ``maxsize`` items ahead of the consumer.
+
+    It starts at once, so the first items are ready when the consumer gets to them (stage one
+    tokenizes while the teacher loads). ``close()`` (e.g. via ``contextlib.closing``) stops the
+    thread; iterating to the end does too.
+    """
 
     def __init__(self, make: Callable[[], Iterable[T]], maxsize: int = 2) -> None:
         self._threads_before = thread_ids()
@@ -101,8 +106,12 @@ class Prefetcher(Generic[T]):
                     return
                 yield item
         finally:
-            self._stop.set()
-            restore_priority_of_threads_since(self._threads_before)
+            self.close()
+
+    def close(self) -> None:
+        """Stop producing (the thread ends at its next item); safe to call more than once."""
+        self._stop.set()
+        restore_priority_of_threads_since(self._threads_before)
 
 
 def to_host(*tensors: torch.Tensor) -> tuple[Any, ...]:

@@ -2,7 +2,8 @@
 
 The recipe, top to bottom: check every setting (nothing is touched before that) → fingerprint the
 teacher, tokenizer and corpus into a manifest → create or reopen the store (rank 0 first) → load
-the teacher and self-check the exact chunked targets → stream the shard plan: each rank computes
+the teacher and self-check the exact chunked targets, while a background thread already reads
+and tokenizes the corpus into the shard plan → stream the plan: each rank computes
 the shards whose index % world_size == its rank, skipping committed ones, while a background
 thread writes and commits them → barrier → rank 0 marks the store finished and prints a summary.
 
@@ -13,6 +14,8 @@ cache-teacher ...`` or ``accelerate launch -m kdcache.pipeline cache-teacher ...
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,10 +176,8 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     # Teacher config + tokenizer first: cheap, and enough to validate --top-k and --seq-len.
     import torch
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     from kdcache.pipeline.host_memory import keep_freed_memory
-    from kdcache.pipeline.packing import plan_shards, tokenize_documents
     from kdcache.pipeline.targets import TopkTargets
     from kdcache.pipeline.teacher import (
         load_model,
@@ -225,70 +226,20 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     writer = open_store_on_all_ranks(accelerator, s.out, manifest, tokenizer)
     already = set(writer.committed())
 
-    model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
-    keep_freed_memory(device, large_blocks=False)  # CPU: no page faults per layer activation
-    targets = TopkTargets(model, s.top_k, s.chunk_tokens)
-    note = targets.self_check(torch.tensor([probe], device=device))
-    if note and accelerator.is_main_process:
-        click.echo(f"Note: {note}", err=True)
-    store_logprob_dtype = torch.float16 if manifest["logprob_dtype"] == "float16" else torch.float32
-
-    # The shard plan is produced by a background thread (reading + tokenizing overlap the
-    # forward); results go through a bounded queue to the writer thread.
+    # Reading and tokenizing run in a background thread from here on, so the first shards are
+    # planned while the teacher loads; results go through a bounded queue to the writer thread.
     stats = CorpusStats()
-    setup_seconds = time.perf_counter() - started
-    plan = Prefetcher(
-        lambda: plan_shards(
-            tokenize_documents(
-                iter_documents(files, stats, s.text_field),
-                source.tokenizer,
-                eval_fraction=s.eval_fraction,
-                eos_id=eos_id,
-                max_tokens=s.max_tokens,
-            ),
-            seq_len=s.seq_len,
-            eos_id=eos_id,
-            sequences_per_shard=max(1, s.shard_tokens // s.seq_len),
-        ),
-        maxsize=2,
-    )
-    estimate = corpus_bytes // 3 if s.max_tokens is None else min(s.max_tokens, corpus_bytes)
-    bar = tqdm(
-        total=estimate,
-        unit="tok",
-        unit_scale=True,
-        desc="cache-teacher",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
-
-    def advance(tokens: int) -> None:
-        bar.update(tokens)
-        if bar.n > bar.total:  # the size estimate (corpus bytes / 3) was low: keep the ETA sane
-            bar.total = int(bar.n * 1.1)
-
-    try:  # on an error the bar is closed before the one-line message is printed
-        with ShardSink(writer, maxsize=8) as sink, torch.inference_mode():
-            for shard in plan:
-                name = f"{shard.split}-{shard.index:05d}"
-                if shard.index % world != rank or name in already:
-                    advance(shard.num_tokens)  # another rank's work, or done in an earlier run
-                    continue
-                sink.open(shard.split, shard.index, shard.corpus_range)
-                for group in batches(shard.sequences, s.batch_size):
-                    tokens = torch.from_numpy(np.stack(group))  # (B, S) int32
-                    check_token_ids(tokens, vocab_size, s.teacher)
-                    if device.type == "cuda":
-                        tokens = tokens.pin_memory()
-                    input_ids = tokens.to(device, non_blocking=True).long()
-                    ids, logprobs = targets(input_ids)  # (B, S, k) each, on the device
-                    sink.put(tokens.numpy(), *to_host(ids, logprobs.to(store_logprob_dtype)))
-                    advance(tokens.numel())
-                sink.commit()
-                bar.set_postfix(shards=len(already) + sink.committed, refresh=False)
-        bar.total = bar.n
-    finally:
-        bar.close()
+    with closing(Prefetcher(lambda: shard_plan(s, files, stats, source), maxsize=2)) as plan:
+        model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
+        keep_freed_memory(device, large_blocks=False)  # CPU: no page faults per activation
+        targets = TopkTargets(model, s.top_k, s.chunk_tokens)
+        note = targets.self_check(torch.tensor([probe], device=device))
+        if note and accelerator.is_main_process:
+            click.echo(f"Note: {note}", err=True)
+        setup_seconds = time.perf_counter() - started
+        estimate = corpus_bytes // 3 if s.max_tokens is None else min(s.max_tokens, corpus_bytes)
+        with progress_bar(estimate, enabled=accelerator.is_main_process) as advance:
+            compute_shards(plan, writer, targets, device, s, already, rank, world, advance)
 
     accelerator.wait_for_everyone()
     records = writer.committed()
@@ -299,6 +250,92 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         click.echo(summary_line(summary, s.out))
     accelerator.wait_for_everyone()
     return summary
+
+
+def shard_plan(s: CacheSettings, files: list[Path], stats: CorpusStats, source: Any) -> Any:
+    """Documents → token ids → packed sequences → the shard plan (every rank the same)."""
+    from kdcache.pipeline.packing import plan_shards, tokenize_documents
+
+    return plan_shards(
+        tokenize_documents(
+            iter_documents(files, stats, s.text_field),
+            source.tokenizer,
+            eval_fraction=s.eval_fraction,
+            eos_id=source.eos_id,
+            max_tokens=s.max_tokens,
+        ),
+        seq_len=s.seq_len,
+        eos_id=source.eos_id,
+        sequences_per_shard=max(1, s.shard_tokens // s.seq_len),
+    )
+
+
+@contextmanager
+def progress_bar(estimate: int, *, enabled: bool) -> Iterator[Callable[..., None]]:
+    """One tqdm bar in tokens; yields ``advance(tokens, shards_done=None)``. Closed (even on an
+    error) before the caller prints anything, so an error line never lands inside the bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=estimate,
+        unit="tok",
+        unit_scale=True,
+        desc="cache-teacher",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+    def advance(tokens: int, shards_done: int | None = None) -> None:
+        bar.update(tokens)
+        if bar.n > bar.total:  # the size estimate (corpus bytes / 3) was low: keep the ETA sane
+            bar.total = int(bar.n * 1.1)
+        if shards_done is not None:
+            bar.set_postfix(shards=shards_done, refresh=False)
+
+    try:
+        yield advance
+        bar.total = bar.n
+    finally:
+        bar.close()
+
+
+def compute_shards(
+    plan: Iterable[Any],
+    writer: Any,
+    targets: Any,
+    device: Any,
+    s: CacheSettings,
+    already: set[str],
+    rank: int,
+    world: int,
+    advance: Callable[..., None],
+) -> None:
+    """This rank's shards of the plan (index % world == rank), minus those committed before:
+    teacher forward and top-k on the device, compression and commits in the writer thread."""
+    import torch
+
+    vocab_size = writer.manifest["vocab_size"]
+    logprob_dtype = (
+        torch.float16 if writer.manifest["logprob_dtype"] == "float16" else torch.float32
+    )
+    with ShardSink(writer, maxsize=8) as sink, torch.inference_mode():
+        for shard in plan:
+            name = f"{shard.split}-{shard.index:05d}"
+            if shard.index % world != rank or name in already:
+                advance(shard.num_tokens)  # another rank's work, or done in an earlier run
+                continue
+            sink.open(shard.split, shard.index, shard.corpus_range)
+            for group in batches(shard.sequences, s.batch_size):
+                tokens = torch.from_numpy(np.stack(group))  # (B, S) int32
+                check_token_ids(tokens, vocab_size, s.teacher)
+                if device.type == "cuda":
+                    tokens = tokens.pin_memory()
+                input_ids = tokens.to(device, non_blocking=True).long()
+                ids, logprobs = targets(input_ids)  # (B, S, k) each, on the device
+                sink.put(tokens.numpy(), *to_host(ids, logprobs.to(logprob_dtype)))
+                advance(tokens.numel())
+            sink.commit()
+            advance(0, shards_done=len(already) + sink.committed)
 
 
 def summarize(

@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -42,6 +43,26 @@ def test_prefetcher_reraises_the_producer_error_in_the_consumer() -> None:
     assert next(items) == 1
     with pytest.raises(ValueError, match="bad document"):
         next(items)
+
+
+def test_prefetcher_starts_at_once_and_stops_when_closed() -> None:
+    """Stage one starts it before loading the teacher; a failed load must not leave it running."""
+    produced: list[int] = []
+
+    def make():
+        i = 0
+        while True:  # an endless corpus
+            produced.append(i)
+            yield i
+            i += 1
+
+    with closing(Prefetcher(make, maxsize=2)) as items:
+        deadline = time.monotonic() + 5
+        while len(produced) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(produced) >= 3  # produced before anyone asked
+    items._thread.join(timeout=5)
+    assert not items._thread.is_alive()
 
 
 def _policy() -> int:
