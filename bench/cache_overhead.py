@@ -14,7 +14,7 @@ Times of 1-3 cover the loop over pre-packed batches; 4 is reported as its loop (
 shard to the final commit; tokenizing happens there) and as its total (plus model load + setup).
 Targets: (4)/(2) <= 1.05 in time, (4)/(1) <= 1.10 in peak memory.
 
-Run: ``.venv/bin/python bench/cache_overhead.py`` (about 12 minutes on 2 CPU cores);
+Run: ``.venv/bin/python bench/cache_overhead.py`` (about 16 minutes on 2 CPU cores);
 ``--sizes 128x2,256x4`` etc. for other teacher sizes. Writes ``bench/results/cache_overhead.md``.
 """
 
@@ -197,6 +197,14 @@ def run_variant(args: argparse.Namespace, variant: str, teacher: Path, work: Pat
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def round_order(round_: int) -> tuple[str, ...]:
+    """Round 0 runs every variant; then (2) and (4) alternate which goes first (ABBA), so a
+    machine that speeds up or slows down during the benchmark favours neither."""
+    if round_ == 0:
+        return VARIANTS
+    return REPEATED if round_ % 2 == 0 else REPEATED[::-1]
+
+
 def best(runs: list[dict]) -> dict:
     """The least disturbed of repeated runs: fastest times, and the largest peak (to be safe)."""
     return {
@@ -222,7 +230,7 @@ def main() -> None:
         default=16384,
         help="4 shards per variant: the last shard's commit is the only part that cannot overlap",
     )
-    parser.add_argument("--repeats", type=int, default=4, help="rounds of (2) then (4)")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds of (2) and (4)")
     parser.add_argument("--corpus", default="stdlib")
     parser.add_argument(
         "--torch-threads",
@@ -262,7 +270,7 @@ def main() -> None:
             params = make_teacher(teacher, work / "tokenizer", hidden, layers, args.vocab)
             runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
             for round_ in range(args.repeats):  # rounds interleave (2) and (4): drift hits both
-                for variant in VARIANTS if round_ == 0 else REPEATED:
+                for variant in round_order(round_):
                     runs[variant].append(run_variant(args, variant, teacher, work))
             measured.append({"size": size, "params": params, "runs": runs})
             print(row_line(summarize(measured[-1])))
@@ -337,10 +345,10 @@ def write_results(meta: dict, measured: list[dict]) -> None:
             if a.get("torch_threads")
             else []
         ),
-        f"(2) and (4) ran {a['repeats']} times, alternating: each round is a (2) run directly "
-        "followed by a (4) run, so the machine's drift hits both, and **(4)/(2) is the median "
-        "of the rounds' ratios** (every round in the last column). The seconds shown are the "
-        "fastest run of each variant.",
+        f"(2) and (4) ran {a['repeats']} times: each round is a (2) run and a (4) run back to "
+        "back, every other round in the opposite order, so the machine's drift hits both "
+        "alike, and **(4)/(2) is the median of the rounds' ratios** (every round in the last "
+        "column). The seconds shown are the fastest run of each variant.",
         "",
         "| teacher (hidden x layers) | params | (1) s | (2) s | (3) s | (4) s | **(4)/(2) time** "
         "| (2)/(1) time | essential share | (1) MB | (2) MB | (3) MB | (4) MB | (4)/(1) peak "
