@@ -120,7 +120,7 @@ def open_store_on_all_ranks(
     """Rank 0 creates (or reopens) the store and writes the tokenizer; then the others join."""
     from accelerate.utils import broadcast_object_list
 
-    from kdcache.storage import StoreIncompatible, create_store
+    from kdcache.storage import StoreIncompatible, StoreUnavailable, create_store
 
     writer, failure = None, [None]
     if accelerator.is_main_process:
@@ -133,6 +133,8 @@ def open_store_on_all_ranks(
                 f"the store at {out} was made with other settings ({lines}), rerun with its "
                 "settings to resume, or give a new --out"
             )
+        except StoreUnavailable as e:
+            failure[0] = str(e)
         except (OSError, ValueError) as e:
             failure[0] = f"cannot create the store, {out}, ({e})"
     if accelerator.num_processes > 1:

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     except StoreError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:  # the machine, not the input: disk full, permissions, network
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

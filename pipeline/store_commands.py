@@ -22,7 +22,7 @@ SAMPLE_ROWS = 65536
 def verify(ctx: click.Context, store: str) -> None:
     """Recompute every checksum and invariant of STORE; exit 1 naming each bad shard."""
     started = time.perf_counter()
-    with tqdm(unit="shard", desc="verify", leave=False) as bar:
+    with tqdm(unit="shard", desc="verify", leave=False, delay=0.5) as bar:
 
         def progress(_name: str, total: int) -> None:
             bar.total = total

@@ -24,6 +24,7 @@ from .errors import (
     StoreError,
     StoreIncompatible,
     StoreNotFound,
+    StoreUnavailable,
     UnsupportedFormat,
 )
 from .manifest import make_manifest, manifest_differences
@@ -40,6 +41,7 @@ __all__ = [
     "StoreError",
     "StoreIncompatible",
     "StoreNotFound",
+    "StoreUnavailable",
     "StoreWriter",
     "TeacherSequence",
     "UnsupportedFormat",

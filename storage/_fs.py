@@ -13,6 +13,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import StoreUnavailable
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -21,7 +23,15 @@ class StoreFS:
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
         self.url = os.fspath(url)
-        fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except ImportError as e:  # fsspec knows the protocol; its package is not installed
+            raise StoreUnavailable(f"cannot open the store's filesystem, {self.url}, {e}") from e
+        except ValueError as e:  # fsspec: "Protocol not known: ..."
+            raise StoreUnavailable(
+                f"unknown storage protocol, {self.url}, ({e}), give a local path or an fsspec "
+                "URL such as s3://bucket/store with its package installed"
+            ) from e
         self.fs: fsspec.AbstractFileSystem = fs
         self.root: str = str(root).rstrip("/") or "/"
         self.is_local = isinstance(fs, LocalFileSystem)

@@ -16,6 +16,11 @@ class StoreNotFound(StoreError, FileNotFoundError):
     """No store (no ``manifest.json``) at the given location."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's location cannot be opened: an unknown URL protocol, or the fsspec backend for
+    it (``s3fs``, ``gcsfs``, ...) is not installed."""
+
+
 class StoreCorrupt(StoreError):
     """The store or one of its shards is damaged: unparseable JSON, bad checksum, broken invariant.
 

@@ -210,6 +210,7 @@ def test_bad_input_is_one_line_and_exit_2(
         "seq-len 1": (replace("--seq-len", "1"), "--seq-len"),
         "format": ([*good, "--format", "hdf5"], "--format"),
         "out is a file": (replace("--out", str(a_file)), "output path is a file"),
+        "unknown protocol": (replace("--out", "nosuchprotocol://b/s"), "unknown storage protocol"),
         "no tokenizer": (replace("--teacher", str(no_tokenizer)), "tokenizer"),
         "no weights": (replace("--teacher", str(no_weights)), "no weight files"),
     }

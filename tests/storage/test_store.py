@@ -21,6 +21,7 @@ from kdcache.storage import (
     StoreError,
     StoreIncompatible,
     StoreNotFound,
+    StoreUnavailable,
     UnsupportedFormat,
     create_store,
     make_manifest,
@@ -465,3 +466,34 @@ assert {module!r} in sys.modules, "not imported by create_store"
         [sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_unreachable_locations_are_store_errors() -> None:
+    """An unknown URL protocol, or one whose fsspec package is missing, is a StoreError (one
+    clean CLI line) for readers and writers alike, and nothing is written anywhere."""
+    import fsspec
+
+    fsspec.register_implementation(
+        "kdcachemissing",
+        "kdcache_no_such_package.FileSystem",
+        errtxt="Install it to reach it",
+        clobber=True,
+    )
+    manifest = make_manifest(
+        backend="zarr",
+        teacher={"name": "t"},
+        tokenizer={"name": "t"},
+        vocab_size=100,
+        top_k=K,
+        seq_len=16,
+        corpus={"spec": "c"},
+        shard_tokens=64,
+    )
+    for url, message in (
+        ("nosuchprotocol://bucket/store", "unknown storage protocol"),
+        ("kdcachemissing://bucket/store", "Install it to reach it"),
+    ):
+        for call in (open_store, verify_store, lambda u: create_store(u, manifest)):
+            with pytest.raises(StoreUnavailable, match=message) as raised:
+                call(url)
+            assert url in str(raised.value) and "\n" not in str(raised.value)

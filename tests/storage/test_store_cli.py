@@ -164,3 +164,29 @@ def test_kill_9_leaves_a_verifiable_store(tmp_path: Path, backend: str) -> None:
     writer = create_store(store, reader.manifest)
     writer.clean_temporaries()
     assert not [p for p in (store / "shards").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_unknown_storage_protocol_exits_2(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    code, out, err = run([command, "nosuchprotocol://bucket/store"], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.count("Error:") == 1 and "unknown storage protocol" in err
+
+
+def test_io_failure_is_one_line_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing machine (disk full, permissions, network) is not a traceback either."""
+    import errno
+
+    from kdcache.pipeline import store_commands
+
+    store = build(tmp_path / "s")
+
+    def full_disk(url: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), url)
+
+    monkeypatch.setattr(store_commands, "open_store", full_disk)
+    code, out, err = run(["inspect", store], capsys)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.count("Error:") == 1 and "No space left on device" in err and store in err
