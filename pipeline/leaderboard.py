@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from kdcache.pipeline.files import write_text_atomic
 
 COLUMNS = (
     "candidate",
@@ -77,10 +80,11 @@ def write_leaderboard(
     """
     ranked = sorted(rows, key=lambda r: r["eval_cross_entropy"])
     extra = sorted({k for r in ranked for k in r} - set(COLUMNS))
-    with (out_dir / "leaderboard.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra])
-        writer.writeheader()
-        writer.writerows(ranked)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[*COLUMNS, *extra])
+    writer.writeheader()
+    writer.writerows(ranked)
+    write_text_atomic(out_dir / "leaderboard.csv", table.getvalue())
     front = {id(r) for r in pareto_front([r for r in ranked if r["candidate"] != baseline])}
     lines = [
         "| rank | " + " | ".join(COLUMNS) + " | pareto |",
@@ -89,7 +93,7 @@ def write_leaderboard(
     for rank, row in enumerate(ranked, start=1):
         cells = " | ".join(_format(row[c]) for c in COLUMNS)
         lines.append(f"| {rank} | {cells} | {'*' if id(row) in front else ''} |")
-    (out_dir / "leaderboard.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "leaderboard.md", "\n".join(lines) + "\n")
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, baseline: str | None = None) -> None:

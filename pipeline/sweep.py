@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
+from kdcache.pipeline.files import write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.leaderboard import best_per_size_class, plot_pareto, write_leaderboard
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
@@ -87,7 +88,13 @@ def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
         raise UserError(f"--out is a file, {out}, give a directory")
     record = out / SWEEP_FILE
     if record.is_file():
-        previous = json.loads(record.read_text())
+        try:
+            previous = json.loads(record.read_text())
+            differences = [k for k in plan if previous.get(k) != plan[k]]
+        except (ValueError, AttributeError) as e:
+            raise UserError(
+                f"--out holds a damaged {SWEEP_FILE}, {record}, choose a new --out"
+            ) from e
         differences = [k for k in plan if previous.get(k) != plan[k]]
         if differences:
             raise UserError(
@@ -99,8 +106,13 @@ def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
         raise UserError(
             f"--out already holds files that are not a sweep, {out}, choose a new --out"
         )
-    (out / "candidates").mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(plan, indent=2) + "\n")
+    try:
+        (out / "candidates").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create --out, {out} ({e.strerror}), give a writable directory"
+        ) from e
+    write_text_atomic(record, json.dumps(plan, indent=2) + "\n")
 
 
 def _finished(out: Path, candidate: Candidate) -> bool:
@@ -233,9 +245,8 @@ def _train_group(
             model.save_pretrained(target)
             tokenizer.save_pretrained(target)
             # metrics.json last: its presence marks the candidate finished
-            tmp = target / "metrics.json.tmp"
-            tmp.write_text(json.dumps({"row": row, "eval": metrics}, indent=2) + "\n")
-            tmp.rename(target / "metrics.json")
+            metrics_json = json.dumps({"row": row, "eval": metrics}, indent=2) + "\n"
+            write_text_atomic(target / "metrics.json", metrics_json)
         shutil.rmtree(checkpoint, ignore_errors=True)
     accelerator.wait_for_everyone()
     return True

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
+from kdcache.pipeline.files import write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.losses import LOSSES
@@ -55,7 +56,7 @@ def _check_settings(s: dict[str, Any]) -> None:
     for name in ("eval_every", "checkpoint_every", "workers", "warmup", "threads", "stop_after"):
         if s[name] is not None and s[name] < 0:
             flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} must be 0 or more, got {s[name]}, pass e.g. 100")
+            raise UserError(f"{flag} must be 0 or more, got {s[name]}, pass 0 or a positive number")
     if not s["lr"] > 0:
         raise UserError(f"--lr must be positive, got {s['lr']}, use e.g. 1e-3")
     if not s["temperature"] > 0:
@@ -97,7 +98,12 @@ def _prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
             "or choose an empty directory"
         )
     if not has_files:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"cannot create --out, {out} ({e.strerror}), give a writable directory"
+            ) from e
         return False
     previous_file = out / RUN_FILE
     if not previous_file.is_file():
@@ -105,7 +111,13 @@ def _prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
             f"--out holds files but no kdcache run (run.json), {out}, "
             "choose an empty directory or drop --resume"
         )
-    previous = json.loads(previous_file.read_text())
+    try:
+        previous = json.loads(previous_file.read_text())
+        previous["settings"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"--out holds a damaged {RUN_FILE}, {previous_file}, use a new --out"
+        ) from e
     differences = [
         f"{key}: run has {previous['settings'].get(key)!r}, this command asks {run['settings'][key]!r}"
         for key in RESUMABLE_SETTINGS
@@ -185,7 +197,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     accelerator.wait_for_everyone()  # OUT is shared: every rank sees what the main one decided
     resuming = s["resume"] and (out / "checkpoint").is_dir()
     if main and not (out / RUN_FILE).is_file():
-        (out / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+        write_text_atomic(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
 
     keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
 
@@ -311,7 +323,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         model_ = accelerator.unwrap_model(trainee.model)
         model_.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if eval_history:
             _print_table(eval_history)
         rate = tokens_this_run / max(wall, 1e-9)

@@ -176,3 +176,32 @@ def test_a_different_sweep_in_the_same_out_is_refused(store, tmp_path, capsys):
     capsys.readouterr()
     assert sweep(store, config, out, "--together", "3") == 2
     assert "holds a different sweep" in capsys.readouterr().err
+
+
+def test_a_damaged_or_unwritable_out_is_one_line(store, tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(SWEEP.replace("steps: 6", "steps: 2").replace("[32, 64]", "[32]"))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "sweep.json").write_text('{"candid')  # a cut write (writes are atomic now)
+    (tmp_path / "a_file").write_text("x")
+    for out, message in (
+        (damaged, "holds a damaged sweep.json"),
+        (tmp_path / "a_file" / "out", "cannot create --out"),
+    ):
+        capsys.readouterr()
+        assert sweep(store, config, out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("Error: ") and message in err[0], err
+
+
+def test_small_files_are_replaced_whole(tmp_path):
+    from kdcache.pipeline.files import write_text_atomic
+
+    target = tmp_path / "metrics.json"
+    write_text_atomic(target, "a,b\r\n")  # csv rows keep their line ends
+    assert target.read_bytes() == b"a,b\r\n"
+    write_text_atomic(target, "second\n")
+    assert target.read_bytes() == b"second\n" and [p.name for p in tmp_path.iterdir()] == [
+        target.name
+    ]

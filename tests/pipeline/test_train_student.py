@@ -120,6 +120,8 @@ def _corrupt(store: str, tmp_path: Path) -> str:
         ("vocab", "vocab_size 99 but the store has 512"),
         ("steps", "--steps must be at least 1, got 0"),
         ("out-taken", "--out already holds files"),
+        ("out-unwritable", "cannot create --out"),
+        ("damaged-run", "--out holds a damaged run.json"),
         ("top1-store", "--loss kl needs at least 2 teacher log-probs"),
         ("corrupt", "train-00001"),
     ],
@@ -144,6 +146,13 @@ def test_bad_input_is_one_line_and_exit_2(
     elif case == "out-taken":
         out.mkdir()
         (out / "notes.txt").write_text("someone else's")
+    elif case == "out-unwritable":
+        (tmp_path / "a_file").write_text("x")
+        argv[3] = str(tmp_path / "a_file" / "out")
+    elif case == "damaged-run":  # what a non-atomic write cut by kill -9 would leave
+        out.mkdir()
+        (out / "run.json").write_text('{"settings": {"st')
+        argv += ["--resume"]
     elif case == "top1-store":
         argv[1] = write_synthetic_store(str(tmp_path / "k1"), top_k=1, lengths={"train": [[8]]})
     elif case == "corrupt":
