@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.files import write_text_atomic
 
 METRICS = (
     ("cross_entropy", "eval CE (nats)", "{:.4f}"),
@@ -190,8 +191,15 @@ def command(
     click.echo(format_table(rows))
     click.echo(verdict(kd, ce))
     if markdown:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(format_markdown(rows) + "\n\n" + verdict(kd, ce) + "\n")
+        try:
+            Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(
+                Path(markdown), format_markdown(rows) + "\n\n" + verdict(kd, ce) + "\n"
+            )
+        except OSError as e:
+            raise UserError(
+                f"cannot write --markdown, {markdown} ({e.strerror}), give a writable path"
+            ) from e
     click.echo(
         f"compared on {int(teacher_metrics['tokens']):,} eval tokens in "
         f"{time.perf_counter() - started:.1f}s"

@@ -34,7 +34,7 @@ def load_manifest(fs: StoreFS) -> dict[str, Any]:
     """Read and validate ``manifest.json`` (``StoreNotFound`` / ``StoreCorrupt`` / unsupported)."""
     try:
         data = fs.read(MANIFEST)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError) as e:  # the latter: the URL names a file
         raise StoreNotFound(
             f"no logit store (manifest.json missing), {fs.url}, "
             "check the path or create the store with `kdcache cache-teacher`"

@@ -101,6 +101,17 @@ def test_missing_metrics_is_one_line_exit_2(
     assert err.startswith("Error: --ce has no metrics.json") and "\n" not in err
 
 
+def test_unwritable_markdown_is_one_line_exit_2(
+    store: Path, tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kd, ce = write_student(tmp_path / "kd", 5.0), write_student(tmp_path / "ce", 5.5)
+    (tmp_path / "a_file").write_text("x")
+    args = ["--teacher", str(tiny_teacher_dir), "--store", str(store), "--kd", str(kd)]
+    assert run([*args, "--ce", str(ce), "--markdown", str(tmp_path / "a_file" / "t.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: cannot write --markdown") and "\n" not in err
+
+
 def test_teacher_with_another_vocabulary_is_refused(
     store: Path, tiny_tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -91,6 +91,7 @@ def test_inspect_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ("damage", "message"),
     [
         (None, "manifest.json missing"),
+        (b"a file", "manifest.json missing"),
         (b"{oops", "not valid JSON"),
         (b'{"format_version": 9}', "format_version"),
     ],
@@ -106,6 +107,8 @@ def test_cli_errors_are_one_line_exit_2(
     store = build(tmp_path / "s")
     if damage is None:
         store = str(tmp_path / "nowhere")
+    elif damage == b"a file":
+        store = f"{store}/manifest.json"  # a file given where the store's directory belongs
     else:
         StoreFS(store).write_atomic("manifest.json", damage)
     code, out, err = run([command, store], capsys)
