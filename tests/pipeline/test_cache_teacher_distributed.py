@@ -30,7 +30,7 @@ def env() -> dict[str, str]:
     }
 
 
-def command(teacher: Path, corpus: Path, out: Path) -> list[str]:
+def command(teacher: Path | str, corpus: Path, out: Path) -> list[str]:
     return [
         "cache-teacher",
         "--teacher",
@@ -115,3 +115,35 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_store(
     assert f"{committed} already there" in stdout.decode()
     assert verify_store(str(out)) == []
     assert_same_store(reference, out)
+
+
+def test_a_cached_hub_id_works_offline(
+    reference: Path, tmp_path: Path, tiny_teacher_dir: Path, small_corpus_dir: Path
+) -> None:
+    """--teacher org/name resolves from the Hugging Face cache with the Hub unreachable, gives
+    the local directory's store, and records the cached commit as the teacher's revision."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--kdcache-test--tiny-teacher"
+    shutil.copytree(tiny_teacher_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    hub_env = {**env(), "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+    def run_with(teacher: str, out: Path) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "kdcache.pipeline", *command(teacher, small_corpus_dir, out)]
+        return subprocess.run(argv, env=hub_env, capture_output=True, text=True, timeout=300)
+
+    done = run_with("kdcache-test/tiny-teacher", tmp_path / "store")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_store(reference, tmp_path / "store")
+    teacher = open_store(str(tmp_path / "store")).manifest["teacher"]
+    assert teacher["name_or_path"] == "kdcache-test/tiny-teacher"
+    assert teacher["revision"] == commit
+
+    missing = run_with("kdcache-test/not-cached", tmp_path / "other")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "cannot load teacher, kdcache-test/not-cached" in errors[0]
+    assert not (tmp_path / "other").exists()
