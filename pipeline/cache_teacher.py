@@ -13,6 +13,7 @@ cache-teacher ...`` or ``accelerate launch -m kdcache.pipeline cache-teacher ...
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
@@ -192,6 +193,12 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     from kdcache.storage import make_manifest
 
     source = open_teacher(s.teacher, trust_remote_code=s.trust_remote_code)
+    if source.hub_unreachable and int(os.environ.get("RANK", "0")) == 0:
+        click.echo(
+            f"Note: the Hugging Face Hub is unreachable; {s.teacher} is read from the local "
+            f"cache (revision {source.revision})",
+            err=True,
+        )
     vocab_size, eos_id = source.vocab_size, source.eos_id
     if s.top_k > vocab_size:
         raise UserError(

@@ -74,6 +74,7 @@ def evaluate_teacher(
     from kdcache.pipeline.evaluation import evaluate
     from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.pipeline.loader import eval_batches
+    from kdcache.pipeline.teacher import hub_options
     from kdcache.storage import open_store
 
     store = open_store(store_url)
@@ -83,7 +84,8 @@ def evaluate_teacher(
         )
     hf_logging.disable_progress_bar()  # one line of our own instead of per-file bars
     try:
-        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+        options = hub_options(teacher)
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, **options)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the teacher, {teacher}, ({e})") from e
     vocab = model.get_output_embeddings().weight.shape[0]

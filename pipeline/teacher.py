@@ -18,6 +18,7 @@ from kdcache.pipeline.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+HUB_PROBE_SECONDS = 5.0
 _HASH_BLOCK = 1 << 22
 
 
@@ -31,6 +32,7 @@ class TeacherSource:
         tokenizer: the teacher's tokenizer.
         local_dir: directory holding the files (the hub cache snapshot for a hub id).
         revision: the hub commit, or ``None`` for a plain local directory.
+        hub_unreachable: a hub id read from the local cache because the Hub did not answer.
     """
 
     name_or_path: str
@@ -38,6 +40,7 @@ class TeacherSource:
     tokenizer: Any
     local_dir: Path | None
     revision: str | None
+    hub_unreachable: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -61,6 +64,24 @@ class TeacherSource:
                 "set eos_token in its tokenizer_config.json (documents are joined with EOS)"
             )
         return int(eos)
+
+
+def hub_options(name_or_path: str) -> dict[str, Any]:
+    """``from_pretrained`` options for ``name_or_path``: ``local_files_only`` for a hub id when the
+    Hub cannot be reached. One quick probe (proxies honoured) instead of huggingface_hub's retries,
+    which take minutes per file on a machine without internet even when the model is cached."""
+    if Path(name_or_path).expanduser().exists():
+        return {}
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return {"local_files_only": True}
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception:  # any network failure (DNS, refused, timeout, proxy, TLS): offline
+        return {"local_files_only": True}
+    return {}
 
 
 def _hub_snapshot(name: str) -> tuple[Path | None, str | None]:
@@ -93,8 +114,9 @@ def open_teacher(name_or_path: str, *, trust_remote_code: bool = False) -> Teach
         raise UserError(
             f"teacher {what}, {name_or_path}, give a Hugging Face model directory or a hub id"
         )
+    options = {"trust_remote_code": trust_remote_code, **hub_options(name_or_path)}
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name_or_path, **options)
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = (
@@ -104,7 +126,7 @@ def open_teacher(name_or_path: str, *, trust_remote_code: bool = False) -> Teach
         )
         raise UserError(f"cannot load teacher, {name_or_path}, {hint} ({reason})") from e
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **options)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UserError(
             f"teacher has no usable tokenizer, {name_or_path}, save the tokenizer beside the "
@@ -118,7 +140,10 @@ def open_teacher(name_or_path: str, *, trust_remote_code: bool = False) -> Teach
     if path.is_dir():
         return TeacherSource(name_or_path, config, tokenizer, path, None)
     snapshot, revision = _hub_snapshot(name_or_path)
-    return TeacherSource(name_or_path, config, tokenizer, snapshot, revision)
+    from huggingface_hub import constants
+
+    unreachable = "local_files_only" in options and not constants.HF_HUB_OFFLINE
+    return TeacherSource(name_or_path, config, tokenizer, snapshot, revision, unreachable)
 
 
 def resolve_dtype(name: str, config: Any, device: torch.device) -> torch.dtype:
@@ -144,12 +169,15 @@ def load_model(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    target = str(source.local_dir) if source.local_dir is not None else source.name_or_path
+    if source.local_dir is not None:
+        target, options = str(source.local_dir), {}
+    else:  # a hub id not (fully) in the cache
+        target, options = source.name_or_path, hub_options(source.name_or_path)
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the run has one progress bar: ours
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            target, dtype=dtype, trust_remote_code=trust_remote_code
+            target, dtype=dtype, trust_remote_code=trust_remote_code, **options
         )
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -278,3 +278,31 @@ def test_no_thread_stays_idle_priority_after_a_run(cached: Path) -> None:
         except OSError:  # ended meanwhile
             continue
     assert os.SCHED_IDLE not in policies.values()
+
+
+def test_hub_ids_are_read_from_the_cache_when_the_hub_does_not_answer(
+    tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.utils
+    from huggingface_hub import constants
+
+    from kdcache.pipeline.teacher import hub_options
+
+    class Session:
+        def __init__(self, error: Exception | None) -> None:
+            self.error = error
+
+        def head(self, url: str, timeout: float) -> None:
+            assert url == constants.ENDPOINT and timeout > 0
+            if self.error is not None:
+                raise self.error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session(None))
+    assert hub_options("org/model") == {}  # reachable: huggingface_hub's own behaviour
+    assert hub_options(str(tiny_teacher_dir)) == {}  # a directory never asks the Hub
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session(OSError("no DNS")))
+    assert hub_options("org/model") == {"local_files_only": True}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session(AssertionError()))
+    assert hub_options("org/model") == {"local_files_only": True}  # no probe when offline

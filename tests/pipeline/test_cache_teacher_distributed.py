@@ -142,6 +142,14 @@ def test_a_cached_hub_id_works_offline(
     assert teacher["name_or_path"] == "kdcache-test/tiny-teacher"
     assert teacher["revision"] == commit
 
+    # HF_HUB_OFFLINE unset, the Hub refusing connections: one probe, no per-file retries
+    del hub_env["HF_HUB_OFFLINE"], hub_env["TRANSFORMERS_OFFLINE"]  # conftest sets both
+    hub_env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    done = run_with("kdcache-test/tiny-teacher", tmp_path / "unreachable")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Hub is unreachable" in done.stderr and "Retry" not in done.stderr
+    assert_same_store(reference, tmp_path / "unreachable")
+
     missing = run_with("kdcache-test/not-cached", tmp_path / "other")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     errors = [line for line in missing.stderr.splitlines() if line.startswith("Error: ")]
