@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def run(*args: str) -> int:
     return 0
 
 
-def cache_args(teacher: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+def cache_args(teacher: Path, corpus: Path, out: Path | str, *extra: str) -> list[str]:
     return [
         "cache-teacher", "--teacher", str(teacher), "--corpus", str(corpus), "--out", str(out),
         "--top-k", str(TOP_K), "--seq-len", str(SEQ_LEN), "--batch-size", "3",
@@ -35,7 +36,7 @@ def cache_args(teacher: Path, corpus: Path, out: Path, *extra: str) -> list[str]
     ]  # fmt: skip
 
 
-def store_content(url: Path) -> dict[str, tuple[np.ndarray, ...]]:
+def store_content(url: Path | str) -> dict[str, tuple[np.ndarray, ...]]:
     store = open_store(str(url))
     content = {}
     for record in store.shards:
@@ -220,6 +221,23 @@ def test_bad_input_is_one_line_and_exit_2(
         assert len(err) == 1, (name, err)
         assert err[0].startswith("Error: ") and message in err[0], (name, err)
         assert not out.exists(), name
+
+
+def test_an_fsspec_url_store_holds_the_same_content(
+    cached: Path, tiny_teacher_dir: Path, small_corpus_dir: Path
+) -> None:
+    """--out as an object-store URL (memory:// here, s3:// in production): same shards, and a
+    rerun resumes from it like from a local directory."""
+    url = f"memory://cache-teacher-{uuid.uuid4().hex[:8]}/store"
+    args = cache_args(tiny_teacher_dir, small_corpus_dir, url)
+    assert run(*args) == 0
+    assert verify_store(url) == [] and open_store(url).manifest.get("finished")
+    local, remote = store_content(cached), store_content(url)
+    assert local.keys() == remote.keys()
+    for name in local:
+        for a, b in zip(local[name], remote[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert run(*args) == 0  # every shard is already there
 
 
 def test_arrow_store_holds_the_same_content(
