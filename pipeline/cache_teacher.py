@@ -91,10 +91,11 @@ def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], i
     Raises:
         UserError: every document is empty.
     """
-    from kdcache.pipeline.corpus import STDLIB, corpus_fingerprint
+    from kdcache.pipeline.corpus import STDLIB, check_parquet_columns, corpus_fingerprint
 
     stats = CorpusStats()
     try:
+        check_parquet_columns(files, s.text_field)
         next(iter_documents(files, stats, s.text_field))
     except StopIteration:
         raise UserError(
@@ -248,7 +249,10 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         setup_seconds = time.perf_counter() - started
         estimate = corpus_bytes // 3 if s.max_tokens is None else min(s.max_tokens, corpus_bytes)
         with progress_bar(estimate, enabled=accelerator.is_main_process) as advance:
-            compute_shards(plan, writer, targets, device, s, already, rank, world, advance)
+            try:
+                compute_shards(plan, writer, targets, device, s, already, rank, world, advance)
+            except CorpusError as e:  # a file damaged past the checks; committed shards stay
+                raise UserError(f"{e}; the shards committed so far are kept") from e
 
     accelerator.wait_for_everyone()
     records = writer.committed()

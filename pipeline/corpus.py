@@ -15,6 +15,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
@@ -134,7 +135,8 @@ def _read_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Doc
             yield Document(text, f"{path}:{line_number}")
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+def _open_parquet(path: Path, text_field: str) -> Any:
+    """The file's ``pyarrow.parquet.ParquetFile`` (footer only), checked to hold ``text_field``."""
     import pyarrow.parquet as pq
 
     try:
@@ -146,11 +148,29 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
             f"parquet file has no column {text_field!r}, {path}, "
             f"choose one of {parquet.schema_arrow.names} with --text-field"
         )
+    return parquet
+
+
+def check_parquet_columns(files: list[Path], text_field: str) -> None:
+    """Every ``.parquet`` file opens and has the text column: checked before anything runs, so a
+    bad file late in the corpus does not stop a long run halfway."""
+    for path in files:
+        if path.suffix == ".parquet":
+            _open_parquet(path, text_field)
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow as pa
+
+    parquet = _open_parquet(path, text_field)
     row = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            yield Document(text if isinstance(text, str) else "", f"{path}:{row}")
+    try:
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                yield Document(text if isinstance(text, str) else "", f"{path}:{row}")
+    except (OSError, pa.ArrowException) as e:  # a damaged data page
+        raise CorpusError(f"cannot read parquet file, {path}, after row {row} ({e})") from e
 
 
 def iter_documents(

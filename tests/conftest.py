@@ -154,3 +154,21 @@ def write_synthetic_store(
                     shard_writer.append(tokens, ids, np.take_along_axis(logprobs, ids, -1))
                     counter += 1
     return url
+
+
+def write_damaged_parquet(path: Path, texts: list[str], rows_per_group: int) -> Path:
+    """A parquet file of ``texts`` whose third row group is garbled (zstd pages), footer intact:
+    it opens and its schema reads fine; reading that row group fails."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"text": texts}), path, compression="zstd", row_group_size=rows_per_group
+    )
+    column = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    for i in range(start + 30, start + column.total_compressed_size - 10):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path

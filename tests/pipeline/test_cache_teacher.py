@@ -9,8 +9,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_damaged_parquet
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdcache.pipeline.cli import main
@@ -192,6 +195,10 @@ def test_bad_input_is_one_line_and_exit_2(
     empty_corpus = tmp_path / "empty_corpus"
     empty_corpus.mkdir()
     (empty_corpus / "a.txt").write_text("  \n")
+    late_bad_parquet = tmp_path / "late_bad_parquet"
+    late_bad_parquet.mkdir()
+    (late_bad_parquet / "a.txt").write_text("a fine first document")
+    pq.write_table(pa.table({"body": ["no text column"]}), late_bad_parquet / "b.parquet")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     out = tmp_path / "out"
@@ -206,6 +213,10 @@ def test_bad_input_is_one_line_and_exit_2(
         "missing teacher": (replace("--teacher", str(tmp_path / "nope")), "teacher does not exist"),
         "no match": (replace("--corpus", str(tmp_path / "*.txt")), "matches no files"),
         "only empty": (replace("--corpus", str(empty_corpus)), "no non-empty documents"),
+        "bad parquet after a good file": (
+            replace("--corpus", str(late_bad_parquet)),
+            "parquet file has no column 'text'",
+        ),
         "top-k 0": (replace("--top-k", "0"), "--top-k"),
         "top-k > vocab": (replace("--top-k", "100000"), "vocabulary"),
         "seq-len 1": (replace("--seq-len", "1"), "--seq-len"),
@@ -238,6 +249,22 @@ def test_an_fsspec_url_store_holds_the_same_content(
         for a, b in zip(local[name], remote[name], strict=True):
             np.testing.assert_array_equal(a, b)
     assert run(*args) == 0  # every shard is already there
+
+
+def test_a_corpus_file_damaged_mid_run_is_one_line_and_keeps_the_store_valid(
+    tmp_path: Path, tiny_teacher_dir: Path, capsys
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [f"row {i} of a file that breaks later" for i in range(3000)]
+    write_damaged_parquet(corpus / "rows.parquet", texts, rows_per_group=1000)
+    out = tmp_path / "store"
+    args = cache_args(tiny_teacher_dir, corpus, out, "--max-tokens", "100000")  # the last wins
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: cannot read parquet file") and "kept" in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert verify_store(str(out)) == [] and len(open_store(str(out)).shards) > 0
 
 
 def test_arrow_store_holds_the_same_content(

@@ -8,10 +8,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_damaged_parquet
 
 from kdcache.pipeline.corpus import (
     CorpusError,
     CorpusStats,
+    check_parquet_columns,
     corpus_fingerprint,
     is_eval_document,
     iter_documents,
@@ -65,6 +67,24 @@ def test_text_field_is_configurable(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["row"]}), tmp_path / "y.parquet")
     with pytest.raises(CorpusError, match="no column 'text'"):
         list(iter_documents([tmp_path / "y.parquet"], CorpusStats()))
+
+
+def test_parquet_files_are_checked_before_reading_and_damage_is_a_corpus_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a.txt").write_text("fine")
+    pq.write_table(pa.table({"body": ["row"]}), tmp_path / "late.parquet")
+    with pytest.raises(CorpusError, match="late.parquet"):  # before any document is read
+        check_parquet_columns([tmp_path / "a.txt", tmp_path / "late.parquet"], "text")
+    check_parquet_columns([tmp_path / "a.txt", tmp_path / "late.parquet"], "body")
+
+    texts = [f"document {i} " * 20 for i in range(3000)]
+    damaged = write_damaged_parquet(tmp_path / "damaged.parquet", texts, rows_per_group=1000)
+    check_parquet_columns([damaged], "text")  # the footer is intact
+    read = []
+    with pytest.raises(CorpusError, match="cannot read parquet file, .*damaged.parquet, after row"):
+        read.extend(iter_documents([damaged], CorpusStats()))
+    assert 0 < len(read) < 3000
 
 
 def test_glob_and_single_file_specs(corpus_dir: Path) -> None:
