@@ -145,7 +145,10 @@ class ShardWriter:
         try:
             fs.write_tree(tmp, blobs)
             if fs.exists(record.record_path):
-                raise ShardExists(f"shard {self.name} was committed by another writer meanwhile")
+                raise ShardExists(
+                    f"shard committed by another writer meanwhile, {self.name} in {store.url}, "
+                    "run one writer per store (rerunning afterwards resumes it)"
+                )
             fs.remove(final)  # an uncommitted leftover of an earlier crash
             fs.move(tmp, final)
             fs.write_atomic(record.record_path, record.to_bytes())

@@ -189,6 +189,19 @@ class StoreTests:
         assert [r.name for r in store.shards] == ["eval-00003"]
         assert store.shards[0].corpus_range == {"docs": [0, 10]}
 
+    def test_a_second_writer_committing_the_same_shard_is_refused(self) -> None:
+        rng = np.random.default_rng(7)
+        url = self.new_url()
+        first, second = create_store(url, self.manifest()), create_store(url, self.manifest())
+        sequence = make_sequence(rng, 5, 1000)
+        mine, theirs = first.open_shard("train", 0), second.open_shard("train", 0)
+        mine.append(*sequence)
+        theirs.append(*sequence)
+        mine.commit()
+        with pytest.raises(ShardExists, match="another writer meanwhile, train-00000"):
+            theirs.commit()
+        assert verify_store(url) == [] and len(open_store(url).shards) == 1
+
     def test_resume_after_crash_with_half_written_shard(self) -> None:
         rng = np.random.default_rng(7)
         url = self.new_url()
