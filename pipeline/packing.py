@@ -7,13 +7,14 @@ process computes a shard never changes its content.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kdcache.pipeline.corpus import Document, is_eval_document
+from kdcache.pipeline.long_text import PIECE_CHARS, tokenize_long
 
 SPLITS = ("train", "eval")
 TOKENIZE_BATCH = 256  # at most this many documents per tokenizer call
@@ -32,42 +33,46 @@ class SequencePacker:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
         self.seq_len = seq_len
         self.eos_id = eos_id
-        self._buffer: list[int] = []
+        self._buffer = np.empty(0, dtype=np.int32)  # (< seq_len,) tokens of no sequence yet
         self._first_document = -1  # document of the buffer's first token
         self._last_document = -1  # the latest document added
 
-    def add(self, ids: list[int], document: int = -1) -> list[tuple[np.ndarray, int, int]]:
+    def add(
+        self, ids: Sequence[int] | np.ndarray, document: int = -1
+    ) -> list[tuple[np.ndarray, int, int]]:
         """Append one document (+ EOS).
 
         Returns:
             the completed sequences as (int32 (seq_len,), first document, last document).
         """
-        if not self._buffer:
+        if not len(self._buffer):
             self._first_document = document
         self._last_document = document
-        self._buffer.extend(ids)
-        self._buffer.append(self.eos_id)
+        stream = np.concatenate(
+            [self._buffer, np.asarray(ids, dtype=np.int32), np.asarray([self.eos_id], np.int32)]
+        )
         done = []
-        start = 0
-        while len(self._buffer) - start >= self.seq_len:
-            tokens = np.asarray(self._buffer[start : start + self.seq_len], dtype=np.int32)
-            done.append((tokens, self._first_document, document))
-            start += self.seq_len
+        full = len(stream) - len(stream) % self.seq_len
+        for start in range(0, full, self.seq_len):
+            # a copy: a view would keep a long document's whole stream alive
+            done.append(
+                (stream[start : start + self.seq_len].copy(), self._first_document, document)
+            )
             self._first_document = document  # what is left belongs to this document
-        del self._buffer[:start]
+        self._buffer = stream[full:].copy()
         return done
 
     def finish(self) -> tuple[np.ndarray, int, int] | None:
         """The final, shorter sequence (never empty), or ``None``."""
-        if not self._buffer:
+        if not len(self._buffer):
             return None
-        tokens = np.asarray(self._buffer, dtype=np.int32)
-        self._buffer = []
+        tokens = self._buffer
+        self._buffer = np.empty(0, dtype=np.int32)
         return tokens, self._first_document, self._last_document
 
 
 def pack_sequences(
-    documents: Iterable[list[int]], seq_len: int, eos_id: int
+    documents: Iterable[Sequence[int] | np.ndarray], seq_len: int, eos_id: int
 ) -> Iterator[np.ndarray]:
     """Join documents with EOS and cut the stream into ``seq_len`` sequences.
 
@@ -90,7 +95,7 @@ def pack_sequences(
 class TokenizedDocument:
     split: str  # "train" or "eval"
     index: int  # position among the corpus' non-empty documents
-    ids: list[int]  # without EOS
+    ids: np.ndarray  # (n,) int32, without EOS
     source: str
 
 
@@ -117,8 +122,14 @@ def tokenize_documents(
 
     def flush() -> Iterator[TokenizedDocument]:
         nonlocal used, index
-        encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
-        for document, ids in zip(batch, encoded, strict=True):
+        short = [d.text for d in batch if len(d.text) <= PIECE_CHARS]
+        encoded = iter(tokenizer(short, add_special_tokens=False)["input_ids"] if short else [])
+        for document in batch:
+            if len(document.text) <= PIECE_CHARS:
+                ids = np.asarray(next(encoded), dtype=np.int32)
+            else:  # one call on a long text would take gigabytes
+                room = None if max_tokens is None else max(max_tokens - used - 1, 0)
+                ids = tokenize_long(document.text, tokenizer, limit=room, piece_chars=PIECE_CHARS)
             if max_tokens is not None:
                 room = max_tokens - used
                 if room <= 0:
@@ -126,7 +137,7 @@ def tokenize_documents(
                 ids = ids[: room - 1]
             used += len(ids) + 1
             split = "eval" if is_eval_document(document.text, eval_fraction) else "train"
-            yield TokenizedDocument(split, index, list(ids), document.source)
+            yield TokenizedDocument(split, index, ids, document.source)
             index += 1
 
     for document in documents:

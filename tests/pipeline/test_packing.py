@@ -43,7 +43,7 @@ def test_packer_tracks_document_ranges() -> None:
 def _documents(n: int) -> list[TokenizedDocument]:
     rng = np.random.default_rng(0)
     return [
-        TokenizedDocument("eval" if i % 5 == 0 else "train", i, rng.integers(0, 50, rng.integers(1, 30)).tolist(), f"d{i}")
+        TokenizedDocument("eval" if i % 5 == 0 else "train", i, rng.integers(0, 50, rng.integers(1, 30)).astype(np.int32), f"d{i}")
         for i in range(n)
     ]  # fmt: skip
 
@@ -69,11 +69,16 @@ def test_tokenize_documents_caps_tokens_exactly(tiny_tokenizer_dir: Path) -> Non
     full = list(tokenize_documents(documents, tokenizer, eval_fraction=0.2, eos_id=EOS))
     assert len(full) == 200
     assert {d.split for d in full} == {"train", "eval"}
-    assert full[3].ids == tokenizer(documents[3].text, add_special_tokens=False)["input_ids"]
+    assert full[3].ids.dtype == np.int32
+    assert (
+        full[3].ids.tolist() == tokenizer(documents[3].text, add_special_tokens=False)["input_ids"]
+    )
     total = sum(len(d.ids) + 1 for d in full)
     for cap in (1, 17, total // 2, total, total + 10):
         capped = list(
             tokenize_documents(documents, tokenizer, eval_fraction=0.2, eos_id=EOS, max_tokens=cap)
         )
         assert sum(len(d.ids) + 1 for d in capped) == min(cap, total)
-        assert [d.ids for d in capped[:-1]] == [d.ids for d in full[: len(capped) - 1]]
+        assert [d.ids.tolist() for d in capped[:-1]] == [
+            d.ids.tolist() for d in full[: len(capped) - 1]
+        ]
