@@ -1,10 +1,23 @@
-"""Small files that must never be seen half-written (run records, metrics, leaderboards)."""
+"""Output directories, and small files that must never be seen half-written (run records,
+metrics, leaderboards)."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from pathlib import Path
+
+from kdcache.pipeline.errors import UserError
+
+
+def create_out_dir(path: Path) -> None:
+    """Create the ``--out`` directory (and its parents), or fail with one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create --out, {path} ({e.strerror}), give a writable directory"
+        ) from e
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
-from kdcache.pipeline.files import write_text_atomic
+from kdcache.pipeline.files import create_out_dir, write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.leaderboard import best_per_size_class, plot_pareto, write_leaderboard
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
@@ -88,13 +88,13 @@ def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
         raise UserError(f"--out is a file, {out}, give a directory")
     record = out / SWEEP_FILE
     if record.is_file():
+        damaged = f"--out holds a damaged {SWEEP_FILE}, {record}, choose a new --out"
         try:
             previous = json.loads(record.read_text())
-            differences = [k for k in plan if previous.get(k) != plan[k]]
-        except (ValueError, AttributeError) as e:
-            raise UserError(
-                f"--out holds a damaged {SWEEP_FILE}, {record}, choose a new --out"
-            ) from e
+        except ValueError as e:
+            raise UserError(damaged) from e
+        if not isinstance(previous, dict):
+            raise UserError(damaged)
         differences = [k for k in plan if previous.get(k) != plan[k]]
         if differences:
             raise UserError(
@@ -106,12 +106,7 @@ def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
         raise UserError(
             f"--out already holds files that are not a sweep, {out}, choose a new --out"
         )
-    try:
-        (out / "candidates").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create --out, {out} ({e.strerror}), give a writable directory"
-        ) from e
+    create_out_dir(out / "candidates")
     write_text_atomic(record, json.dumps(plan, indent=2) + "\n")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ class TeacherSource:
         tokenizer: the teacher's tokenizer.
         local_dir: directory holding the files (the hub cache snapshot for a hub id).
         revision: the hub commit, or ``None`` for a plain local directory.
-        hub_unreachable: a hub id read from the local cache because the Hub did not answer.
+        load_options: ``from_pretrained`` options for a hub id (see ``hub_options``).
     """
 
     name_or_path: str
@@ -40,7 +40,14 @@ class TeacherSource:
     tokenizer: Any
     local_dir: Path | None
     revision: str | None
-    hub_unreachable: bool = False
+    load_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hub_unreachable(self) -> bool:
+        """A hub id read from the local cache because the Hub did not answer."""
+        from huggingface_hub import constants
+
+        return bool(self.load_options.get("local_files_only")) and not constants.HF_HUB_OFFLINE
 
     @property
     def vocab_size(self) -> int:
@@ -114,7 +121,8 @@ def open_teacher(name_or_path: str, *, trust_remote_code: bool = False) -> Teach
         raise UserError(
             f"teacher {what}, {name_or_path}, give a Hugging Face model directory or a hub id"
         )
-    options = {"trust_remote_code": trust_remote_code, **hub_options(name_or_path)}
+    load_options = hub_options(name_or_path)
+    options = {"trust_remote_code": trust_remote_code, **load_options}
     try:
         config = AutoConfig.from_pretrained(name_or_path, **options)
     except (OSError, ValueError, KeyError) as e:
@@ -140,10 +148,7 @@ def open_teacher(name_or_path: str, *, trust_remote_code: bool = False) -> Teach
     if path.is_dir():
         return TeacherSource(name_or_path, config, tokenizer, path, None)
     snapshot, revision = _hub_snapshot(name_or_path)
-    from huggingface_hub import constants
-
-    unreachable = "local_files_only" in options and not constants.HF_HUB_OFFLINE
-    return TeacherSource(name_or_path, config, tokenizer, snapshot, revision, unreachable)
+    return TeacherSource(name_or_path, config, tokenizer, snapshot, revision, load_options)
 
 
 def resolve_dtype(name: str, config: Any, device: torch.device) -> torch.dtype:
@@ -172,7 +177,7 @@ def load_model(
     if source.local_dir is not None:
         target, options = str(source.local_dir), {}
     else:  # a hub id not (fully) in the cache
-        target, options = source.name_or_path, hub_options(source.name_or_path)
+        target, options = source.name_or_path, source.load_options
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the run has one progress bar: ours
     try:

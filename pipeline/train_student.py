@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.evaluation import evaluate
-from kdcache.pipeline.files import write_text_atomic
+from kdcache.pipeline.files import create_out_dir, write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.losses import LOSSES
@@ -98,12 +98,7 @@ def _prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
             "or choose an empty directory"
         )
     if not has_files:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(
-                f"cannot create --out, {out} ({e.strerror}), give a writable directory"
-            ) from e
+        create_out_dir(out)
         return False
     previous_file = out / RUN_FILE
     if not previous_file.is_file():
@@ -111,13 +106,13 @@ def _prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
             f"--out holds files but no kdcache run (run.json), {out}, "
             "choose an empty directory or drop --resume"
         )
+    damaged = f"--out holds a damaged {RUN_FILE}, {previous_file}, use a new --out"
     try:
         previous = json.loads(previous_file.read_text())
-        previous["settings"].items()
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(
-            f"--out holds a damaged {RUN_FILE}, {previous_file}, use a new --out"
-        ) from e
+    except ValueError as e:
+        raise UserError(damaged) from e
+    if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
+        raise UserError(damaged)
     differences = [
         f"{key}: run has {previous['settings'].get(key)!r}, this command asks {run['settings'][key]!r}"
         for key in RESUMABLE_SETTINGS
