@@ -75,9 +75,8 @@ def packed_batches(args: argparse.Namespace) -> list:
     import torch
     from transformers import AutoTokenizer
 
-    from kdcache.pipeline.cache_teacher import batches
-    from kdcache.pipeline.corpus import CorpusStats, iter_documents, resolve_corpus
-    from kdcache.pipeline.packing import plan_shards, tokenize_documents
+    from kdcache.pipeline.cache.corpus import CorpusStats, iter_documents, resolve_corpus
+    from kdcache.pipeline.cache.packing import batches, plan_shards, tokenize_documents
 
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     plans = list(
@@ -110,7 +109,8 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.variant == "cache":
-        from kdcache.pipeline.cache_teacher import CacheSettings, cache_teacher
+        from kdcache.pipeline.cache.cache_teacher import cache_teacher
+        from kdcache.pipeline.cache.settings import CacheSettings
 
         summary = cache_teacher(
             CacheSettings(
@@ -130,8 +130,8 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     else:
         from transformers import AutoModelForCausalLM
 
+        from kdcache.pipeline.cache.targets import TopkTargets
         from kdcache.pipeline.host_memory import keep_freed_memory
-        from kdcache.pipeline.targets import TopkTargets
 
         plans = packed_batches(args)
         model = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
@@ -254,8 +254,8 @@ def main() -> None:
         write_results(raw["meta"], raw["measured"])
         return
 
-    from kdcache.pipeline.corpus import stdlib_files
-    from kdcache.pipeline.tokenizer import train_bpe_tokenizer
+    from kdcache.pipeline.cache.corpus import stdlib_files
+    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
 
     started = time.perf_counter()
     facts = machine_line()

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.pipeline.loader import TeacherDataset, TeacherLoader
-from kdcache.pipeline.student import build_student
-from kdcache.pipeline.trainee import make_accelerator, make_trainee, train_step
+from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.student import build_student
+from kdcache.pipeline.distill.trainee import make_accelerator, make_trainee, train_step
 from kdcache.storage import create_store, make_manifest, open_store
 
 VOCAB, K = 32_000, 64

@@ -51,8 +51,8 @@ def make_teacher(work: Path, vocab: int, hidden: int, layers: int) -> Path:
     """A Llama teacher of the given size on a BPE tokenizer trained on stdlib sources."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kdcache.pipeline.corpus import stdlib_files
-    from kdcache.pipeline.tokenizer import train_bpe_tokenizer
+    from kdcache.pipeline.cache.corpus import stdlib_files
+    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
 
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[:200]]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab)
@@ -84,10 +84,10 @@ def distill(
     """
     from transformers import AutoModelForCausalLM
 
-    from kdcache.pipeline.loader import TeacherDataset, TeacherLoader
-    from kdcache.pipeline.student import build_student
-    from kdcache.pipeline.targets import TopkTargets
-    from kdcache.pipeline.trainee import make_accelerator, make_trainee, train_step
+    from kdcache.pipeline.cache.targets import TopkTargets
+    from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+    from kdcache.pipeline.distill.student import build_student
+    from kdcache.pipeline.distill.trainee import make_accelerator, make_trainee, train_step
     from kdcache.storage import open_store
 
     store = open_store(store_url)

@@ -16,11 +16,11 @@ from kdcache.storage.errors import StoreError
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
-    "cache-teacher": "kdcache.pipeline.cache_teacher:command",
-    "train-student": "kdcache.pipeline.train_student:command",
-    "sweep": "kdcache.pipeline.sweep:command",
-    "build-teacher": "kdcache.pipeline.default_teacher:command",
-    "compare": "kdcache.pipeline.compare:command",
+    "cache-teacher": "kdcache.pipeline.cache.cache_teacher:command",
+    "train-student": "kdcache.pipeline.distill.train_student:command",
+    "sweep": "kdcache.pipeline.search.sweep:command",
+    "build-teacher": "kdcache.pipeline.cache.default_teacher:command",
+    "compare": "kdcache.pipeline.distill.compare:command",
     "verify": "kdcache.pipeline.store_commands:verify",
     "inspect": "kdcache.pipeline.store_commands:inspect",
 }

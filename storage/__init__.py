@@ -1,6 +1,6 @@
 """kdcache.storage — the logit store: a versioned, crash-safe, verifiable Zarr or Arrow format.
 
-Public API (see ../shared/DESIGN.md §2 and §5)::
+Public API (see docs/architecture.md §3 and §8)::
 
     from kdcache.storage import open_store
     store = open_store("/data/store")          # or "memory://s", "s3://bucket/s"

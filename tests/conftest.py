@@ -20,7 +20,7 @@ TINY_VOCAB = 512
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:
     """~60 standard-library sources: real code text, the same on every machine with this Python."""
-    from kdcache.pipeline.corpus import stdlib_files
+    from kdcache.pipeline.cache.corpus import stdlib_files
 
     files = stdlib_files()[:60]
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
@@ -28,7 +28,7 @@ def corpus_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus_texts: list[str]) -> Path:
-    from kdcache.pipeline.tokenizer import train_bpe_tokenizer
+    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer(corpus_texts, vocab_size=TINY_VOCAB).save_pretrained(path)
@@ -81,7 +81,7 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
 @pytest.fixture(scope="session")
 def small_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A handful of small stdlib sources plus one file with invalid UTF-8 and one empty file."""
-    from kdcache.pipeline.corpus import stdlib_files
+    from kdcache.pipeline.cache.corpus import stdlib_files
 
     path = tmp_path_factory.mktemp("small_corpus")
     small = [f for f in stdlib_files() if 1_000 < f.stat().st_size < 4_000][:8]

@@ -1,0 +1,276 @@
+"""Stage one: run a teacher once over a corpus and cache its top-k log-probs in a logit store.
+
+The recipe, top to bottom: check every setting (nothing is touched before that) → fingerprint the
+teacher, tokenizer and corpus into a manifest → create or reopen the store (rank 0 first) → load
+the teacher and self-check the exact chunked targets, while a background thread already reads
+and tokenizes the corpus into the shard plan → stream the plan: each rank computes
+the shards whose index % world_size == its rank, skipping committed ones, while a background
+thread writes and commits them → barrier → rank 0 marks the store finished and prints a summary.
+
+Launch with ``kdcache cache-teacher ...``, ``torchrun --nproc_per_node N -m kdcache.pipeline
+cache-teacher ...`` or ``accelerate launch -m kdcache.pipeline cache-teacher ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from kdcache.pipeline.cache.background import Prefetcher, ShardSink, to_host
+from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats, iter_documents
+from kdcache.pipeline.cache.packing import batches
+from kdcache.pipeline.cache.report import progress_bar, summarize, summary_line
+from kdcache.pipeline.cache.settings import (
+    PROBE_TEXT,
+    CacheSettings,
+    check_settings,
+    check_token_ids,
+    corpus_facts,
+)
+from kdcache.pipeline.errors import UserError
+
+
+def open_store_on_all_ranks(
+    accelerator: Any, out: str, manifest: dict[str, Any], tokenizer: dict[str, bytes]
+) -> Any:
+    """Rank 0 creates (or reopens) the store and writes the tokenizer; then the others join."""
+    from accelerate.utils import broadcast_object_list
+
+    from kdcache.storage import StoreIncompatible, StoreUnavailable, create_store
+
+    writer, failure = None, [None]
+    if accelerator.is_main_process:
+        try:
+            writer = create_store(out, manifest)
+            writer.write_tokenizer(tokenizer)
+        except StoreIncompatible as e:
+            lines = "; ".join(e.differences) or str(e)
+            failure[0] = (
+                f"the store at {out} was made with other settings ({lines}), rerun with its "
+                "settings to resume, or give a new --out"
+            )
+        except StoreUnavailable as e:
+            failure[0] = str(e)
+        except (OSError, ValueError) as e:
+            failure[0] = f"cannot create the store, {out}, ({e})"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        if not accelerator.is_main_process:
+            raise SystemExit(2)  # rank 0 prints the one error line
+        raise UserError(failure[0])
+    accelerator.wait_for_everyone()
+    if writer is None:
+        writer = create_store(out, manifest)
+    return writer
+
+
+def cache_teacher(s: CacheSettings) -> dict[str, Any]:
+    """Run stage one; returns the summary facts (also printed by the main process)."""
+    started = time.perf_counter()
+    files = check_settings(s)
+
+    # Teacher config + tokenizer first: cheap, and enough to validate --top-k and --seq-len.
+    import torch
+    from accelerate import Accelerator
+
+    from kdcache.pipeline.cache.targets import TopkTargets
+    from kdcache.pipeline.host_memory import keep_freed_memory
+    from kdcache.pipeline.teacher import (
+        load_model,
+        open_teacher,
+        resolve_dtype,
+        teacher_fingerprint,
+        tokenizer_files,
+        tokenizer_fingerprint,
+    )
+    from kdcache.storage import make_manifest
+
+    source = open_teacher(s.teacher, trust_remote_code=s.trust_remote_code)
+    if source.hub_unreachable and int(os.environ.get("RANK", "0")) == 0:
+        click.echo(
+            f"Note: the Hugging Face Hub is unreachable; {s.teacher} is read from the local "
+            f"cache (revision {source.revision})",
+            err=True,
+        )
+    vocab_size, eos_id = source.vocab_size, source.eos_id
+    if s.top_k > vocab_size:
+        raise UserError(
+            f"--top-k exceeds the teacher's vocabulary of {vocab_size}, got {s.top_k}, "
+            f"pass at most {vocab_size}"
+        )
+    text_config = source.config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None) or getattr(
+        text_config, "n_positions", None
+    )
+    if isinstance(context, int) and s.seq_len > context:
+        raise UserError(
+            f"--seq-len exceeds the teacher's context of {context} tokens, got {s.seq_len}, "
+            f"pass at most {context}"
+        )
+    probe = source.tokenizer(PROBE_TEXT * 4, add_special_tokens=False)["input_ids"][:64] or [eos_id]
+    check_token_ids(np.asarray(probe), vocab_size, s.teacher)
+    corpus, corpus_bytes = corpus_facts(s, files)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    dtype = resolve_dtype(s.dtype, source.config, device)
+    tokenizer = tokenizer_files(source)
+    manifest = make_manifest(
+        backend=s.format,
+        teacher=teacher_fingerprint(source, dtype),
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        vocab_size=vocab_size,
+        top_k=s.top_k,
+        seq_len=s.seq_len,
+        corpus=corpus,
+        shard_tokens=s.shard_tokens,
+    )
+    writer = open_store_on_all_ranks(accelerator, s.out, manifest, tokenizer)
+    already = set(writer.committed())
+
+    # Reading and tokenizing run in a background thread from here on, so the first shards are
+    # planned while the teacher loads; results go through a bounded queue to the writer thread.
+    stats = CorpusStats()
+    with closing(Prefetcher(lambda: shard_plan(s, files, stats, source), maxsize=2)) as plan:
+        model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
+        keep_freed_memory(device, large_blocks=False)  # CPU: no page faults per activation
+        targets = TopkTargets(model, s.top_k, s.chunk_tokens)
+        note = targets.self_check(torch.tensor([probe], device=device))
+        if note and accelerator.is_main_process:
+            click.echo(f"Note: {note}", err=True)
+        setup_seconds = time.perf_counter() - started
+        estimate = corpus_bytes // 3 if s.max_tokens is None else min(s.max_tokens, corpus_bytes)
+        with progress_bar(estimate, enabled=accelerator.is_main_process) as advance:
+            try:
+                compute_shards(plan, writer, targets, device, s, already, rank, world, advance)
+            except CorpusError as e:  # a file damaged past the checks; committed shards stay
+                raise UserError(f"{e}; the shards committed so far are kept") from e
+
+    accelerator.wait_for_everyone()
+    records = writer.committed()
+    summary = summarize(records, already, stats, time.perf_counter() - started, targets.method)
+    summary["setup_seconds"] = round(setup_seconds, 3)  # config, store, model load, self-check
+    if accelerator.is_main_process:
+        writer.mark_finished(summary)
+        click.echo(summary_line(summary, s.out))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def shard_plan(s: CacheSettings, files: list[Path], stats: CorpusStats, source: Any) -> Any:
+    """Documents → token ids → packed sequences → the shard plan (every rank the same)."""
+    from kdcache.pipeline.cache.packing import plan_shards, tokenize_documents
+
+    return plan_shards(
+        tokenize_documents(
+            iter_documents(files, stats, s.text_field),
+            source.tokenizer,
+            eval_fraction=s.eval_fraction,
+            eos_id=source.eos_id,
+            max_tokens=s.max_tokens,
+        ),
+        seq_len=s.seq_len,
+        eos_id=source.eos_id,
+        sequences_per_shard=max(1, s.shard_tokens // s.seq_len),
+    )
+
+
+def compute_shards(
+    plan: Iterable[Any],
+    writer: Any,
+    targets: Any,
+    device: Any,
+    s: CacheSettings,
+    already: set[str],
+    rank: int,
+    world: int,
+    advance: Callable[..., None],
+) -> None:
+    """This rank's shards of the plan (index % world == rank), minus those committed before:
+    teacher forward and top-k on the device, compression and commits in the writer thread."""
+    import torch
+
+    vocab_size = writer.manifest["vocab_size"]
+    logprob_dtype = (
+        torch.float16 if writer.manifest["logprob_dtype"] == "float16" else torch.float32
+    )
+    with ShardSink(writer, maxsize=8) as sink, torch.inference_mode():
+        for shard in plan:
+            name = f"{shard.split}-{shard.index:05d}"
+            if shard.index % world != rank or name in already:
+                advance(shard.num_tokens)  # another rank's work, or done in an earlier run
+                continue
+            sink.open(shard.split, shard.index, shard.corpus_range)
+            for group in batches(shard.sequences, s.batch_size):
+                tokens = torch.from_numpy(np.stack(group))  # (B, S) int32
+                check_token_ids(tokens, vocab_size, s.teacher)
+                if device.type == "cuda":
+                    tokens = tokens.pin_memory()
+                input_ids = tokens.to(device, non_blocking=True).long()
+                ids, logprobs = targets(input_ids)  # (B, S, k) each, on the device
+                sink.put(tokens.numpy(), *to_host(ids, logprobs.to(logprob_dtype)))
+                advance(tokens.numel())
+            sink.commit()
+            advance(0, shards_done=len(already) + sink.committed)
+
+
+@click.command("cache-teacher")
+@click.option("--teacher", required=True, help="Hugging Face model directory or hub id.")
+@click.option(
+    "--corpus",
+    required=True,
+    help="Directory, file or glob of .txt/.md/.py/.jsonl/.parquet, or `stdlib`.",
+)
+@click.option("--out", required=True, help="Store directory or fsspec URL (created, or resumed).")
+@click.option("--top-k", default=64, show_default=True, help="Log-probs kept per position.")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens per teacher input.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per forward.")
+@click.option(
+    "--format", "format_", default="zarr", show_default=True, help="Store backend: zarr or arrow."
+)
+@click.option(
+    "--shard-tokens",
+    default=1 << 19,
+    show_default=True,
+    help="Tokens per shard (rounded down to whole sequences).",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="auto (config dtype on CUDA, float32 on CPU), float32, bfloat16 or float16.",
+)
+@click.option(
+    "--eval-fraction",
+    default=0.02,
+    show_default=True,
+    help="Fraction of documents (by content hash) in the eval split.",
+)
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Cap on the corpus' packed tokens (same cap for any number of processes).",
+)
+@click.option(
+    "--text-field",
+    default="text",
+    show_default=True,
+    help="Field of .jsonl records / column of .parquet files.",
+)
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Allow the teacher's own Python code (only for teachers you trust).",
+)
+def command(format_: str, **options: Any) -> None:
+    """Run a teacher once over a corpus and cache its top-k log-probs in a logit store."""
+    cache_teacher(CacheSettings(format=format_, **options))

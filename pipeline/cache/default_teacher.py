@@ -1,0 +1,345 @@
+"""The embedded default teacher: a BPE tokenizer and a small Llama trained briefly on a corpus.
+
+``kdcache build-teacher`` (``make teacher``) makes a teacher without internet or GPU so the
+whole pipeline can be tried on a laptop. The result is an ordinary Hugging Face model
+directory (``save_pretrained`` + tokenizer), so stage one loads it exactly like any teacher
+from the Hub. The recipe reads top to bottom: documents → tokenizer → packed sequences →
+model → training loop → held-out evaluation → atomic save.
+
+Held-out documents are chosen with the same content hash as ``cache-teacher``
+(``is_eval_document``), so with the same ``--eval-fraction`` the teacher never trains on
+the documents that later make up the store's ``eval`` split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kdcache.pipeline.cache.corpus import (
+    CorpusError,
+    CorpusStats,
+    is_eval_document,
+    iter_documents,
+    resolve_corpus,
+)
+from kdcache.pipeline.cache.packing import pack_sequences
+from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.host_memory import keep_freed_memory
+
+METADATA_FILE = "kdcache_teacher.json"
+MIN_VOCAB = 300  # 256 byte symbols + 4 specials + a few merges
+
+
+def _check_settings(s: dict[str, Any]) -> None:
+    """Reject impossible settings before any work, one line each."""
+    positive = ("steps", "batch_size", "hidden_size", "layers", "heads", "kv_heads")
+    for name in positive:
+        if s[name] < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be at least 1, got {s[name]}, pass a positive number")
+    if s["vocab_size"] < MIN_VOCAB:
+        raise UserError(
+            f"--vocab-size is too small for a byte-level BPE, got {s['vocab_size']}, "
+            f"use at least {MIN_VOCAB}"
+        )
+    if s["seq_len"] < 2:
+        raise UserError(f"--seq-len must be at least 2, got {s['seq_len']}, use e.g. 256")
+    if s["hidden_size"] % s["heads"] or (s["hidden_size"] // s["heads"]) % 2:
+        raise UserError(
+            f"--hidden-size must be an even multiple of --heads, got {s['hidden_size']} and "
+            f"{s['heads']}, e.g. --hidden-size 256 --heads 4"
+        )
+    if s["heads"] % s["kv_heads"]:
+        raise UserError(
+            f"--heads must be a multiple of --kv-heads, got {s['heads']} and {s['kv_heads']}, "
+            "e.g. --heads 4 --kv-heads 2"
+        )
+    if not 0.0 < s["eval_fraction"] < 1.0:
+        raise UserError(
+            f"--eval-fraction must be between 0 and 1 (exclusive), got {s['eval_fraction']}, "
+            "use e.g. 0.02"
+        )
+    if s["lr"] <= 0 or not math.isfinite(s["lr"]):
+        raise UserError(f"--lr must be a positive number, got {s['lr']}, use e.g. 3e-3")
+
+
+def _read_split(
+    corpus: str, eval_fraction: float, text_field: str
+) -> tuple[list[str], list[str], CorpusStats]:
+    """Documents of ``corpus`` split into (train, held-out) by content hash."""
+    try:
+        files = resolve_corpus(corpus)
+        stats = CorpusStats()
+        train, held_out = [], []
+        for document in iter_documents(files, stats, text_field=text_field):
+            (held_out if is_eval_document(document.text, eval_fraction) else train).append(
+                document.text
+            )
+    except CorpusError as e:
+        raise UserError(str(e)) from e
+    if not train or not held_out:
+        which = "training" if not train else "held-out"
+        raise UserError(
+            f"the corpus yields no {which} documents, {corpus} ({stats.documents} documents), "
+            "give a larger corpus or change --eval-fraction"
+        )
+    return train, held_out, stats
+
+
+def _pack(tokenizer: Any, texts: list[str], seq_len: int) -> list[np.ndarray]:
+    """Tokenize ``texts`` and pack them with EOS into sequences of ``seq_len`` tokens (last may be short)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return list(pack_sequences(ids, seq_len, tokenizer.eos_token_id))
+
+
+def _build_model(s: dict[str, Any], tokenizer: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        # longer than the training sequences so stage one may use a larger --seq-len
+        max_position_embeddings=max(2048, s["seq_len"]),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(s["seed"])
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.inference_mode()
+def evaluate_perplexity(
+    model: torch.nn.Module, sequences: list[np.ndarray], batch_size: int, device: torch.device
+) -> tuple[float, int]:
+    """Token-weighted next-token cross-entropy (nats) of ``model`` over ``sequences``.
+
+    Sequences of equal length are batched together; each predicts tokens 1..L-1 from 0..L-2.
+
+    Returns:
+        (cross_entropy, number of predicted tokens).
+    """
+    model.eval()
+    by_length: dict[int, list[np.ndarray]] = {}
+    for sequence in sequences:
+        if len(sequence) >= 2:
+            by_length.setdefault(len(sequence), []).append(sequence)
+    total, count = 0.0, 0
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            x = torch.from_numpy(np.stack(group[start : start + batch_size])).long().to(device)
+            logits = model(input_ids=x).logits.float()  # (B, L, V)
+            total += F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),  # (B*(L-1), V)
+                x[:, 1:].reshape(-1),  # (B*(L-1),)
+                reduction="sum",
+            ).item()
+            count += x.shape[0] * (x.shape[1] - 1)
+    model.train()
+    return total / count, count
+
+
+def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
+    """Train the tokenizer and the teacher described by ``s`` and save both under ``s['out']``.
+
+    Returns:
+        The metadata written to ``OUT/kdcache_teacher.json`` (settings and measured figures).
+    """
+    _check_settings(s)
+    out = Path(s["out"])
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not s["force"]:
+        raise UserError(
+            f"the output directory already holds files, {out}, "
+            "pass --force to replace it or choose another --out"
+        )
+    if s["threads"] > 0:
+        torch.set_num_threads(s["threads"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+
+    # 1. documents and tokenizer (trained on the training documents only)
+    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
+
+    train_texts, held_out_texts, stats = _read_split(
+        s["corpus"], s["eval_fraction"], s["text_field"]
+    )
+    click.echo(f"corpus {s['corpus']}: {stats.summary()}; {len(held_out_texts)} held out", err=True)
+    tokenizer = train_bpe_tokenizer(train_texts, vocab_size=s["vocab_size"])
+    train_sequences = [
+        q for q in _pack(tokenizer, train_texts, s["seq_len"]) if len(q) == s["seq_len"]
+    ]
+    eval_sequences = _pack(tokenizer, held_out_texts, s["seq_len"])[: s["eval_sequences"]]
+    if not train_sequences:
+        raise UserError(
+            f"the corpus is shorter than one training sequence, {s['corpus']}, "
+            "give a larger corpus or a smaller --seq-len"
+        )
+    data = torch.from_numpy(np.stack(train_sequences)).long()  # (N, L)
+    click.echo(
+        f"tokenizer: {len(tokenizer)} tokens; {data.numel():,} training tokens in "
+        f"{len(data)} sequences of {s['seq_len']}",
+        err=True,
+    )
+
+    # 2. model and optimizer
+    model = _build_model(s, tokenizer).to(device)
+    keep_freed_memory(device)  # CPU only: no page-fault storm per vocab-wide tensor
+    model.train()
+    num_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s["lr"],
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    warmup = min(s["warmup"], s["steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, warmup, s["steps"])
+    )
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    # 3. the training loop: seeded shuffles of the packed sequences, epoch after epoch
+    generator = torch.Generator().manual_seed(s["seed"])
+    order = torch.randperm(len(data), generator=generator)
+    cursor, tokens_seen, loss_value = 0, 0, float("nan")
+    train_started = time.perf_counter()
+    bar = tqdm(range(s["steps"]), desc="teacher", unit="step", dynamic_ncols=True)
+    for _step in bar:
+        if cursor + s["batch_size"] > len(order):
+            order, cursor = torch.randperm(len(data), generator=generator), 0
+        batch_size = min(s["batch_size"], len(order))
+        x = data[order[cursor : cursor + batch_size]].to(device, non_blocking=True)  # (B, L)
+        cursor += batch_size
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += x.numel()
+        loss_value = loss.item()
+        elapsed = time.perf_counter() - train_started
+        bar.set_postfix(
+            loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False
+        )
+    bar.close()
+    train_seconds = time.perf_counter() - train_started
+
+    # 4. held-out evaluation
+    eval_ce, eval_tokens = evaluate_perplexity(model, eval_sequences, s["batch_size"], device)
+    wall = time.perf_counter() - started
+    metadata = {
+        "settings": {k: v for k, v in s.items() if k not in ("force",)},
+        "vocab_size": len(tokenizer),
+        "parameters": num_params,
+        "train_tokens": tokens_seen,
+        "train_sequences_available": len(data),
+        "final_train_loss": loss_value,
+        "eval_cross_entropy": eval_ce,
+        "eval_perplexity": math.exp(eval_ce),
+        "eval_tokens": eval_tokens,
+        "eval_documents": len(held_out_texts),
+        "train_seconds": train_seconds,
+        "wall_seconds": wall,
+        "device": device.type,
+        "torch_version": torch.__version__,
+    }
+
+    # 5. save atomically: a half-written directory never looks like a teacher
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    partial.rename(out)
+    click.echo(
+        f"teacher: {num_params / 1e6:.1f}M parameters, {tokens_seen:,} tokens in "
+        f"{train_seconds:.0f}s ({tokens_seen / train_seconds:,.0f} tokens/s), held-out "
+        f"perplexity {math.exp(eval_ce):.2f} over {eval_tokens:,} tokens, wall {wall:.0f}s "
+        f"-> {out}"
+    )
+    return metadata
+
+
+@click.command("build-teacher")
+@click.option(
+    "--corpus",
+    default="stdlib",
+    show_default=True,
+    help="Corpus spec: dir, file, glob or `stdlib`.",
+)
+@click.option(
+    "--out",
+    default="artifacts/teacher",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output HF model directory.",
+)
+@click.option("--vocab-size", default=8192, show_default=True, help="BPE vocabulary size.")
+@click.option("--hidden-size", default=256, show_default=True)
+@click.option("--intermediate-size", default=704, show_default=True)
+@click.option("--layers", default=4, show_default=True, help="Decoder layers.")
+@click.option("--heads", default=4, show_default=True, help="Attention heads.")
+@click.option(
+    "--kv-heads", default=2, show_default=True, help="Key/value heads (grouped-query attention)."
+)
+@click.option("--seq-len", default=256, show_default=True, help="Training sequence length.")
+@click.option("--batch-size", default=16, show_default=True, help="Sequences per step.")
+@click.option("--steps", default=150, show_default=True, help="Optimizer steps.")
+@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup", default=15, show_default=True, help="Warmup steps.")
+@click.option(
+    "--eval-fraction",
+    default=0.02,
+    show_default=True,
+    help="Share of documents held out (same hash split as cache-teacher).",
+)
+@click.option(
+    "--eval-sequences",
+    default=64,
+    show_default=True,
+    help="At most this many held-out sequences are evaluated.",
+)
+@click.option(
+    "--text-field", default="text", show_default=True, help="Text field of .jsonl/.parquet corpora."
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--threads", default=0, show_default=True, help="CPU threads for torch (0 = torch's default)."
+)
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+def command(**settings: Any) -> None:
+    """Train the default teacher: a BPE tokenizer and a small Llama, saved as an HF model dir."""
+    build_teacher(settings)

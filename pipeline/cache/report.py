@@ -1,0 +1,78 @@
+"""What a cache-teacher run shows and leaves behind: the progress bar and the summary facts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kdcache.pipeline.cache.corpus import CorpusStats
+
+
+@contextmanager
+def progress_bar(estimate: int, *, enabled: bool) -> Iterator[Callable[..., None]]:
+    """One tqdm bar in tokens; yields ``advance(tokens, shards_done=None)``. Closed (even on an
+    error) before the caller prints anything, so an error line never lands inside the bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=estimate,
+        unit="tok",
+        unit_scale=True,
+        desc="cache-teacher",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+    def advance(tokens: int, shards_done: int | None = None) -> None:
+        bar.update(tokens)
+        if bar.n > bar.total:  # the size estimate (corpus bytes / 3) was low: keep the ETA sane
+            bar.total = int(bar.n * 1.1)
+        if shards_done is not None:
+            bar.set_postfix(shards=shards_done, refresh=False)
+
+    try:
+        yield advance
+        bar.total = bar.n
+    finally:
+        bar.close()
+
+
+def summarize(
+    records: dict[str, Any], already: set[str], stats: CorpusStats, seconds: float, method: str
+) -> dict[str, Any]:
+    """The facts of the final summary line (also stored as the manifest's ``stats``)."""
+    tokens = sum(r.num_tokens for r in records.values())
+    computed = sum(r.num_tokens for name, r in records.items() if name not in already)
+    nbytes = sum(r.nbytes for r in records.values())
+    return {
+        "shards": len(records),
+        "shards_resumed": len(already),
+        "sequences": sum(r.num_sequences for r in records.values()),
+        "tokens": tokens,
+        "tokens_by_split": {
+            split: sum(r.num_tokens for r in records.values() if r.split == split)
+            for split in sorted({r.split for r in records.values()})
+        },
+        "bytes": nbytes,
+        "bytes_per_token": nbytes / max(tokens, 1),
+        "tokens_computed": computed,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": computed / max(seconds, 1e-9),
+        "documents": stats.documents,
+        "empty_documents_skipped": stats.empty_skipped,
+        "unparseable_documents_skipped": stats.unparseable_skipped,
+        "invalid_utf8_documents_repaired": stats.invalid_utf8_replaced,
+        "method": method,
+    }
+
+
+def summary_line(f: dict[str, Any], out: str) -> str:
+    resumed = f", {f['shards_resumed']} already there" if f["shards_resumed"] else ""
+    return (
+        f"cache-teacher: {f['sequences']:,} sequences, {f['tokens']:,} tokens, "
+        f"{f['shards']} shards{resumed}, {f['bytes_per_token']:.1f} bytes/token, "
+        f"{f['seconds']:.1f} s, {f['tokens_per_second']:,.0f} tokens/s, skipped documents: "
+        f"{f['empty_documents_skipped']} empty, {f['unparseable_documents_skipped']} unparseable "
+        f"({f['invalid_utf8_documents_repaired']} with invalid UTF-8 repaired) -> {out}"
+    )

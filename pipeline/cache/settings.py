@@ -1,0 +1,112 @@
+"""What ``kdcache cache-teacher`` is asked to do, checked before anything is touched.
+
+``CacheSettings`` holds every option; ``check_settings`` validates what needs no teacher,
+``corpus_facts`` reads the corpus far enough to fingerprint it for the manifest, and
+``check_token_ids`` keeps ids the model does not embed away from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats, iter_documents, resolve_corpus
+from kdcache.pipeline.errors import UserError
+
+FORMATS = ("zarr", "arrow")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+PROBE_TEXT = "def probe(x):\n    return x * 2  # The quick brown fox jumps over the lazy dog.\n"
+
+
+@dataclass
+class CacheSettings:
+    """Every option of ``kdcache cache-teacher`` (see ``--help``)."""
+
+    teacher: str
+    corpus: str
+    out: str
+    top_k: int = 64
+    seq_len: int = 1024
+    batch_size: int = 8
+    format: str = "zarr"
+    shard_tokens: int = 1 << 19
+    dtype: str = "auto"
+    eval_fraction: float = 0.02
+    max_tokens: int | None = None
+    text_field: str = "text"
+    trust_remote_code: bool = False
+    chunk_tokens: int | None = None  # rows of vocab-wide floats at a time; None = 128 MiB worth
+
+
+def check_settings(s: CacheSettings) -> list[Path]:
+    """Validate what can be validated without the teacher; returns the corpus files."""
+    if s.format not in FORMATS:
+        raise UserError(f"unknown --format, {s.format}, use one of {', '.join(FORMATS)}")
+    if s.dtype not in DTYPE_CHOICES:
+        raise UserError(f"unknown --dtype, {s.dtype}, use one of {', '.join(DTYPE_CHOICES)}")
+    if s.seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, got {s.seq_len}, pass a larger value")
+    if s.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {s.top_k}, pass a positive value")
+    for name, value in (("--batch-size", s.batch_size), ("--shard-tokens", s.shard_tokens)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}, pass a positive value")
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {s.max_tokens}, or leave it out")
+    if not 0.0 <= s.eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {s.eval_fraction}, e.g. 0.02")
+    if "://" not in s.out:
+        out = Path(s.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output path is a file, {s.out}, give a directory for the store")
+        if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
+            raise UserError(
+                f"output directory is not empty and not a kdcache store, {s.out}, "
+                "give a new or empty directory"
+            )
+    try:
+        return resolve_corpus(s.corpus)
+    except CorpusError as e:
+        raise UserError(str(e)) from e
+
+
+def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], int]:
+    """The manifest's ``corpus`` entry, and an estimate of the corpus' size in bytes.
+
+    Raises:
+        UserError: every document is empty.
+    """
+    from kdcache.pipeline.cache.corpus import STDLIB, check_parquet_columns, corpus_fingerprint
+
+    stats = CorpusStats()
+    try:
+        check_parquet_columns(files, s.text_field)
+        next(iter_documents(files, stats, s.text_field))
+    except StopIteration:
+        raise UserError(
+            f"corpus has no non-empty documents ({stats.summary()}), {s.corpus}, "
+            f"give files with text (field/column {s.text_field!r} for .jsonl/.parquet)"
+        ) from None
+    except CorpusError as e:
+        raise UserError(str(e)) from e
+    spec = s.corpus if s.corpus == STDLIB else str(Path(s.corpus).expanduser().absolute())
+    facts = {
+        "spec": spec,
+        "fingerprint": corpus_fingerprint(s.corpus, files),
+        "files": len(files),
+        "eval_fraction": s.eval_fraction,
+        "text_field": s.text_field,
+        "max_tokens": s.max_tokens,
+    }
+    return facts, sum(p.stat().st_size for p in files)
+
+
+def check_token_ids(tokens: Any, vocab_size: int, teacher: str) -> None:
+    """The tokenizer may know more tokens than the model embeds; such an id must not reach it."""
+    highest = int(tokens.max())
+    if highest >= vocab_size:
+        raise UserError(
+            f"the teacher's tokenizer produced token id {highest}, outside the model's vocabulary "
+            f"of {vocab_size}, {teacher}, use the tokenizer the model was trained with"
+        )

@@ -1,0 +1,47 @@
+"""Checks before a student trains: impossible settings, and a store that lacks what the loss needs.
+
+Shared by ``train-student`` and the sweep, so both refuse the same things with the same lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdcache.pipeline.errors import UserError
+
+
+def check_settings(s: dict[str, Any]) -> None:
+    """Reject impossible settings before touching the store, one line each."""
+    for name in ("steps", "batch_size", "grad_accum", "eval_batches", "buffer_size"):
+        if s[name] < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be at least 1, got {s[name]}, pass a positive number")
+    for name in ("eval_every", "checkpoint_every", "workers", "warmup", "threads", "stop_after"):
+        if s[name] is not None and s[name] < 0:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be 0 or more, got {s[name]}, pass 0 or a positive number")
+    if not s["lr"] > 0:
+        raise UserError(f"--lr must be positive, got {s['lr']}, use e.g. 1e-3")
+    if not s["temperature"] > 0:
+        raise UserError(f"--temperature must be positive, got {s['temperature']}, use e.g. 1.0")
+    if not 0.0 <= s["alpha"] <= 1.0:
+        raise UserError(f"--alpha must be between 0 and 1, got {s['alpha']}, use e.g. 0.5")
+
+
+def check_store(store: Any, loss: str) -> None:
+    """The store must hold training data and what ``loss`` needs."""
+    if not store.shards_of("train"):
+        raise UserError(
+            f"the store has no committed train shards, {store.url}, "
+            "run `kdcache cache-teacher` to fill it first"
+        )
+    if loss in ("kl", "reverse-kl") and store.top_k < 2:
+        raise UserError(
+            f"--loss {loss} needs at least 2 teacher log-probs per token, the store has "
+            f"top_k={store.top_k}, use --loss ghost (which also uses the tail) or a store with larger --top-k"
+        )
+    if loss != "ce" and float(store.manifest.get("capture_temperature", 1.0)) != 1.0:
+        raise UserError(
+            f"--loss {loss} assumes log-probs captured at temperature 1, the store has "
+            f"{store.manifest['capture_temperature']}, re-create the store at temperature 1"
+        )

@@ -1,0 +1,79 @@
+"""A student's output directory: created for a new run, or checked before ``--resume`` continues one.
+
+OUT holds ``run.json`` (the store's fingerprint and every setting), ``log.csv``, ``metrics.json``,
+the saved student and ``checkpoint/``. A resumed run must ask for exactly what the recorded one did.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from kdcache.pipeline.distill.trainee import LOG_FIELDS, RESUMABLE_SETTINGS
+from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.files import create_out_dir
+
+RUN_FILE = "run.json"
+
+
+def prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
+    """Create OUT or check it for resuming; True if a checkpoint is there to resume from.
+
+    ``--resume`` on an empty or missing OUT starts a new run, so a job script can always pass it.
+    """
+    has_files = out.is_dir() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out is a file, {out}, give a directory")
+    if has_files and not resume:
+        raise UserError(
+            f"--out already holds files, {out}, pass --resume to continue that run "
+            "or choose an empty directory"
+        )
+    if not has_files:
+        create_out_dir(out)
+        return False
+    previous_file = out / RUN_FILE
+    if not previous_file.is_file():
+        raise UserError(
+            f"--out holds files but no kdcache run (run.json), {out}, "
+            "choose an empty directory or drop --resume"
+        )
+    damaged = f"--out holds a damaged {RUN_FILE}, {previous_file}, use a new --out"
+    try:
+        previous = json.loads(previous_file.read_text())
+    except ValueError as e:
+        raise UserError(damaged) from e
+    if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
+        raise UserError(damaged)
+    differences = [
+        f"{key}: run has {previous['settings'].get(key)!r}, this command asks {run['settings'][key]!r}"
+        for key in RESUMABLE_SETTINGS
+        if previous["settings"].get(key) != run["settings"][key]
+    ]
+    for key in ("manifest_fingerprint", "train_shards"):
+        if previous.get(key) != run[key]:
+            differences.append(f"{key}: run has {previous.get(key)!r}, store now has {run[key]!r}")
+    if differences:
+        raise UserError(
+            f"--resume with different settings, {'; '.join(differences)}, "
+            "repeat the original command or use a new --out"
+        )
+    # a kill between the two renames of save_checkpoint leaves only checkpoint.old
+    checkpoint, old = out / "checkpoint", out / "checkpoint.old"
+    if not checkpoint.is_dir() and old.is_dir():
+        old.rename(checkpoint)
+    return checkpoint.is_dir()  # no checkpoint yet: start over with the same settings
+
+
+def truncate_log(path: Path, up_to_step: int) -> None:
+    """Keep the per-step log rows of steps <= ``up_to_step`` (those the checkpoint covers)."""
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to_step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,303 @@
+"""Stage two: train a student from a logit store — ``kdcache train-student``.
+
+The recipe (``train``) reads top to bottom: check settings and the store → student and
+tokenizer → loaders → trainee (model, optimizer, schedule) → resume → loop (step, log, eval,
+checkpoint) → save → report. The reusable parts (``Trainee``, ``train_step``, checkpoints) live
+in ``trainee.py`` so the sweep can train several students on each batch read once.
+
+Outputs in OUT: the student (``save_pretrained``) + the teacher's tokenizer, ``run.json`` (store,
+manifest fingerprint, every setting), ``log.csv`` (one row per step), ``metrics.json`` (final
+eval, eval history, training summary) and ``checkpoint/`` (for ``--resume``). A store without an
+``eval`` split trains with a warning and reports no eval metrics (``"final": null``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from tqdm.auto import tqdm
+
+from kdcache.pipeline.distill.checks import check_settings, check_store
+from kdcache.pipeline.distill.evaluation import evaluate
+from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
+from kdcache.pipeline.distill.losses import LOSSES
+from kdcache.pipeline.distill.run_dir import RUN_FILE, prepare_out, truncate_log
+from kdcache.pipeline.distill.student import build_student, count_parameters, load_store_tokenizer
+from kdcache.pipeline.distill.trainee import (
+    LOG_FIELDS,
+    load_checkpoint,
+    make_accelerator,
+    make_trainee,
+    manifest_fingerprint,
+    save_checkpoint,
+    train_step,
+)
+from kdcache.pipeline.files import write_text_atomic
+from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.storage import open_store
+
+
+def _print_table(history: list[dict[str, float]]) -> None:
+    names = ("step", "cross_entropy", "perplexity", "kl_to_teacher", "top1_agreement", "ece")
+    click.echo("  ".join(f"{n:>14}" for n in names))
+    for row in history:
+        cells = [f"{int(row['step']):>14d}"] + [f"{row[n]:>14.4f}" for n in names[1:]]
+        click.echo("  ".join(cells))
+
+
+def train(settings: dict[str, Any]) -> dict[str, Any]:
+    """The train-student recipe; returns the final metrics (also written to OUT/metrics.json)."""
+    s = settings
+    check_settings(s)
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    accelerator = make_accelerator(s["seed"])
+    main = accelerator.is_main_process
+
+    # 1. the store and the student (vocabulary checked before anything trains)
+    store = open_store(s["store"])
+    check_store(store, s["loss"])
+    tokenizer = load_store_tokenizer(store)
+    model, source = build_student(
+        s["student"],
+        store.vocab_size,
+        tokenizer=tokenizer,
+        seed=s["seed"],
+        max_positions=max(2048, store.seq_len),
+    )
+    out = Path(s["out"])
+    train_records = store.shards_of("train")
+    run = {
+        "store": store.url,
+        "manifest_fingerprint": manifest_fingerprint(store.manifest),
+        "train_shards": [len(train_records), sum(r.num_tokens for r in train_records)],
+        "teacher": store.manifest.get("teacher"),
+        "student": {"source": source, "parameters": count_parameters(model)},
+        "settings": {k: v for k, v in s.items() if k not in ("stop_after", "threads")},
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "processes": accelerator.num_processes,
+        "command": sys.argv,
+    }
+    if main:
+        prepare_out(out, s["resume"], run)
+    accelerator.wait_for_everyone()  # OUT is shared: every rank sees what the main one decided
+    resuming = s["resume"] and (out / "checkpoint").is_dir()
+    if main and not (out / RUN_FILE).is_file():
+        write_text_atomic(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
+
+    keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
+
+    # 2. loaders: this rank's share of train (endless, shuffled) and the eval split (main only)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_loader = TeacherLoader(
+        TeacherDataset(
+            store,
+            "train",
+            batch_size=s["batch_size"],
+            seed=s["seed"],
+            buffer_size=s["buffer_size"],
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            pad_id=pad_id,
+        ),
+        num_workers=s["workers"],
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    has_eval = bool(store.shards_of("eval"))
+    if not has_eval and main:
+        click.echo(
+            f"warning: the store has no eval split, {store.url}: no eval metrics will be reported; "
+            "re-create the store with --eval-fraction > 0 to measure the student",
+            err=True,
+        )
+
+    # 3. the trainee: model + AdamW + warmup/cosine schedule + loss settings
+    warmup = s["warmup"] if s["warmup"] is not None else max(1, s["steps"] // 10)
+    trainee = make_trainee(
+        "student",
+        model,
+        accelerator,
+        loss=s["loss"],
+        temperature=s["temperature"],
+        alpha=s["alpha"],
+        lr=s["lr"],
+        steps=s["steps"],
+        warmup=warmup,
+    )
+    if resuming:
+        load_checkpoint(out / "checkpoint", [trainee], train_loader, accelerator)
+    log_path = out / "log.csv"
+    if main:
+        truncate_log(log_path, trainee.step)
+    eval_history: list[dict[str, float]] = list(trainee.extra.get("eval_history", []))
+
+    def run_eval() -> None:
+        if not has_eval or not main:
+            return
+        model_ = accelerator.unwrap_model(trainee.model)
+        with accelerator.autocast():
+            metrics = evaluate(
+                model_, eval_batches(store, s["batch_size"], pad_id), max_batches=s["eval_batches"]
+            )
+        eval_history.append({"step": trainee.step, **metrics})
+        trainee.extra["eval_history"] = eval_history
+
+    def checkpoint() -> None:
+        save_checkpoint(out / "checkpoint", [trainee], train_loader, accelerator)
+
+    # 4. the loop
+    start_step, started = trainee.step, time.perf_counter()
+    stop_at = min(s["steps"], start_step + s["stop_after"]) if s["stop_after"] else s["steps"]
+    data_seconds, tokens_this_run = 0.0, 0
+    bar = tqdm(
+        total=s["steps"], initial=start_step, unit="step", disable=not main, dynamic_ncols=True
+    )
+    # closing the bar first (also on errors) keeps an error message on a line of its own
+    log_file = log_path.open("a", newline="") if main else open(os.devnull, "w")  # noqa: SIM115
+    with bar, log_file:
+        log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
+        while trainee.step < stop_at:
+            t0 = time.perf_counter()
+            micro_batches = [next(train_loader) for _ in range(s["grad_accum"])]
+            data_seconds += time.perf_counter() - t0
+            row = train_step(trainee, micro_batches, accelerator)
+            tokens_this_run += int(row["tokens"])
+            elapsed = time.perf_counter() - started
+            row.update(
+                elapsed_s=round(elapsed, 3), tokens_per_s=round(tokens_this_run / elapsed, 1)
+            )
+            log.writerow(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if (
+                s["eval_every"]
+                and trainee.step % s["eval_every"] == 0
+                and trainee.step < s["steps"]
+            ):
+                run_eval()
+            if s["checkpoint_every"] and trainee.step % s["checkpoint_every"] == 0:
+                log_file.flush()
+                checkpoint()
+    wall = time.perf_counter() - started
+    checkpoint()
+    if trainee.step < s["steps"]:
+        if main:
+            click.echo(
+                f"stopped after step {trainee.step} of {s['steps']} (--stop-after), "
+                f"checkpoint in {out / 'checkpoint'}; continue with the same command plus --resume"
+            )
+        return {"step": trainee.step}
+
+    # 5. final eval, save the student + tokenizer, write metrics, report
+    if not eval_history or eval_history[-1]["step"] != trainee.step:
+        run_eval()
+    final = eval_history[-1] if eval_history else None
+    metrics = {
+        "final": final,
+        "eval_history": eval_history,
+        "train": {
+            "steps": trainee.step,
+            "tokens": trainee.tokens,
+            "last_loss": trainee.extra.get("last_loss"),
+            "wall_seconds_this_run": round(wall, 3),
+            "data_wait_share": round(data_seconds / max(wall, 1e-9), 4),
+        },
+        "settings": run["settings"],
+        "student": run["student"],
+    }
+    if main:
+        model_ = accelerator.unwrap_model(trainee.model)
+        model_.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if eval_history:
+            _print_table(eval_history)
+        rate = tokens_this_run / max(wall, 1e-9)
+        quality = (
+            f"eval CE {final['cross_entropy']:.4f} (ppl {final['perplexity']:.2f}), "
+            f"KL to teacher {final['kl_to_teacher']:.4f}, top-1 {final['top1_agreement']:.3f}"
+            if final
+            else "no eval split"
+        )
+        click.echo(
+            f"trained {source} ({run['student']['parameters']:,} parameters) for {trainee.step} steps: "
+            f"{tokens_this_run:,} tokens in {wall:.1f} s ({rate:,.0f} tokens/s); {quality}; saved to {out}"
+        )
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+@click.command("train-student")
+@click.option("--store", required=True, help="Logit store: a path or fsspec URL.")
+@click.option(
+    "--student",
+    default="tiny",
+    show_default=True,
+    help="Preset (tiny|small|base), config .json/.yaml, or HF model directory.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--steps", default=300, show_default=True, help="Optimizer steps.")
+@click.option(
+    "--batch-size", default=8, show_default=True, help="Sequences per micro-batch (per process)."
+)
+@click.option(
+    "--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step."
+)
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup", default=None, type=int, help="Warmup steps [default: 10% of --steps].")
+@click.option(
+    "--loss",
+    type=click.Choice(LOSSES),
+    default="kl",
+    show_default=True,
+    help="KD loss on the teacher's top-k; ce = hard labels only (the no-teacher baseline).",
+)
+@click.option("--temperature", default=1.0, show_default=True, help="KD temperature T (loss × T²).")
+@click.option("--alpha", default=0.5, show_default=True, help="alpha · KD + (1 − alpha) · CE.")
+@click.option("--seed", default=0, show_default=True, help="Seeds the weights and the data order.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option(
+    "--eval-every",
+    default=100,
+    show_default=True,
+    help="Evaluate every N steps (0: only at the end).",
+)
+@click.option(
+    "--eval-batches", default=20, show_default=True, help="At most this many eval batches."
+)
+@click.option(
+    "--checkpoint-every",
+    default=100,
+    show_default=True,
+    help="Checkpoint every N steps (0: only at the end).",
+)
+@click.option("--workers", default=1, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--buffer-size", default=1024, show_default=True, help="Shuffle buffer, in sequences."
+)
+@click.option(
+    "--threads",
+    default=0,
+    show_default=True,
+    help="CPU threads for torch (0: torch's default; 1 is fastest for tiny students on a busy machine).",
+)
+@click.option(
+    "--stop-after",
+    default=0,
+    show_default=True,
+    help="Stop (with a checkpoint) after N steps of this invocation; 0: run to --steps.",
+)
+def command(**settings: Any) -> None:
+    """Train a student from the teacher's cached top-k log-probs (docs/architecture.md §5)."""
+    settings["store"] = str(settings["store"])
+    settings["out"] = str(settings["out"])
+    train(settings)

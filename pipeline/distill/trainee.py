@@ -1,0 +1,209 @@
+"""One student being trained — model, optimizer, schedule, loss settings — and its checkpoints.
+
+``train-student`` trains one ``Trainee``; the sweep trains several on each batch read once,
+calling the same ``train_step`` for each. Checkpoints are our own files (no pickle of untrusted
+data: ``torch.load(weights_only=True)`` and JSON), written to a temporary directory and renamed
+into place, so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcache.pipeline.distill.batches import batch_to_device
+from kdcache.pipeline.distill.losses import IGNORE_INDEX, combine, loss_sums
+
+LOG_FIELDS = ("step", "tokens", "loss", "kd", "ce", "lr", "grad_norm", "elapsed_s", "tokens_per_s")
+# settings that must be identical to resume a run exactly
+RESUMABLE_SETTINGS = (
+    "store", "student", "steps", "batch_size", "grad_accum", "lr", "warmup", "loss",
+    "temperature", "alpha", "seed", "workers", "buffer_size",
+)  # fmt: skip
+_VOLATILE_MANIFEST_FACTS = ("created_at", "kdcache_version", "finished", "stats")
+
+
+@dataclass
+class Trainee:
+    """A model with its optimizer, LR schedule, loss settings and progress."""
+
+    name: str
+    model: Any  # prepared by Accelerate
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss: str
+    temperature: float
+    alpha: float
+    max_grad_norm: float = 1.0
+    step: int = 0
+    tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-able state saved with checkpoints
+
+
+def make_accelerator(seed: int) -> Any:
+    """An Accelerator: bf16 autocast on CUDA when supported, fp32 on CPU (gloo across ranks)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cuda = torch.cuda.is_available()
+    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
+    set_seed(seed)
+    return accelerator
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warmup to the peak, then cosine decay to 10% of it at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_trainee(
+    name: str,
+    model: torch.nn.Module,
+    accelerator: Any,
+    *,
+    loss: str,
+    temperature: float,
+    alpha: float,
+    lr: float,
+    steps: int,
+    warmup: int,
+    weight_decay: float = 0.1,
+    max_grad_norm: float = 1.0,
+) -> Trainee:
+    """AdamW (no decay on norms and biases) + warmup/cosine, prepared with ``accelerator``."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, steps)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Trainee(name, model, optimizer, scheduler, loss, temperature, alpha, max_grad_norm)
+
+
+def train_step(
+    trainee: Trainee, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any
+) -> dict[str, Any]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation); returns the log row.
+
+    Each term is averaged over the tokens of the whole step, so accumulating N micro-batches
+    gives the gradient of one N-times larger batch.
+    """
+    # compact loader dtypes cross to the device, widened there (ids → int64)
+    batches = [batch_to_device(b, accelerator.device) for b in micro_batches]
+    kd_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    ce_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    model = trainee.model
+    model.train()
+    total_loss = total_kd = total_ce = 0.0
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            sums = loss_sums(logits, b, loss=trainee.loss, temperature=trainee.temperature)
+            loss, kd, ce = combine(
+                sums,
+                loss=trainee.loss,
+                alpha=trainee.alpha,
+                kd_tokens=kd_tokens,
+                ce_tokens=ce_tokens,
+            )
+            accelerator.backward(loss)
+        total_loss += float(loss.detach())
+        total_kd += float(kd.detach())
+        total_ce += float(ce.detach())
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), trainee.max_grad_norm)
+    lr = trainee.scheduler.get_last_lr()[0]
+    trainee.optimizer.step()
+    trainee.scheduler.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.step += 1
+    tokens = kd_tokens * accelerator.num_processes
+    trainee.tokens += tokens
+    trainee.extra["last_loss"] = total_loss
+    return {
+        "step": trainee.step,
+        "tokens": tokens,
+        "loss": round(total_loss, 6),
+        "kd": round(total_kd, 6),
+        "ce": round(total_ce, 6),
+        "lr": lr,
+        "grad_norm": round(float(grad_norm), 6),
+    }
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's content facts (ignoring timestamps, version, finished flag)."""
+    facts = {k: v for k, v in manifest.items() if k not in _VOLATILE_MANIFEST_FACTS}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerator: Any) -> None:
+    """Write ``path`` atomically: trainees (main process), loader position + RNG (every rank)."""
+    tmp = path.with_name(path.name + ".tmp")
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for t in trainees:
+            state = {
+                "model": accelerator.unwrap_model(t.model).state_dict(),
+                "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict(),
+            }
+            torch.save(state, tmp / f"{t.name}.pt")
+            progress = {"step": t.step, "tokens": t.tokens, "extra": t.extra}
+            (tmp / f"{t.name}.json").write_text(json.dumps(progress))
+    accelerator.wait_for_everyone()
+    (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader.state_dict()))
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerator: Any) -> None:
+    """Restore what ``save_checkpoint`` wrote, on every rank."""
+    rank = accelerator.process_index
+    for t in trainees:
+        state = torch.load(path / f"{t.name}.pt", map_location="cpu", weights_only=True)
+        accelerator.unwrap_model(t.model).load_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        progress = json.loads((path / f"{t.name}.json").read_text())
+        t.step, t.tokens, t.extra = progress["step"], progress["tokens"], progress["extra"]
+    loader.load_state_dict(json.loads((path / f"loader-rank{rank}.json").read_text()))
+    rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

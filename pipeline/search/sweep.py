@@ -1,0 +1,349 @@
+"""The sweep recipe: many students from one store, up to N trained on each batch read once.
+
+Reads top to bottom: validate the YAML and every candidate (before any training) → plan groups
+of ``--together`` candidates → for each unfinished group: one loader, one ``Trainee`` per
+candidate, each batch fed to all of them → evaluate, save → leaderboard and Pareto plot.
+
+Every candidate of a group sees exactly the batches it would see alone (same loader seed) and
+starts from the weights it would have alone (seeded init), so training together changes wall
+time, not results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from tqdm import tqdm
+
+from kdcache.pipeline.distill.checks import check_store
+from kdcache.pipeline.distill.evaluation import evaluate
+from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
+from kdcache.pipeline.distill.student import build_student, count_parameters, load_store_tokenizer
+from kdcache.pipeline.distill.trainee import (
+    load_checkpoint,
+    make_accelerator,
+    make_trainee,
+    manifest_fingerprint,
+    save_checkpoint,
+    train_step,
+)
+from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.files import create_out_dir, write_text_atomic
+from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.pipeline.search.leaderboard import best_per_size_class, plot_pareto, write_leaderboard
+from kdcache.pipeline.search.sweep_config import Candidate, SweepConfig, load_sweep_config
+from kdcache.storage import open_store
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sweep.yaml"
+SWEEP_FILE = "sweep.json"
+BASELINE = "baseline-ce"
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    """Parameters outside the token embedding and the LM head (the usual scaling-law count)."""
+    skip = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        skip.add(id(head.weight))
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for i, p in unique.items() if i not in skip)
+
+
+@torch.inference_mode()
+def inference_tokens_per_s(
+    model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 3
+) -> float:
+    """Forward throughput on one batch (B, L), best of ``repeats`` after a warm-up pass."""
+    was_training = model.training
+    model.eval()
+    model(input_ids=input_ids)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=input_ids)
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    model.train(was_training)
+    return input_ids.numel() / best
+
+
+def _steps(config: SweepConfig, seq_len: int, processes: int) -> int:
+    if config.budget_steps is not None:
+        return config.budget_steps
+    assert config.budget_tokens is not None
+    return max(1, math.ceil(config.budget_tokens / (config.batch_size * seq_len * processes)))
+
+
+def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
+    """Create OUT, or check that it holds this same sweep (then finished candidates are kept)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out is a file, {out}, give a directory")
+    record = out / SWEEP_FILE
+    if record.is_file():
+        damaged = f"--out holds a damaged {SWEEP_FILE}, {record}, choose a new --out"
+        try:
+            previous = json.loads(record.read_text())
+        except ValueError as e:
+            raise UserError(damaged) from e
+        if not isinstance(previous, dict):
+            raise UserError(damaged)
+        differences = [k for k in plan if previous.get(k) != plan[k]]
+        if differences:
+            raise UserError(
+                f"--out holds a different sweep (differs in {', '.join(differences)}), {out}, "
+                "rerun the original command to resume it or choose a new --out"
+            )
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(
+            f"--out already holds files that are not a sweep, {out}, choose a new --out"
+        )
+    create_out_dir(out / "candidates")
+    write_text_atomic(record, json.dumps(plan, indent=2) + "\n")
+
+
+def _finished(out: Path, candidate: Candidate) -> bool:
+    return (out / "candidates" / candidate.name / "metrics.json").is_file()
+
+
+def _train_group(
+    group: list[Candidate],
+    config: SweepConfig,
+    store: Any,
+    tokenizer: Any,
+    out: Path,
+    accelerator: Any,
+    steps: int,
+    settings: dict[str, Any],
+) -> bool:
+    """Train ``group`` on one shared stream of batches, then evaluate and save each candidate.
+
+    Returns False when ``--stop-after`` stopped it early (a checkpoint holds its progress).
+    """
+    main = accelerator.is_main_process
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
+    loader = TeacherLoader(
+        TeacherDataset(
+            store,
+            "train",
+            batch_size=config.batch_size,
+            seed=config.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            pad_id=pad_id,
+        ),
+        num_workers=settings["workers"],
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    warmup = config.warmup or max(1, steps // 10)
+    trainees, models = [], {}
+    for candidate in group:
+        model, _ = build_student(
+            config.base,
+            store.vocab_size,
+            tokenizer=tokenizer,
+            overrides=candidate.architecture,
+            seed=config.seed,
+            max_positions=store.seq_len,
+        )
+        models[candidate.name] = model
+        trainees.append(
+            make_trainee(
+                candidate.name,
+                model,
+                accelerator,
+                loss=candidate.loss,
+                temperature=candidate.temperature,
+                alpha=candidate.alpha,
+                lr=candidate.lr,
+                steps=steps,
+                warmup=warmup,
+            )
+        )
+    checkpoint = out / "groups" / "+".join(c.name for c in group)
+    if checkpoint.is_dir():
+        load_checkpoint(checkpoint, trainees, loader, accelerator)
+    seconds = {t.name: float(t.extra.get("train_seconds", 0.0)) for t in trainees}
+
+    bar = tqdm(
+        total=steps,
+        initial=trainees[0].step,
+        unit="step",
+        desc=f"{len(group)} together",
+        disable=not main,
+        dynamic_ncols=True,
+    )
+    stop_at = (
+        min(steps, trainees[0].step + settings["stop_after"]) if settings["stop_after"] else steps
+    )
+    while trainees[0].step < stop_at:
+        batch = next(loader)  # read and decoded once, fed to every candidate
+        losses = {}
+        for trainee in trainees:
+            start = time.perf_counter()
+            row = train_step(trainee, [batch], accelerator)
+            seconds[trainee.name] += time.perf_counter() - start
+            trainee.extra["train_seconds"] = seconds[trainee.name]
+            losses[trainee.name] = row["loss"]
+        bar.update(1)
+        bar.set_postfix(best_loss=f"{min(losses.values()):.3f}")
+        if settings["checkpoint_every"] and trainees[0].step % settings["checkpoint_every"] == 0:
+            save_checkpoint(checkpoint, trainees, loader, accelerator)
+    bar.close()
+    if trainees[0].step < steps:  # --stop-after: leave a checkpoint to resume from
+        save_checkpoint(checkpoint, trainees, loader, accelerator)
+        loader.close()
+        return False
+    loader.close()
+
+    if main:
+        has_eval = bool(store.shards_of("eval"))
+        probe = (
+            next(iter(eval_batches(store, config.batch_size, pad_id)), None) if has_eval else None
+        )
+        for candidate, trainee in zip(group, trainees, strict=True):
+            model = accelerator.unwrap_model(trainee.model)
+            metrics = (
+                evaluate(
+                    model,
+                    eval_batches(store, config.batch_size, pad_id),
+                    max_batches=config.eval_batches,
+                )
+                if has_eval
+                else {}
+            )
+            ids = (probe or next(iter(loader)))["input_ids"].to(accelerator.device)
+            row = {
+                "candidate": candidate.name,
+                "parameters": count_parameters(model),
+                "non_embedding_parameters": non_embedding_parameters(model),
+                "tokens_seen": trainee.tokens,
+                "eval_cross_entropy": metrics.get("cross_entropy", math.nan),
+                "kl_to_teacher": metrics.get("kl_to_teacher", math.nan),
+                "top1_agreement": metrics.get("top1_agreement", math.nan),
+                "ece": metrics.get("ece", math.nan),
+                "train_tokens_per_s": trainee.tokens / max(seconds[trainee.name], 1e-9),
+                "inference_tokens_per_s": inference_tokens_per_s(model, ids),
+                **candidate.settings(),
+            }
+            target = out / "candidates" / candidate.name
+            target.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            # metrics.json last: its presence marks the candidate finished
+            metrics_json = json.dumps({"row": row, "eval": metrics}, indent=2) + "\n"
+            write_text_atomic(target / "metrics.json", metrics_json)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return True
+
+
+def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sweep recipe; returns the leaderboard rows (also written to OUT)."""
+    config = load_sweep_config(Path(settings["config"]))
+    if settings["together"] < 1:
+        raise UserError(f"--together must be at least 1, got {settings['together']}, use e.g. 4")
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+
+    # 1. the store, and every candidate built once on its vocabulary — before any training
+    store = open_store(settings["store"])
+    for loss in sorted({c.loss for c in config.candidates}):
+        check_store(store, loss)
+    tokenizer = load_store_tokenizer(store)
+    for candidate in config.candidates:
+        try:
+            build_student(
+                config.base,
+                store.vocab_size,
+                tokenizer=tokenizer,
+                overrides=candidate.architecture,
+                max_positions=store.seq_len,
+            )
+        except UserError as e:
+            raise UserError(f"candidate {candidate.name}: {e.message}") from e
+
+    accelerator = make_accelerator(config.seed)
+    steps = _steps(config, store.seq_len, accelerator.num_processes)
+    out = Path(settings["out"])
+    plan = {
+        "config": config.raw,
+        "store_fingerprint": manifest_fingerprint(store.manifest),
+        "together": settings["together"],
+        "steps": steps,
+    }
+    if accelerator.is_main_process:
+        _prepare_out(out, plan)
+    accelerator.wait_for_everyone()
+
+    # 2. groups of up to N unfinished candidates, each trained on one shared stream of batches
+    todo = [c for c in config.candidates if not _finished(out, c)]
+    if accelerator.is_main_process:
+        done = len(config.candidates) - len(todo)
+        click.echo(
+            f"sweep: {len(config.candidates)} candidates ({done} already finished), "
+            f"{steps} steps each, {settings['together']} per data pass"
+        )
+    started = time.perf_counter()
+    for first in range(0, len(todo), settings["together"]):
+        group = todo[first : first + settings["together"]]
+        if not _train_group(group, config, store, tokenizer, out, accelerator, steps, settings):
+            if accelerator.is_main_process:
+                click.echo(f"stopped early (--stop-after); rerun the same command to resume, {out}")
+            return []
+    wall = time.perf_counter() - started
+
+    # 3. leaderboard, Pareto plot, the best candidate per size class
+    rows = [
+        json.loads((out / "candidates" / c.name / "metrics.json").read_text())["row"]
+        for c in config.candidates
+    ]
+    if accelerator.is_main_process:
+        write_leaderboard(rows, out, baseline=BASELINE)
+        has_baseline = any(r["candidate"] == BASELINE for r in rows)
+        plot_pareto(rows, out / "pareto.png", baseline=BASELINE if has_baseline else None)
+        click.echo((out / "leaderboard.md").read_text())
+        students = [r for r in rows if r["candidate"] != BASELINE]
+        for label, row in best_per_size_class(students).items():
+            click.echo(
+                f"best {label} non-embedding parameters: {row['candidate']} "
+                f"({row['non_embedding_parameters']:,} of {row['parameters']:,} parameters, "
+                f"eval CE {row['eval_cross_entropy']:.4f})"
+            )
+        tokens = sum(int(r["tokens_seen"]) for r in rows)
+        click.echo(
+            f"sweep done: {len(rows)} candidates, {tokens:,} training tokens in {wall:.1f} s "
+            f"({tokens / max(wall, 1e-9):,.0f} tokens/s over all candidates); results in {out}"
+        )
+    return rows
+
+
+@click.command("sweep")
+@click.option("--store", required=True, help="Logit store: a path or fsspec URL.")
+@click.option(
+    "--config",
+    default=str(DEFAULT_CONFIG),
+    show_default="the shipped example",
+    help="Sweep YAML: base student, search space, budget, seed.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--together", default=4, show_default=True, help="Candidates trained per data pass.")
+@click.option("--workers", default=1, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps (0: never)."
+)
+@click.option("--threads", default=0, show_default=True, help="CPU threads for torch (0: default).")
+@click.option("--stop-after", default=0, hidden=True, help="Stop each group after N steps (tests).")
+def command(**settings: Any) -> None:
+    """Train many students from one store, several per data pass, with a leaderboard."""
+    settings["store"] = str(settings["store"])
+    sweep(settings)

@@ -1,0 +1,182 @@
+"""The store loader: exact partition over ranks × workers, seeded shuffles, batches, resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_synthetic_store
+
+from kdcache.pipeline.distill.batches import SharedRing, batch_to_device, collate, layout_of
+from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.storage import open_store
+
+# five train shards (one with a short last sequence), one eval shard
+LENGTHS = {"train": [[16] * 5, [16] * 4, [16] * 6 + [9], [16] * 3, [16] * 5], "eval": [[16] * 4]}
+N_TRAIN = 24
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_synthetic_store(str(tmp_path_factory.mktemp("loader") / "s"), lengths=LENGTHS)
+
+
+def _keys(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Sequences are numbered by their first token (see write_synthetic_store)."""
+    return batch["input_ids"][:, 0].tolist()
+
+
+def _all_keys(loader: TeacherLoader) -> list[int]:
+    return [key for batch in loader for key in _keys(batch)]
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, {"train": [[16] * 11, [16] * 13]}])
+def test_two_ranks_times_two_workers_partition_the_split(tmp_path: Path, lengths: dict) -> None:
+    # 5 shards ≥ 4 slots: shards are dealt out; 2 shards < 4 slots: sequences are strided
+    url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths)
+    keys: list[int] = []
+    for rank in range(2):
+        dataset = TeacherDataset(url, batch_size=3, seed=5, infinite=False, rank=rank, world_size=2)
+        keys += _all_keys(TeacherLoader(dataset, num_workers=2))
+    assert Counter(keys) == Counter(range(sum(map(len, lengths["train"]))))
+
+
+def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str) -> None:
+    store = open_store(store_url)
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    dataset = TeacherDataset(store, batch_size=4, seed=1, buffer_size=8, infinite=False)
+    seen = 0
+    for batch in TeacherLoader(dataset):
+        b, length = batch["input_ids"].shape
+        k = store.top_k
+        # the store's compact dtypes: uint16 ids, float16 log-probs
+        assert batch["topk_ids"].shape == (b, length, k) and batch["topk_ids"].dtype == torch.uint16
+        assert batch["topk_logprobs"].dtype == torch.float16
+        assert batch["labels"].dtype == torch.int64 and batch["attention_mask"].shape == (b, length)
+        wide = batch_to_device(batch, "cpu")
+        assert (
+            wide["topk_ids"].dtype == torch.int64 and wide["topk_logprobs"].dtype == torch.float16
+        )
+        for i, key in enumerate(_keys(batch)):
+            seq = by_key[key]
+            n = len(seq.tokens)
+            np.testing.assert_array_equal(batch["input_ids"][i, :n], seq.tokens)
+            np.testing.assert_array_equal(batch["labels"][i, : n - 1], seq.tokens[1:])
+            assert (batch["labels"][i, n - 1 :] == -100).all()
+            assert batch["attention_mask"][i].sum() == n
+            np.testing.assert_array_equal(wide["topk_ids"][i, :n], seq.topk_ids.astype(np.int64))
+            np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], seq.topk_logprobs)
+            assert (batch["topk_logprobs"][i, n:] == 0).all()
+            seen += 1
+    assert seen == N_TRAIN
+
+
+def test_shuffle_is_seeded_and_changes_every_epoch(store_url: str) -> None:
+    def first_epochs(seed: int) -> list[int]:
+        loader = TeacherLoader(TeacherDataset(store_url, batch_size=4, seed=seed, buffer_size=6))
+        return [k for _ in range(N_TRAIN // 4 * 2) for k in _keys(next(loader))]
+
+    a, again, other = first_epochs(0), first_epochs(0), first_epochs(1)
+    assert a == again and a != other
+    epoch1, epoch2 = a[:N_TRAIN], a[N_TRAIN:]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(N_TRAIN))  # each epoch exactly once
+    assert epoch1 != epoch2
+    ordered = TeacherDataset(store_url, batch_size=4, shuffle=False, infinite=False)
+    assert _all_keys(TeacherLoader(ordered)) == list(range(N_TRAIN))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_with_the_same_batches(store_url: str, workers: int) -> None:
+    def loader() -> TeacherLoader:
+        dataset = TeacherDataset(store_url, batch_size=5, seed=3, buffer_size=7)
+        return TeacherLoader(dataset, num_workers=workers)
+
+    reference = loader()
+    first = [_keys(next(reference)) for _ in range(5)]  # ends mid-epoch, mid-worker-cycle
+    state = reference.state_dict()
+    expected = [_keys(next(reference)) for _ in range(8)]  # crosses into the next epoch
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [_keys(next(resumed)) for _ in range(8)] == expected
+    assert first != expected[:5]
+
+
+def test_resume_refuses_a_different_worker_count(store_url: str) -> None:
+    one = TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=0)
+    next(one)
+    two = TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=2)
+    with pytest.raises(ValueError, match="num_workers"):
+        two.load_state_dict(one.state_dict())
+
+
+def test_memory_url_works_with_workers(tmp_path: Path) -> None:
+    url = write_synthetic_store("memory://loader-test/s", lengths={"train": [[8] * 3, [8] * 2]})
+    loader = TeacherLoader(TeacherDataset(url, batch_size=2, infinite=False), num_workers=2)
+    assert sorted(_all_keys(loader)) == list(range(5))
+
+
+def test_held_batches_stay_intact_while_workers_reuse_their_buffers(store_url: str) -> None:
+    # holding every batch of 3 epochs (more than the ring has slots) forces one-off buffers;
+    # dropping them lets the workers reuse slots — no batch may ever change under its holder
+    store = open_store(store_url)
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    loader = TeacherLoader(TeacherDataset(store, batch_size=2, seed=4), num_workers=2)
+    held = [next(loader) for _ in range(3 * N_TRAIN // 2)]
+    snapshot = [{name: t.clone() for name, t in b.items()} for b in held]
+    for _ in range(20):  # keep reading while the held batches still exist
+        next(loader)
+    for batch, copy in zip(held, snapshot, strict=True):
+        for name in batch:
+            assert torch.equal(batch[name], copy[name]), name
+        for i, key in enumerate(_keys(batch)):
+            n = len(by_key[key].tokens)
+            np.testing.assert_array_equal(batch["topk_ids"][i, :n].long(), by_key[key].topk_ids)
+    del held, snapshot, batch, copy
+    for _ in range(30):  # dropped batches: slots come back into use, contents stay right
+        batch = next(loader)
+        seq = by_key[_keys(batch)[0]]
+        np.testing.assert_array_equal(
+            batch["topk_logprobs"][0, : len(seq.tokens)], seq.topk_logprobs
+        )
+    loader.close()
+
+
+def test_shared_ring_reuses_a_slot_once_its_batch_is_dropped() -> None:
+    tokens = np.arange(4, dtype=np.int32)
+    ids = np.array([[1, 65535]] * 4, dtype=np.uint16)  # the top of the uint16 range
+    logprobs = np.full((4, 2), -0.5, dtype=np.float16)
+    layout = layout_of([(tokens, ids, logprobs)])
+    ring = SharedRing(workers=1, slots=2, slot_bytes=4096)
+    buffer, first = ring.acquire(0, 4096)
+    assert buffer is not None
+    collate([(tokens, ids, logprobs)], out=buffer)
+    batch = ring.batch(0, first, layout, pin=False)
+    assert batch_to_device(batch, "cpu")["topk_ids"][0, 0].tolist() == [1, 65535]
+    _, second = ring.acquire(0, 4096)
+    assert second != first and ring.acquire(0, 4096) == (None, -1)  # both in use
+    ids_view = batch["topk_ids"].reshape(-1)  # a derived view keeps the slot in use
+    del batch
+    ring.release()
+    assert ring.acquire(0, 4096) == (None, -1)
+    del ids_view
+    ring.release()
+    assert ring.acquire(0, 4096)[1] == first
+    assert ring.acquire(0, 1 << 20) == (None, -1)  # larger than a slot: caller goes one-off
+
+
+def test_large_vocabularies_travel_as_int32_ids(tmp_path: Path) -> None:
+    url = write_synthetic_store(
+        str(tmp_path / "s"), vocab_size=70_000, top_k=4, lengths={"train": [[6, 6]]}
+    )
+    store = open_store(url)
+    stored = np.concatenate([s.topk_ids for s in store.iter_sequences("train")])
+    assert stored.dtype == np.uint32 and stored.max() >= 65_536  # ids above the uint16 range
+    for workers in (0, 1):
+        dataset = TeacherDataset(store, batch_size=2, shuffle=False, infinite=False)
+        batch = next(iter(TeacherLoader(dataset, num_workers=workers)))
+        assert batch["topk_ids"].dtype == torch.int32
+        wide = batch_to_device(batch, "cpu")["topk_ids"]
+        np.testing.assert_array_equal(wide.reshape(-1, 4).numpy(), stored)
