@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kdcache.pipeline.cache.targets import TopkTargets, chunked_topk, logit_head
+from kdcache.pipeline.cache.targets import TopkTargets, chunked_topk
+from kdcache.pipeline.logit_head import logit_head
 
 VOCAB = 300
 TOP_K = 16

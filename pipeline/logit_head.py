@@ -1,0 +1,138 @@
+"""A teacher's final logits computed from its hidden states, a chunk of tokens at a time.
+
+Both stages need a teacher's full-vocabulary distribution without a float32 [batch, seq, vocab]
+tensor: stage one to cache its top-k or samples, stage two to distill from it live (the online
+reference). ``LogitHead`` repeats the model's own final-logit computation (projection, scaling,
+soft-capping) on a chunk of hidden states; ``ChunkScratch`` keeps the vocab-wide buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024  # vocab-wide float scratch per chunk
+
+
+@dataclass
+class LogitHead:
+    """hidden (N, H) -> logits (N, V), the same operations in the same order as the model's forward.
+
+    Attributes:
+        lm_head: the output embedding (``model.get_output_embeddings()``).
+        hidden_divisor: hidden states divided by this before the head (MiniCPM3).
+        logit_multiplier: logits multiplied by this (Cohere ``logit_scale``, Falcon-H1
+            ``lm_head_multiplier``, HyperCLOVA X ``logits_scaling``).
+        logit_divisor: logits divided by this (Granite ``logits_scaling``).
+        softcap: ``cap * tanh(logits / cap)`` (Gemma-2/3 ``final_logit_softcapping``).
+    """
+
+    lm_head: torch.nn.Module
+    hidden_divisor: float | None = None
+    logit_multiplier: float | None = None
+    logit_divisor: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (N, H) -> logits (N, V) in the model's dtype.
+
+        The final-logit transforms run in place on the head's output (the same values as the
+        model's out-of-place ops). With ``out`` (N, V) and a plain ``nn.Linear`` head, that
+        output is ``out`` itself, so a caller can reuse one buffer per chunk instead of a fresh
+        vocab-wide allocation.
+        """
+        if self.hidden_divisor is not None:
+            hidden = hidden / self.hidden_divisor
+        head = self.lm_head
+        if out is not None and self.writes_into_buffer and out.dtype == head.weight.dtype:
+            if head.bias is None:
+                logits = torch.mm(hidden, head.weight.t(), out=out)
+            else:
+                logits = torch.addmm(head.bias, hidden, head.weight.t(), out=out)
+        else:
+            logits = head(hidden)  # (N, V) in the model's dtype, a fresh tensor
+        if self.logit_multiplier is not None:
+            logits.mul_(self.logit_multiplier)
+        if self.logit_divisor is not None:
+            logits.div_(self.logit_divisor)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    @property
+    def writes_into_buffer(self) -> bool:
+        """Whether ``__call__(hidden, out=...)`` fills ``out`` (a plain ``nn.Linear`` head)."""
+        return type(self.lm_head) is torch.nn.Linear
+
+    def describe(self) -> str:
+        parts = [
+            f"{name}={value:g}"
+            for name, value in (
+                ("hidden/", self.hidden_divisor),
+                ("logits*", self.logit_multiplier),
+                ("logits/", self.logit_divisor),
+                ("softcap", self.softcap),
+            )
+            if value is not None
+        ]
+        return "lm_head" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def logit_head(model: Any) -> LogitHead:
+    """The final-logit computation of ``model``, read from its config and modules."""
+    config = model.config.get_text_config()
+    model_type = str(getattr(config, "model_type", ""))
+    head = LogitHead(lm_head=model.get_output_embeddings())
+    if model_type.startswith("granite") and getattr(config, "logits_scaling", None):
+        head.logit_divisor = float(config.logits_scaling)
+    elif model_type.startswith("hyperclovax") and getattr(config, "logits_scaling", None):
+        head.logit_multiplier = float(config.logits_scaling)
+    elif model_type.startswith("minicpm") and getattr(config, "logits_scaling", None):
+        head.hidden_divisor = float(config.logits_scaling)
+    elif model_type.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
+        head.logit_multiplier = float(config.logit_scale)
+    elif model_type == "falcon_h1" and getattr(config, "lm_head_multiplier", None) is not None:
+        head.logit_multiplier = float(config.lm_head_multiplier)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        head.softcap = float(softcap)
+    return head
+
+
+def default_chunk_tokens(
+    vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES, itemsize: int = 4
+) -> int:
+    """Tokens per chunk so that the chunk's scratch (see ``ChunkScratch``) fits the budget."""
+    per_row = vocab_size * (8 if itemsize == 4 else itemsize + 8)
+    return max(1, budget_bytes // per_row)
+
+
+class ChunkScratch:
+    """Vocab-wide buffers reused from chunk to chunk and batch to batch.
+
+    A fresh (C, V) tensor per chunk costs a page fault per 4 KiB on the CPU (glibc maps blocks of
+    32 MiB or more afresh on every allocation): that was most of the target math's time there.
+    The buffers hold one chunk: logits in the model's dtype, their float32 copy (not needed for a
+    float32 model) and the float32 log-softmax.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, name: str, like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A (rows, V) buffer of ``dtype`` on ``like``'s device; reallocated only to grow."""
+        buffer = self._buffers.get(name)
+        fits = (
+            buffer is not None
+            and buffer.dtype == dtype
+            and buffer.device == like.device
+            and buffer.shape[1] == shape[1]
+            and buffer.shape[0] >= shape[0]
+        )
+        if not fits:
+            buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=like.device)
+        return buffer[: shape[0]]  # (rows, V), contiguous
