@@ -121,7 +121,8 @@ def run_backend(
 
 def encoded_bytes(backend: str, ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> int:
     """Encoded size of one shard holding these rows (as sequences of 1024, float16)."""
-    from kdcache.storage._base import ShardArrays, get_codec
+    from kdcache.storage import ShardArrays
+    from kdcache.storage._base import get_codec
 
     n = ids.shape[0]
     dtype = np.uint16 if vocab <= 65536 else np.uint32

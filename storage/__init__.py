@@ -4,20 +4,30 @@ Public API (see docs/architecture.md §3 and §8)::
 
     from kdcache.storage import open_store
     store = open_store("/data/store")          # or "memory://s", "s3://bucket/s"
+    store.targets, store.has_topk, store.has_samples   # "topk" | "sampled" | "topk+sampled"
     for seq in store.iter_sequences(split="train"):
         seq.tokens, seq.topk_ids, seq.topk_logprobs   # numpy: (L,), (L, k), (L, k)
+        seq.topk_tail_logprob                         # (L,) log of the mass outside the top-k
+        seq.sampled_distinct, seq.sampled_offsets     # (L,), (L+1,): position t owns entries
+        seq.sampled_ids, seq.sampled_counts, seq.sampled_logprobs  # (M,) [off[t]:off[t+1]]
+        # a field the store's targets kind lacks is None
 
     from kdcache.storage import create_store, make_manifest
     manifest = make_manifest(backend="zarr", teacher={...}, tokenizer={...}, vocab_size=32000,
-                             top_k=64, seq_len=1024, corpus={...}, shard_tokens=1 << 20)
+                             top_k=64, seq_len=1024, corpus={...}, shard_tokens=1 << 20,
+                             targets="topk+sampled", samples=64, sample_seed=0)
     with create_store("/data/store", manifest) as writer:   # resumes if the manifest agrees
-        writer.append("train", tokens, topk_ids, topk_logprobs)  # rolls over at shard_tokens
+        writer.append("train", tokens, topk_ids, topk_logprobs,   # rolls over at shard_tokens
+                      topk_tail_logprob=tail, sampled_distinct=distinct, sampled_ids=ids,
+                      sampled_counts=counts, sampled_logprobs=logprobs)
 
 Layout: ``manifest.json``, ``shards/<split>-<index:05d>.zarr|.arrow`` and the commit record
 ``shards/<split>-<index:05d>.json`` (written last; only shards with a record exist for readers).
+This kdcache writes format_version 2 and reads 1 and 2 (docs/architecture.md §3).
 """
 
-from ._base import ShardArrays, ShardRecord, TeacherSequence
+from ._arrays import ShardArrays, TeacherSequence
+from ._base import ShardRecord
 from .errors import (
     ShardExists,
     StoreCorrupt,

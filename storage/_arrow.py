@@ -1,14 +1,20 @@
 """Arrow backend: one IPC file per shard, one row per sequence.
 
-Schema (zstd-compressed buffers)::
+Schema (zstd-compressed buffers; a column exists only when the store's targets kind has it)::
 
-    tokens:        list<int32>                              # (L,) per row
-    topk_ids:      list<fixed_size_list<uint16|uint32>[k]>  # (L, k) per row
-    topk_logprobs: list<fixed_size_list<float16|float32|uint16>[k]>
-                   # field metadata {"dtype": "bfloat16"} when the values are raw bfloat16 bits
+    tokens:            list<int32>                                 # (L,) per row
+    topk_ids:          list<fixed_size_list<uint16|uint32>[k]>     # (L, k) per row
+    topk_logprobs:     list<fixed_size_list<float16|float32|uint16>[k]>
+    topk_tail_logprob: list<float32>                               # (L,) per row
+    sampled_distinct:  list<uint8|uint16>                          # (L,) per row
+    sampled_ids:       list<uint16|uint32>                         # (M_s,) per row
+    sampled_counts:    list<uint8|uint16>                          # (M_s,) per row
+    sampled_logprobs:  list<float16|float32|uint16>                # (M_s,) per row
 
-Readable without kdcache: ``pyarrow.ipc.open_file(path).read_all()``. The list offsets of any
-column are the sequence boundaries (``seq_offsets`` of the Zarr backend).
+Log-prob columns carry field metadata {"dtype": "bfloat16"} when the values are raw bfloat16
+bits. Readable without kdcache: ``pyarrow.ipc.open_file(path).read_all()``. The list offsets
+of a per-token column are the sequence boundaries (``seq_offsets`` of the Zarr backend); a
+row's M_s sampled entries belong to its positions in order, ``sampled_distinct[t]`` each.
 """
 
 from __future__ import annotations
@@ -20,98 +26,122 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from ._base import ShardArrays, ShardCodec, bf16_to_float32
+from ._arrays import LOGPROB_FIELDS, SAMPLE_FIELDS, ShardArrays, offsets_of, stored_logprobs
+from ._base import ShardCodec
 from .errors import StoreCorrupt
+from .manifest import FORMAT_VERSION
 
 BATCH_TOKENS = 1 << 18  # rows of one record batch hold about this many tokens
+BATCH_ENTRIES = 1 << 22  # ... and at most about this many sampled entries (int32 list offsets)
 # Arrow IPC has no byte-shuffle, so plain zstd needs a higher level than Zarr's blosc to get
 # close in size (level 1 stores ~30% more bytes per token on Zipf-like rows; see bench/store.py)
 ZSTD_LEVEL = 6
 
 
-def _column(flat: npt.NDArray[Any], offsets: npt.NDArray[np.int32], k: int | None) -> pa.Array:
+def _column(flat: npt.NDArray[Any], offsets: npt.NDArray[np.int32]) -> pa.Array:
     values = pa.array(flat.reshape(-1))
-    if k is not None:
-        values = pa.FixedSizeListArray.from_arrays(values, k)
+    if flat.ndim == 2:
+        values = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+
+
+def _cuts(boundaries: npt.NDArray[np.int64], step: int) -> npt.NDArray[np.int64]:
+    """Sequence indices where a batch starts so that each holds about ``step`` units."""
+    return np.searchsorted(boundaries, np.arange(0, boundaries[-1], step)).astype(np.int64)
 
 
 class ArrowCodec(ShardCodec):
     suffix = ".arrow"
 
-    def encode(self, arrays: ShardArrays, logprob_dtype: str) -> dict[str, bytes]:
-        k = arrays.topk_ids.shape[1]
-        offsets = arrays.seq_offsets
-        # batch boundaries: whole sequences, ~BATCH_TOKENS tokens per batch
-        cuts = np.unique(np.searchsorted(offsets, np.arange(0, offsets[-1], BATCH_TOKENS)))
-        bounds = [*cuts.tolist(), len(offsets) - 1]
+    def encode(
+        self, arrays: ShardArrays, logprob_dtype: str, format_version: int = FORMAT_VERSION
+    ) -> dict[str, bytes]:
+        fields = arrays.fields()
+        for name in LOGPROB_FIELDS:
+            if name in fields:
+                fields[name] = stored_logprobs(fields[name], logprob_dtype)
+        offsets = arrays.seq_offsets  # (S+1,)
+        sampled = arrays.sampled_offsets
+        entries = sampled[offsets] if sampled is not None else None  # (S+1,) entry boundaries
+        cuts = _cuts(offsets, BATCH_TOKENS)
+        if entries is not None:
+            cuts = np.concatenate([cuts, _cuts(entries, BATCH_ENTRIES)])
+        bounds = [*np.unique(cuts).tolist(), len(offsets) - 1]
         sink = pa.BufferOutputStream()
         schema: pa.Schema | None = None
         writer: Any = None
         for s0, s1 in zip(bounds[:-1], bounds[1:], strict=True):
             if s1 <= s0:
                 continue
-            a, b = int(offsets[s0]), int(offsets[s1])
-            local = (offsets[s0 : s1 + 1] - a).astype(np.int32)
-            batch_columns = [
-                _column(arrays.tokens[a:b], local, None),
-                _column(arrays.topk_ids[a:b], local, k),
-                _column(arrays.topk_logprobs[a:b], local, k),
-            ]
+            columns = []
+            for name, data in fields.items():
+                edges = entries if name in SAMPLE_FIELDS else offsets
+                assert edges is not None
+                a, b = int(edges[s0]), int(edges[s1])
+                columns.append(_column(data[a:b], (edges[s0 : s1 + 1] - a).astype(np.int32)))
             if schema is None:
-                fields = [
-                    pa.field("tokens", batch_columns[0].type, nullable=False),
-                    pa.field("topk_ids", batch_columns[1].type, nullable=False),
-                    pa.field(
-                        "topk_logprobs",
-                        batch_columns[2].type,
-                        nullable=False,
-                        metadata={"dtype": logprob_dtype},
-                    ),
-                ]
-                meta = {
-                    "kdcache": json.dumps({"format_version": 1, "logprob_dtype": logprob_dtype})
-                }
-                schema = pa.schema(fields, metadata=meta)
+                schema = pa.schema(
+                    [
+                        pa.field(
+                            name,
+                            column.type,
+                            nullable=False,
+                            metadata={"dtype": logprob_dtype} if name in LOGPROB_FIELDS else None,
+                        )
+                        for name, column in zip(fields, columns, strict=True)
+                    ],
+                    metadata={
+                        "kdcache": json.dumps(
+                            {"format_version": format_version, "logprob_dtype": logprob_dtype}
+                        )
+                    },
+                )
                 options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", ZSTD_LEVEL))
                 writer = pa.ipc.new_file(sink, schema, options=options)
-            writer.write_batch(pa.record_batch(batch_columns, schema=schema))
+            writer.write_batch(pa.record_batch(columns, schema=schema))
         writer.close()
         return {"": sink.getvalue().to_pybytes()}
 
     def decode(
         self, files: dict[str, bytes], name: str
-    ) -> tuple[ShardArrays, npt.NDArray[Any], str]:
+    ) -> tuple[dict[str, npt.NDArray[Any]], dict[str, str]]:
         try:
             reader = pa.ipc.open_file(pa.BufferReader(files[""]))
-            field = reader.schema.field("topk_logprobs")
-            stored = (field.metadata or {}).get(b"dtype", b"").decode() or "float16"
-            parts: dict[str, list[npt.NDArray[Any]]] = {
-                "tokens": [],
-                "topk_ids": [],
-                "topk_logprobs": [],
-                "offsets": [],
+            names = list(reader.schema.names)
+            if "tokens" not in names:
+                raise ValueError("no tokens column")
+            labels = {
+                key: (reader.schema.field(key).metadata or {}).get(b"dtype", b"").decode()
+                or "float16"
+                for key in names
+                if key in LOGPROB_FIELDS
             }
+            parts: dict[str, list[npt.NDArray[Any]]] = {key: [] for key in [*names, "offsets"]}
             start = 0
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
-                offsets = None
-                for key in ("tokens", "topk_ids", "topk_logprobs"):
+                edges: dict[str, npt.NDArray[np.int64]] = {}  # "token"/"sample" -> offsets
+                for key in names:
                     column = batch.column(key)
                     col_offsets = np.asarray(column.offsets, dtype=np.int64)
                     col_offsets = col_offsets - col_offsets[0]
-                    if offsets is None:
-                        offsets = col_offsets
-                    elif not np.array_equal(offsets, col_offsets):
-                        raise ValueError(f"{key} has other sequence lengths than tokens")
+                    unit = "sample" if key in SAMPLE_FIELDS else "token"
+                    if unit not in edges:
+                        edges[unit] = col_offsets
+                    elif not np.array_equal(edges[unit], col_offsets):
+                        raise ValueError(f"{key} has other row lengths than its sibling columns")
                     values = column.flatten()
-                    if key != "tokens":
+                    if isinstance(values.type, pa.FixedSizeListType):
                         k = values.type.list_size
-                        values = values.flatten()  # FixedSizeList -> flat values
-                        parts[key].append(values.to_numpy().reshape(-1, k))
+                        parts[key].append(values.flatten().to_numpy().reshape(-1, k))
                     else:
                         parts[key].append(values.to_numpy())
-                assert offsets is not None
+                if "sampled_distinct" in names and "sample" in edges:
+                    # a row's sampled entries are its positions' entries, in order
+                    per_row = offsets_of(parts["sampled_distinct"][-1])[edges["token"]]
+                    if not np.array_equal(per_row, edges["sample"]):
+                        raise ValueError("a row's sampled entries disagree with sampled_distinct")
+                offsets = edges["token"]
                 parts["offsets"].append(offsets[1:] + start if parts["offsets"] else offsets)
                 start += int(offsets[-1])
         except Exception as e:  # pyarrow raises many kinds on damaged files
@@ -120,19 +150,12 @@ class ArrowCodec(ShardCodec):
                 "run `kdcache verify`",
                 shard=name,
             ) from e
-        if not parts["tokens"]:
+        if not parts["offsets"]:
             raise StoreCorrupt(f"shard {name} holds no record batches", shard=name)
 
-        def joined(key: str) -> npt.NDArray[Any]:
-            chunks = parts[key]
+        def joined(chunks: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
             return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
-        raw = joined("topk_logprobs")
-        arrays = ShardArrays(
-            tokens=joined("tokens"),
-            topk_ids=joined("topk_ids"),
-            topk_logprobs=bf16_to_float32(raw) if stored == "bfloat16" else raw,
-            seq_offsets=joined("offsets"),
-            shard=name,
-        )
-        return arrays, raw, stored
+        fields = {key: joined(parts[key]) for key in names}
+        fields["seq_offsets"] = joined(parts["offsets"])
+        return fields, labels

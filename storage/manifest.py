@@ -8,10 +8,20 @@ from typing import Any
 
 from .errors import StoreCorrupt, UnsupportedFormat
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this kdcache writes
+READABLE_VERSIONS = (1, 2)  # what it opens (docs/architecture.md §3, "Format versions")
 BACKENDS = ("zarr", "arrow")
+TARGETS = ("topk", "sampled", "topk+sampled")
+MAX_SAMPLES = 65535
 LOGPROB_DTYPES = ("float16", "float32", "bfloat16")
 ID_DTYPES = ("uint16", "uint32")
+# version-2 facts and what a version-1 manifest means by them
+V2_DEFAULTS: dict[str, Any] = {
+    "targets": "topk",
+    "samples": 0,
+    "sample_seed": None,
+    "count_dtype": None,
+}
 # facts that may differ between runs writing the same store
 IGNORED_FACTS = frozenset({"created_at", "kdcache_version", "finished", "stats"})
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -20,7 +30,9 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "teacher": dict,
     "tokenizer": dict,
     "vocab_size": int,
+    "targets": str,
     "top_k": int,
+    "samples": int,
     "logprob_dtype": str,
     "id_dtype": str,
     "capture_temperature": (int, float),
@@ -50,6 +62,23 @@ def id_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "uint32"
 
 
+def count_dtype_for(samples: int) -> str | None:
+    """The narrowest unsigned integer type that holds a count of ``samples`` draws (None for 0)."""
+    if samples == 0:
+        return None
+    return "uint8" if samples <= 255 else "uint16"
+
+
+def has_topk(manifest: dict[str, Any]) -> bool:
+    """True when the store holds top-k targets (``topk`` or ``topk+sampled``)."""
+    return "topk" in str(manifest.get("targets", "topk")).split("+")
+
+
+def has_samples(manifest: dict[str, Any]) -> bool:
+    """True when the store holds sampled targets (``sampled`` or ``topk+sampled``)."""
+    return "sampled" in str(manifest.get("targets", "topk")).split("+")
+
+
 def make_manifest(
     *,
     backend: str,
@@ -61,9 +90,18 @@ def make_manifest(
     corpus: dict[str, Any],
     shard_tokens: int,
     logprob_dtype: str = "float16",
+    targets: str = "topk",
+    samples: int = 0,
+    sample_seed: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build and validate the manifest of a new store.
+    """Build and validate the manifest of a new store (format version 2).
+
+    Args:
+        targets: "topk", "sampled" or "topk+sampled" (docs/architecture.md §3, "Targets").
+        top_k: k of the top-k targets; 0 when ``targets`` is "sampled".
+        samples: draws N per position (1..65535) for sampled targets; 0 otherwise.
+        sample_seed: the seed of the draws; required for sampled targets, else None.
 
     Raises:
         ValueError: a value is out of range or of the wrong type.
@@ -74,9 +112,17 @@ def make_manifest(
         "teacher": dict(teacher),
         "tokenizer": dict(tokenizer),
         "vocab_size": vocab_size,
+        "targets": targets,
         "top_k": top_k,
+        "samples": samples,
+        "sample_seed": sample_seed,
         "logprob_dtype": logprob_dtype,
         "id_dtype": id_dtype_for(vocab_size) if isinstance(vocab_size, int) else "uint32",
+        "count_dtype": (
+            count_dtype_for(samples)
+            if isinstance(samples, int) and 0 <= samples <= MAX_SAMPLES
+            else "uint16"
+        ),
         "capture_temperature": 1.0,
         "seq_len": seq_len,
         "corpus": dict(corpus),
@@ -101,34 +147,48 @@ def make_manifest(
 def validate_manifest(
     manifest: Any, *, where: str = "manifest", error: type[Exception] = StoreCorrupt
 ) -> dict[str, Any]:
-    """Check types and ranges; unknown ``format_version``/backend raise ``UnsupportedFormat``."""
+    """Check types and ranges; return a copy in the current shape (version 1 gains the v2 keys).
+
+    An unknown ``format_version`` or backend raises ``UnsupportedFormat``; anything else wrong
+    raises ``error``.
+    """
     if not isinstance(manifest, dict):
         raise error(f"{where} is not a JSON object, {type(manifest).__name__}, recreate the store")
     version = manifest.get("format_version")
-    if version is not None and version != FORMAT_VERSION:
+    if version is not None and (
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or version not in READABLE_VERSIONS
+    ):
         raise UnsupportedFormat(
             f"unsupported store format_version, {version!r} in {where}, "
-            f"this kdcache reads version {FORMAT_VERSION}: upgrade kdcache"
+            f"this kdcache reads versions {', '.join(map(str, READABLE_VERSIONS))}: "
+            "upgrade kdcache"
         )
     if manifest.get("backend") is not None and manifest["backend"] not in BACKENDS:
         raise UnsupportedFormat(
             f"unknown store backend, {manifest['backend']!r} in {where}, "
             f"expected one of {', '.join(BACKENDS)}: upgrade kdcache or fix the manifest"
         )
+    checked: dict[str, Any] = dict(manifest)  # returned; "manifest" names it from here on
+    manifest = checked
+    if version == 1:  # version 1 knew top-k targets only; a v2 key in it must say just that
+        for key, default in V2_DEFAULTS.items():
+            if manifest.setdefault(key, default) != default:
+                raise error(
+                    f"{where} is format_version 1 but sets {key} = {manifest[key]!r}, "
+                    "recreate the store"
+                )
     for key, kind in _REQUIRED.items():
         if key not in manifest:
             raise error(f"{where} lacks {key!r}, keys are {sorted(manifest)}, recreate the store")
         value = manifest[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise error(f"{where} {key} has the wrong type, {value!r}, recreate the store")
-    for key in ("vocab_size", "top_k", "seq_len", "shard_tokens"):
+    for key in ("vocab_size", "seq_len", "shard_tokens"):
         if manifest[key] < 1:
             raise error(f"{where} {key} must be >= 1, {manifest[key]}, fix the value")
-    if manifest["top_k"] > manifest["vocab_size"]:
-        raise error(
-            f"{where} top_k exceeds vocab_size, {manifest['top_k']} > {manifest['vocab_size']}, "
-            "lower top_k"
-        )
+    _validate_targets(manifest, where, error)
     if manifest["logprob_dtype"] not in LOGPROB_DTYPES:
         raise error(
             f"{where} logprob_dtype unknown, {manifest['logprob_dtype']!r}, "
@@ -141,7 +201,45 @@ def validate_manifest(
             f"{where} id_dtype does not fit the vocabulary, {manifest['id_dtype']!r} for "
             f"vocab {manifest['vocab_size']}, recreate the store"
         )
-    return manifest
+    return checked
+
+
+def _validate_targets(manifest: dict[str, Any], where: str, error: type[Exception]) -> None:
+    """The targets kind and the facts that follow from it: top_k, samples, seed, count dtype."""
+    targets, top_k, samples = manifest["targets"], manifest["top_k"], manifest["samples"]
+    if targets not in TARGETS:
+        raise error(f"{where} targets unknown, {targets!r}, use one of {', '.join(TARGETS)}")
+    if has_topk(manifest):
+        if not 1 <= top_k <= manifest["vocab_size"]:
+            raise error(
+                f"{where} top_k must be in 1..vocab_size ({manifest['vocab_size']}) for "
+                f"{targets} targets, {top_k}, fix top_k"
+            )
+    elif top_k != 0:
+        raise error(f"{where} top_k must be 0 for {targets} targets, {top_k}, set top_k=0")
+    seed, count_dtype = manifest.get("sample_seed"), manifest.get("count_dtype")
+    if not has_samples(manifest):
+        if samples != 0 or seed is not None or count_dtype is not None:
+            raise error(
+                f"{where} samples/sample_seed/count_dtype must be 0/null/null for {targets} "
+                f"targets, {samples}/{seed!r}/{count_dtype!r}, use targets=topk+sampled to sample"
+            )
+        return
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise error(
+            f"{where} samples must be in 1..{MAX_SAMPLES} for {targets} targets, {samples}, "
+            "fix samples"
+        )
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise error(
+            f"{where} sample_seed must be an integer for {targets} targets, {seed!r}, "
+            "pass sample_seed"
+        )
+    if count_dtype not in ("uint8", "uint16") or (count_dtype == "uint8" and samples > 255):
+        raise error(
+            f"{where} count_dtype does not fit {samples} samples, {count_dtype!r}, "
+            "recreate the store"
+        )
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
@@ -167,8 +265,10 @@ def manifest_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> li
     """One line per differing fact (nested keys dotted), ignoring run-specific facts."""
     a: dict[str, Any] = {}
     b: dict[str, Any] = {}
-    _flatten({k: v for k, v in existing.items() if k not in IGNORED_FACTS}, "", a)
-    _flatten({k: v for k, v in wanted.items() if k not in IGNORED_FACTS}, "", b)
+    for manifest, out in ((existing, a), (wanted, b)):
+        if manifest.get("format_version") == 1:  # compared as read: with the v2 keys filled in
+            manifest = {**V2_DEFAULTS, **manifest}
+        _flatten({k: v for k, v in manifest.items() if k not in IGNORED_FACTS}, "", out)
     lines = []
     for key in sorted(set(a) | set(b)):
         if key not in b:

@@ -10,24 +10,30 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._arrays import (
+    LOGPROB_FIELDS,
+    RAW_LOGPROB_DTYPE,
+    ShardArrays,
+    ShardLayout,
+    TeacherSequence,
+    decoded_logprobs,
+    tail_from_topk,
+)
 from ._base import (
     SHARDS_DIR,
-    ShardArrays,
     ShardRecord,
-    TeacherSequence,
-    check_invariants,
     get_codec,
     record_name,
     sha256,
     temporary_target,
 )
 from ._fs import StoreFS
+from ._validate import check_invariants
 from .errors import StoreCorrupt, StoreError, StoreNotFound
-from .manifest import parse_manifest
+from .manifest import has_samples, has_topk, parse_manifest
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-RAW_LOGPROB_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
 
 def load_manifest(fs: StoreFS) -> dict[str, Any]:
@@ -100,28 +106,52 @@ def decode_shard(
                     f"{info['size']}, run `kdcache verify`",
                     shard=name,
                 )
-    arrays, raw, stored = get_codec(record.backend).decode(files, name)
-    wanted = manifest["logprob_dtype"]
-    if (
-        stored != wanted
-        or str(raw.dtype) != RAW_LOGPROB_DTYPE[wanted]
-        or str(arrays.topk_ids.dtype) != manifest["id_dtype"]
-        or arrays.tokens.dtype != np.int32
-    ):
+    fields, labels = get_codec(record.backend).decode(files, name)
+    layout = ShardLayout.of(manifest)
+    expected = {*layout.fields, "seq_offsets"}
+    if set(fields) != expected:
         raise StoreCorrupt(
-            f"shard {name} has dtypes ids={arrays.topk_ids.dtype} logprobs={stored}/{raw.dtype}, "
-            f"manifest says {manifest['id_dtype']}/{wanted}, run `kdcache verify`",
+            f"shard {name} holds {', '.join(sorted(fields))}; a {layout.targets} store of "
+            f"format_version {layout.format_version} holds {', '.join(sorted(expected))}, "
+            "run `kdcache verify`",
             shard=name,
         )
-    arrays.seq_offsets = arrays.seq_offsets.astype(np.int64, copy=False)
-    if check:
-        check_invariants(
-            arrays,
-            raw_logprobs=raw,
-            top_k=manifest["top_k"],
-            vocab_size=manifest["vocab_size"],
-            record=record,
+    lp = layout.logprob_dtype
+    wanted = {
+        "tokens": "int32",
+        "topk_ids": layout.id_dtype,
+        "topk_logprobs": f"{lp}/{RAW_LOGPROB_DTYPE[lp]}",
+        "topk_tail_logprob": "float32",
+        "sampled_distinct": layout.count_dtype,
+        "sampled_ids": layout.id_dtype,
+        "sampled_counts": layout.count_dtype,
+        "sampled_logprobs": f"{lp}/{RAW_LOGPROB_DTYPE[lp]}",
+    }
+    for key in layout.fields:
+        got = str(fields[key].dtype)
+        if key in LOGPROB_FIELDS:  # the label says what the stored numbers are (bfloat16 bits)
+            got = f"{labels.get(key, got)}/{got}"
+        if got != wanted[key]:
+            raise StoreCorrupt(
+                f"shard {name} stores {key} as {got}, the manifest says {wanted[key]}, "
+                "run `kdcache verify`",
+                shard=name,
+            )
+    if fields["seq_offsets"].dtype.kind not in "iu":
+        raise StoreCorrupt(f"shard {name} has non-integer seq_offsets", shard=name)
+    raw_topk = fields.get("topk_logprobs")
+    for key in LOGPROB_FIELDS:
+        if key in fields:
+            fields[key] = decoded_logprobs(fields[key], layout.logprob_dtype)
+    seq_offsets = fields.pop("seq_offsets").astype(np.int64, copy=False)
+    arrays = ShardArrays.from_fields(fields, seq_offsets, name)
+    if layout.format_version == 1 and arrays.topk_logprobs is not None:
+        # version 1 stored no tail; 1 - sum(exp(row)) is the best left (inexact in float16)
+        arrays.topk_tail_logprob = tail_from_topk(
+            arrays.topk_logprobs, complete=layout.top_k == layout.vocab_size
         )
+    if check:
+        check_invariants(arrays, layout=layout, raw_topk_logprobs=raw_topk, record=record)
     return arrays
 
 
@@ -140,7 +170,7 @@ class Store:
         self.url = fs.url
         self.manifest = manifest
         self.backend: str = manifest["backend"]
-        self.top_k: int = manifest["top_k"]
+        self.top_k: int = manifest["top_k"]  # 0 for a sampled-only store
         self.vocab_size: int = manifest["vocab_size"]
         self.seq_len: int = manifest["seq_len"]
         self.shards: list[ShardRecord] = []
@@ -156,6 +186,26 @@ class Store:
             raise StoreCorrupt(f"{problem}, {self.url}, run `kdcache verify`", shard=name)
         self.shards = sorted(records.values(), key=lambda r: (r.split, r.index))
         self._by_name = {r.name: r for r in self.shards}
+
+    @property
+    def targets(self) -> str:
+        """The store's targets kind: "topk", "sampled" or "topk+sampled" (v1 stores: "topk")."""
+        targets: str = self.manifest["targets"]
+        return targets
+
+    @property
+    def samples(self) -> int:
+        """Draws N per position of sampled targets (0 when nothing is sampled)."""
+        samples: int = self.manifest["samples"]
+        return samples
+
+    @property
+    def has_topk(self) -> bool:
+        return has_topk(self.manifest)
+
+    @property
+    def has_samples(self) -> bool:
+        return has_samples(self.manifest)
 
     @property
     def splits(self) -> list[str]:
@@ -178,7 +228,7 @@ class Store:
         return [r for r in self.shards if split is None or r.split == split]
 
     def read_shard(self, shard: ShardRecord | str, *, check: bool = True) -> ShardArrays:
-        """Decode one whole shard: tokens (N,), topk_ids (N, k), topk_logprobs (N, k)."""
+        """Decode one whole shard: every field of the store's targets kind (see ShardArrays)."""
         name = shard if isinstance(shard, str) else shard.name
         record = self._by_name.get(name)
         if record is None:
@@ -208,22 +258,36 @@ class Store:
         """The teacher tokenizer's files stored with the store ({} when absent)."""
         return read_tokenizer_files(self._fs)
 
+    def spread_shards(self, count: int = 4) -> list[ShardRecord]:
+        """Up to ``count`` committed shards spread evenly over the store (for statistics)."""
+        step = max(1, len(self.shards) // count)
+        return self.shards[::step][:count]
+
     def sample_logprobs(self, max_rows: int = 65536) -> npt.NDArray[np.float32]:
-        """Up to ``max_rows`` top-k rows (rows, k) as float32, spread over up to 4 shards."""
-        if not self.shards:
+        """Up to ``max_rows`` top-k rows (rows, k) as float32, spread over up to 4 shards.
+
+        Raises:
+            StoreError: the store holds no top-k targets (a "sampled" store).
+        """
+        if not self.has_topk:
+            raise StoreError(
+                f"a {self.targets} store has no top-k rows, {self.url}, read its sampled_* fields"
+            )
+        picked = self.spread_shards()
+        if not picked:
             return np.zeros((0, self.top_k), np.float32)
-        step = max(1, len(self.shards) // 4)
-        picked = self.shards[::step][:4]
         per = max(1, max_rows // len(picked))
         rows = []
         for record in picked:
             lp = self.read_shard(record, check=False).topk_logprobs
+            assert lp is not None
             rows.append(np.asarray(lp[:: max(1, lp.shape[0] // per)][:per], np.float32))
         return np.concatenate(rows)
 
     def __repr__(self) -> str:
         return (
-            f"Store({self.url!r}, backend={self.backend}, k={self.top_k}, "
+            f"Store({self.url!r}, backend={self.backend}, targets={self.targets}, "
+            f"k={self.top_k}, samples={self.samples}, "
             f"shards={len(self.shards)}, tokens={self.num_tokens})"
         )
 

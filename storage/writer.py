@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -11,20 +12,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._arrays import ShardArrays, ShardLayout
 from ._base import (
     SHARD_NAME,
     SHARDS_DIR,
-    ShardArrays,
     ShardRecord,
-    float32_to_bf16,
     get_codec,
-    rows_sorted_descending,
     sha256,
     temporary_target,
 )
 from ._fs import TMP_PREFIX, StoreFS
+from ._validate import prepare_sequence
 from .errors import ShardExists, StoreCorrupt, StoreError, StoreIncompatible
-from .manifest import dumps, manifest_differences, utc_now, validate_manifest
+from .manifest import dumps, manifest_differences, parse_manifest, utc_now, validate_manifest
 from .reader import (
     MANIFEST,
     TOKENIZER_DIR,
@@ -61,48 +61,60 @@ class ShardWriter:
         self.corpus_range = corpus_range
         self.num_sequences = 0
         self.num_tokens = 0
-        self._parts: list[tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]] = []
+        self._parts: list[dict[str, npt.NDArray[Any]]] = []  # per sequence: stored fields
         self._done = False
-        m = store.manifest
-        self._k: int = m["top_k"]
-        self._vocab: int = m["vocab_size"]
-        self._id_dtype = np.dtype(m["id_dtype"])
-        self._lp_dtype: str = m["logprob_dtype"]
+        self._layout = ShardLayout.of(store.manifest)
 
-    def append(self, tokens: Any, topk_ids: Any, topk_logprobs: Any) -> None:
-        """Add one sequence: tokens (L,), topk_ids (L, k), topk_logprobs (L, k), L >= 1.
+    def append(
+        self,
+        tokens: Any,
+        topk_ids: Any = None,
+        topk_logprobs: Any = None,
+        *,
+        topk_tail_logprob: Any = None,
+        sampled_distinct: Any = None,
+        sampled_ids: Any = None,
+        sampled_counts: Any = None,
+        sampled_logprobs: Any = None,
+    ) -> None:
+        """Add one sequence of L >= 1 tokens (numpy arrays or torch tensors on any device).
+
+        Args:
+            tokens: (L,) ints, the teacher's input ids.
+            topk_ids: (L, k) ints; topk_logprobs: (L, k) floats, each row descending.
+            topk_tail_logprob: (L,) floats <= 0 (-inf: no mass outside the top-k), the
+                teacher's logsumexp over the other ids; when omitted it is computed as
+                log(1 - sum(exp(row))) in float64 (inexact for a tiny tail).
+            sampled_distinct: (L,) ints >= 1, distinct ids drawn at each position.
+            sampled_ids: (M,) ints, M = sum(sampled_distinct), ascending within a position.
+            sampled_counts: (M,) ints >= 1, summing to the store's ``samples`` per position.
+            sampled_logprobs: (M,) floats <= 0, the teacher's log-prob of each drawn id.
+
+        The store's targets kind decides which are required; the others must be None.
 
         Raises:
-            ValueError: wrong shapes, ids outside the vocabulary, rows not sorted descending.
+            ValueError: a missing or extra array, wrong shapes, ids outside the vocabulary,
+                rows not sorted descending, counts that do not sum to ``samples``.
         """
         if self._done:
             raise ValueError(f"shard {self.name} is already committed or aborted, open a new one")
-        tokens, ids, lps = _numpy(tokens), _numpy(topk_ids), _numpy(topk_logprobs)
-        n = tokens.shape[0] if tokens.ndim == 1 else -1
-        if n < 1 or ids.shape != (n, self._k) or lps.shape != (n, self._k):
-            raise ValueError(
-                f"sequence shapes must be (L,), (L, {self._k}), (L, {self._k}) with L >= 1, "
-                f"got {tokens.shape}, {ids.shape}, {lps.shape}"
+        given = {
+            name: _numpy(value)
+            for name, value in (
+                ("topk_ids", topk_ids),
+                ("topk_logprobs", topk_logprobs),
+                ("topk_tail_logprob", topk_tail_logprob),
+                ("sampled_distinct", sampled_distinct),
+                ("sampled_ids", sampled_ids),
+                ("sampled_counts", sampled_counts),
+                ("sampled_logprobs", sampled_logprobs),
             )
-        for label, values in (("token", tokens), ("top-k id", ids)):
-            if values.dtype.kind not in "iu":
-                raise ValueError(f"{label}s must be integers, got dtype {values.dtype}")
-            lo, hi = int(values.min()), int(values.max())
-            if lo < 0 or hi >= self._vocab:
-                raise ValueError(f"{label} outside [0, {self._vocab}), found {lo}..{hi}")
-        if lps.dtype.kind != "f":
-            raise ValueError(f"log-probs must be floats, got dtype {lps.dtype}")
-        if self._lp_dtype == "bfloat16":
-            stored = float32_to_bf16(lps.astype(np.float32, copy=False))
-        else:
-            stored = lps.astype(self._lp_dtype)
-        if not rows_sorted_descending(stored):
-            raise ValueError(f"top-k log-probs must be sorted descending per row ({self.name})")
-        if np.isnan(lps).any() or (lps[:, 0] > 0).any():
-            raise ValueError(f"log-probs must be <= 0 and not NaN ({self.name})")
-        self._parts.append((tokens.astype(np.int32), ids.astype(self._id_dtype), stored))
+            if value is not None
+        }
+        part = prepare_sequence(self._layout, _numpy(tokens), given, self.name)
+        self._parts.append(part)
         self.num_sequences += 1
-        self.num_tokens += n
+        self.num_tokens += part["tokens"].shape[0]
 
     def commit(self) -> ShardRecord:
         """Write the shard under a temporary name, move it into place, then write its record."""
@@ -110,18 +122,17 @@ class ShardWriter:
             raise ValueError(f"shard {self.name} is already committed or aborted")
         if self.num_sequences == 0:
             raise ValueError(f"shard {self.name} has no sequences, append before committing")
-        lengths = np.array([p[0].shape[0] for p in self._parts], np.int64)
-        arrays = ShardArrays(
-            tokens=np.concatenate([p[0] for p in self._parts]),
-            topk_ids=np.concatenate([p[1] for p in self._parts]),
-            topk_logprobs=np.concatenate([p[2] for p in self._parts]),
-            seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            shard=self.name,
+        lengths = np.array([p["tokens"].shape[0] for p in self._parts], np.int64)
+        fields = {
+            name: np.concatenate([p[name] for p in self._parts]) for name in self._layout.fields
+        }
+        arrays = ShardArrays.from_fields(
+            fields, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), self.name
         )
         self._parts = []
         store = self._store
         codec = store.codec
-        blobs = codec.encode(arrays, self._lp_dtype)
+        blobs = codec.encode(arrays, self._layout.logprob_dtype, self._layout.format_version)
         final = f"{SHARDS_DIR}/{self.name}{codec.suffix}"
         tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{uuid.uuid4().hex}-{self.name}{codec.suffix}"
         files: dict[str, dict[str, Any]] = {
@@ -212,16 +223,38 @@ class StoreWriter:
         return ShardWriter(self, split, index, corpus_range)
 
     def append(
-        self, split: str, tokens: Any, topk_ids: Any, topk_logprobs: Any
+        self,
+        split: str,
+        tokens: Any,
+        topk_ids: Any = None,
+        topk_logprobs: Any = None,
+        *,
+        topk_tail_logprob: Any = None,
+        sampled_distinct: Any = None,
+        sampled_ids: Any = None,
+        sampled_counts: Any = None,
+        sampled_logprobs: Any = None,
     ) -> ShardRecord | None:
-        """Add a sequence to ``split``'s rollover shard; returns its record when it filled up."""
+        """Add a sequence to ``split``'s rollover shard; returns its record when it filled up.
+
+        The arrays are those of ``ShardWriter.append``.
+        """
         writer = self._open.get(split)
         if writer is None:
             if split not in self._next:
                 done = [r.index for r in self.committed(split).values()]
                 self._next[split] = max(done, default=-1) + 1
             writer = self._open[split] = self.open_shard(split, self._next[split])
-        writer.append(tokens, topk_ids, topk_logprobs)
+        writer.append(
+            tokens,
+            topk_ids,
+            topk_logprobs,
+            topk_tail_logprob=topk_tail_logprob,
+            sampled_distinct=sampled_distinct,
+            sampled_ids=sampled_ids,
+            sampled_counts=sampled_counts,
+            sampled_logprobs=sampled_logprobs,
+        )
         if writer.num_tokens < self.manifest["shard_tokens"]:
             return None
         del self._open[split]
@@ -266,11 +299,14 @@ class StoreWriter:
 
     def mark_finished(self, stats: dict[str, Any]) -> None:
         """Record that the run completed: manifest gains ``finished: true`` and ``stats``."""
-        manifest = load_manifest(self._fs)
-        manifest["finished"] = True
-        manifest["stats"] = dict(stats)
-        self._fs.write_atomic(MANIFEST, dumps(manifest))
-        self.manifest = manifest
+        load_manifest(self._fs)  # a missing, damaged or unsupported manifest raises here
+        # extended as stored: a version-1 manifest stays one (no v2 keys written into it)
+        stored = json.loads(self._fs.read(MANIFEST))
+        stored["finished"] = True
+        stored["stats"] = dict(stats)
+        data = dumps(stored)
+        self.manifest = parse_manifest(data, where=f"{self.url}/{MANIFEST}")
+        self._fs.write_atomic(MANIFEST, data)
 
     def write_tokenizer(self, files: dict[str, bytes]) -> None:
         """Store the teacher tokenizer's files under ``tokenizer/`` (identical files: no-op)."""
@@ -321,11 +357,11 @@ def create_store(
         StoreIncompatible: the existing store's manifest differs (``.differences`` lists all).
         StoreError: the location holds something that is not a store.
     """
-    validate_manifest(manifest, error=ValueError)
+    wanted = validate_manifest(manifest, error=ValueError)  # version 1 with the v2 keys filled
     fs = StoreFS(url, storage_options)
     if fs.exists(MANIFEST):
         existing = load_manifest(fs)
-        differences = manifest_differences(existing, manifest)
+        differences = manifest_differences(existing, wanted)
         if differences:
             raise StoreIncompatible(
                 f"the store at {fs.url} was made with other settings: {'; '.join(differences)}; "
@@ -343,5 +379,5 @@ def create_store(
             f"store location is not empty and holds no manifest.json, {fs.url} "
             f"(has {', '.join(others[:3])}), pass an empty or new directory"
         )
-    fs.write_atomic(MANIFEST, dumps(manifest))
-    return StoreWriter(fs, manifest)
+    fs.write_atomic(MANIFEST, dumps(manifest))  # as given: a version-1 manifest stays one
+    return StoreWriter(fs, wanted)

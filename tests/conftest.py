@@ -102,13 +102,19 @@ def write_synthetic_store(
     backend: str = "zarr",
     tokenizer_dir: Path | None = None,
     seed: int = 0,
+    targets: str = "topk",
+    samples: int = 32,
+    logprob_dtype: str = "float16",
 ) -> str:
     """A valid store from synthetic teacher rows: ``lengths[split]`` lists shards of sequence lengths.
 
     Tokens follow a simple rule (next = (3 · token + 1) mod vocab, with noise) and the teacher's
-    top-k puts most mass on that next token, so a student can learn something; rows are a real
-    full-vocabulary log-softmax's top-k, sorted descending. Sequence s of split ``x`` starts with
-    token ``s`` mod vocab, so tests can recognise sequences by their first token and shard.
+    distribution puts most mass on that next token, so a student can learn something. Top-k rows
+    are a real full-vocabulary log-softmax's top-k, sorted descending, with the exact tail mass;
+    sampled targets (``targets`` "sampled" or "topk+sampled") are ``samples`` draws from that
+    softmax with their exact log-probs (``top_k`` is ignored for "sampled"). Sequence s of split
+    ``x`` starts with token ``s`` mod vocab, so tests can recognise sequences by their first
+    token and shard.
     """
     import numpy as np
 
@@ -116,6 +122,7 @@ def write_synthetic_store(
 
     rng = np.random.default_rng(seed)
     seq_len = max(n for shards in lengths.values() for shard in shards for n in shard)
+    with_topk, with_samples = "topk" in targets.split("+"), "sampled" in targets.split("+")
     manifest = make_manifest(
         backend=backend,
         teacher={
@@ -126,10 +133,14 @@ def write_synthetic_store(
         },
         tokenizer={"name": "tiny-bpe"},
         vocab_size=vocab_size,
-        top_k=top_k,
+        top_k=top_k if with_topk else 0,
         seq_len=seq_len,
         corpus={"spec": "synthetic", "fingerprint": str(seed), "eval_fraction": 0.0},
         shard_tokens=10_000,
+        logprob_dtype=logprob_dtype,
+        targets=targets,
+        samples=samples if with_samples else 0,
+        sample_seed=seed if with_samples else None,
     )
     writer = create_store(url, manifest)
     if tokenizer_dir is not None:
@@ -149,9 +160,30 @@ def write_synthetic_store(
                         tokens[t] = rng.integers(vocab_size) if noise else nxt
                     logits = rng.normal(0.0, 1.0, size=(n, vocab_size))
                     logits[np.arange(n), (3 * tokens + 1) % vocab_size] += 6.0
-                    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-                    ids = np.argsort(-logprobs, axis=-1, kind="stable")[:, :top_k]
-                    shard_writer.append(tokens, ids, np.take_along_axis(logprobs, ids, -1))
+                    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # (n, V)
+                    arrays: dict[str, np.ndarray] = {}
+                    if with_topk:
+                        ids = np.argsort(-logprobs, axis=-1, kind="stable")[:, :top_k]
+                        outside = np.exp(logprobs)
+                        np.put_along_axis(outside, ids, 0.0, axis=-1)
+                        with np.errstate(divide="ignore"):
+                            tail = np.log(outside.sum(-1))  # -inf when k = vocab
+                        arrays.update(
+                            topk_ids=ids,
+                            topk_logprobs=np.take_along_axis(logprobs, ids, -1),
+                            topk_tail_logprob=tail,
+                        )
+                    if with_samples:
+                        probs = np.exp(logprobs)
+                        drawn = rng.multinomial(samples, probs / probs.sum(-1, keepdims=True))
+                        rows, cols = np.nonzero(drawn)  # (M,) each; ids ascending per row
+                        arrays.update(
+                            sampled_distinct=(drawn > 0).sum(-1),
+                            sampled_ids=cols,
+                            sampled_counts=drawn[rows, cols],
+                            sampled_logprobs=logprobs[rows, cols],
+                        )
+                    shard_writer.append(tokens, **arrays)
                     counter += 1
     return url
 

@@ -142,7 +142,12 @@ class StoreTests:
         else:
             fs = StoreFS(shard_url)
             table = pa.ipc.open_file(pa.BufferReader(fs.read(""))).read_all()
-            assert table.column_names == ["tokens", "topk_ids", "topk_logprobs"]
+            assert table.column_names == [
+                "tokens",
+                "topk_ids",
+                "topk_logprobs",
+                "topk_tail_logprob",
+            ]
             assert table.num_rows == 2
             ids = np.stack([np.array(row) for s in table["topk_ids"].to_pylist() for row in s])
         np.testing.assert_array_equal(ids, np.concatenate([s[1] for s in seqs]))
@@ -309,7 +314,9 @@ class StoreTests:
         [
             (b"{not json", StoreCorrupt),
             (b"[1, 2]", StoreCorrupt),
-            (b'{"format_version": 2}', UnsupportedFormat),
+            (b'{"format_version": 3}', UnsupportedFormat),
+            (b'{"format_version": true}', UnsupportedFormat),
+            (b'{"format_version": 2}', StoreCorrupt),
             (b'{"format_version": 1, "backend": "hdf5"}', UnsupportedFormat),
             (b'{"format_version": 1, "backend": "zarr"}', StoreCorrupt),
         ],

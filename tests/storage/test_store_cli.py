@@ -193,3 +193,99 @@ def test_io_failure_is_one_line_exit_1(
     code, out, err = run(["inspect", store], capsys)
     assert code == 1 and out == "" and "Traceback" not in err
     assert err.count("Error:") == 1 and "No space left on device" in err and store in err
+
+
+def build_kind(path: Path, targets: str, backend: str) -> str:
+    from conftest import write_synthetic_store
+
+    lengths = {"train": [[16, 16, 16], [16, 16]], "eval": [[16]]}
+    return write_synthetic_store(
+        str(path), lengths=lengths, targets=targets, backend=backend, samples=24, seed=3
+    )
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+@pytest.mark.parametrize("targets", ["topk", "sampled", "topk+sampled"])
+def test_inspect_reports_the_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], targets: str, backend: str
+) -> None:
+    store = build_kind(tmp_path / "s", targets, backend)
+    code, out, _ = run(["inspect", store, "--json"], capsys)
+    facts = json.loads(out)
+    assert code == 0 and facts["format_version"] == 2 and facts["targets"] == targets
+    sampled, topk = "sampled" in targets, "topk" in targets
+    assert facts["samples"] == (24 if sampled else 0) and facts["top_k"] == (8 if topk else 0)
+    assert facts["sample_seed"] == (3 if sampled else None)
+    assert facts["count_dtype"] == ("uint8" if sampled else None)
+    # the store is small: the statistics cover every position, so they can be checked exactly
+    sequences = list(open_store(store).iter_sequences())
+    assert facts["tokens"] == facts["statistics_rows"] == 96
+    if sampled:
+        distinct = np.concatenate([s.sampled_distinct for s in sequences]).astype(np.float64)
+        p50, p99 = np.percentile(distinct, [50, 99])
+        assert facts["sampled_distinct"] == pytest.approx(
+            {"mean": distinct.mean(), "p50": p50, "p99": p99}
+        )
+        assert 1 <= facts["sampled_distinct"]["p50"] <= 24
+    else:
+        assert facts["sampled_distinct"] is None
+    if topk:
+        tail = np.exp(np.concatenate([s.topk_tail_logprob for s in sequences]).astype(np.float64))
+        p50, p99 = np.percentile(tail, [50, 99])
+        assert facts["tail_mass"] == pytest.approx({"mean": tail.mean(), "p50": p50, "p99": p99})
+        # the exact tail and the top-k mass add up to 1 (up to float16 rounding of the rows)
+        assert facts["tail_mass"]["mean"] + facts["mean_topk_mass"] == pytest.approx(1, abs=2e-3)
+    else:
+        assert facts["tail_mass"] is None and facts["mean_topk_mass"] is None
+    by_field = facts["bytes_per_token_by_field"]
+    if backend == "zarr":
+        assert sum(by_field.values()) == pytest.approx(facts["bytes_per_token"])
+        assert ("sampled_ids" in by_field) == sampled and ("topk_ids" in by_field) == topk
+        assert ("topk_tail_logprob" in by_field) == topk
+    else:
+        assert by_field is None
+    code, out, _ = run(["inspect", store], capsys)
+    assert code == 0 and f"targets                   {targets}\n" in out
+    assert ("sampled_distinct          mean=" in out) == sampled
+
+
+def test_inspect_version_1_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = make_manifest(
+        backend="arrow",
+        teacher={"name": "tiny"},
+        tokenizer={"sha256": "ab" * 32},
+        vocab_size=500,
+        top_k=4,
+        seq_len=16,
+        corpus={"spec": "stdlib"},
+        shard_tokens=40,
+    )
+    v1 = {k: v for k, v in manifest.items() if k not in ("targets", "samples", "sample_seed")}
+    v1 = {**{k: v for k, v in v1.items() if k != "count_dtype"}, "format_version": 1}
+    rng = np.random.default_rng(0)
+    with create_store(tmp_path / "s", v1) as writer:
+        lp = -np.sort(rng.exponential(size=(16, 4)), axis=1) - 1
+        writer.append("train", rng.integers(0, 500, 16), rng.integers(0, 500, (16, 4)), lp)
+    code, out, _ = run(["inspect", str(tmp_path / "s"), "--json"], capsys)
+    facts = json.loads(out)
+    assert code == 0 and facts["format_version"] == 1 and facts["targets"] == "topk"
+    assert facts["samples"] == 0 and facts["tail_mass"] is None and facts["mean_topk_mass"] > 0
+    code, out, _ = run(["verify", str(tmp_path / "s")], capsys)
+    assert code == 0 and out.startswith("OK: ")
+
+
+@pytest.mark.parametrize("targets", ["sampled", "topk+sampled"])
+def test_verify_every_kind_then_a_damaged_sampled_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], targets: str
+) -> None:
+    store = build_kind(tmp_path / "s", targets, "zarr")
+    code, out, _ = run(["verify", store], capsys)
+    assert code == 0 and "96 tokens" in out
+    record = open_store(store).shards_of("train")[1]
+    rel = next(r for r in sorted(record.files) if "/sampled_counts/c/" in r)
+    fs = StoreFS(store)
+    data = bytearray(fs.read(rel))
+    data[len(data) // 2] ^= 1
+    fs.write_atomic(rel, bytes(data))
+    code, out, _ = run(["verify", store], capsys)
+    assert code == 1 and out.splitlines() == [f"{record.name}: checksum mismatch in {rel}"]

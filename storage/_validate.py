@@ -1,0 +1,297 @@
+"""The rules a sequence (on append) and a shard (on read and verify) must keep.
+
+Each ``*_problem`` function returns a description of the first broken rule, or None; the writer
+turns it into a ``ValueError``, the reader into a ``StoreCorrupt`` naming the shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._arrays import (
+    NDArray,
+    ShardArrays,
+    ShardLayout,
+    offsets_of,
+    stored_logprobs,
+    tail_from_topk,
+)
+from ._base import ShardRecord
+from .errors import StoreCorrupt
+
+
+def sortable_bits(values: NDArray) -> NDArray:
+    """Map float bit patterns to unsigned ints with the same order (the IEEE total-order trick).
+
+    ``values``: any shape, float16/float32 or raw bfloat16 (uint16). Lets the "sorted
+    descending" check run on integers, which numpy compares far faster than float16.
+    """
+    if values.dtype.itemsize == 2:
+        raw16 = values.view(np.uint16)
+        return np.where(raw16 >= 0x8000, ~raw16, raw16 | np.uint16(0x8000))
+    raw32 = values.view(np.uint32)
+    return np.where(raw32 >= 0x80000000, ~raw32, raw32 | np.uint32(0x80000000))
+
+
+def rows_sorted_descending(raw: NDArray) -> bool:
+    """True when every row of ``raw`` (N, k) — float16/32 or raw bfloat16 bits — is descending.
+
+    Fast path: for negative floats the signed-integer view grows as the value falls, so a row
+    whose integer view is non-decreasing and ends negative is all negative and sorted — the
+    usual case for log-probs, settled in one integer pass. Anything else (zeros, positive
+    values, NaN) is decided by comparing exact total-order keys.
+    """
+    if raw.shape[0] == 0 or raw.shape[1] < 2:
+        return True
+    signed: npt.NDArray[np.signedinteger[Any]] = raw.view(
+        np.int16 if raw.dtype.itemsize == 2 else np.int32
+    )  # (N, k)
+    if (signed[:, -1] < 0).all() and not (signed[:, 1:] < signed[:, :-1]).any():
+        return True
+    keys = sortable_bits(raw)
+    return not bool((keys[:, 1:] > keys[:, :-1]).any())
+
+
+def _id_problem(label: str, ids: NDArray, vocab: int) -> str | None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        return f"{label} outside [0, {vocab}), found {lo}..{hi}"
+    return None
+
+
+def topk_problem(
+    n: int, k: int, ids: NDArray, raw: NDArray, logprobs: NDArray, vocab: int
+) -> str | None:
+    """Top-k rows: ids (N, k) in the vocabulary; log-probs (N, k) descending, <= 0, not NaN.
+
+    ``raw`` is ``logprobs`` as stored (bfloat16 as uint16 bits), for the integer sort check.
+    """
+    if ids.shape != (n, k) or raw.shape != (n, k) or logprobs.shape != (n, k):
+        return (
+            f"top-k shapes must be ({n}, {k}) for {n} tokens at k={k}, got topk_ids "
+            f"{ids.shape}, topk_logprobs {logprobs.shape}"
+        )
+    if n == 0:
+        return None
+    problem = _id_problem("top-k id", ids, vocab)
+    if problem is not None:
+        return problem
+    if not rows_sorted_descending(raw):
+        return "top-k log-probs are not sorted descending"
+    # sorted rows put a positive NaN first and a negative NaN last
+    if not (logprobs[:, 0] <= 0).all() or np.isnan(logprobs[:, -1]).any():
+        return "a top-k log-prob is positive or NaN"
+    return None
+
+
+def tail_problem(n: int, tail: NDArray) -> str | None:
+    """topk_tail_logprob: (N,) floats, each <= 0 or -inf (never NaN)."""
+    if tail.shape != (n,):
+        return f"topk_tail_logprob shape must be ({n},), got {tail.shape}"
+    if not (tail <= 0).all():  # False for NaN too
+        return "a topk_tail_logprob is positive or NaN"
+    return None
+
+
+def sampled_problem(
+    n: int,
+    distinct: NDArray,
+    ids: NDArray,
+    counts: NDArray,
+    logprobs: NDArray,
+    *,
+    samples: int,
+    vocab: int,
+) -> str | None:
+    """Sampled entries of N positions: distinct (N,) >= 1; ids, counts, logprobs (M,) with
+    M = sum(distinct); ids in the vocabulary and strictly ascending within a position; counts
+    >= 1 summing to ``samples`` per position; log-probs <= 0, not NaN."""
+    if distinct.shape != (n,):
+        return f"sampled_distinct shape must be ({n},), got {distinct.shape}"
+    if n == 0:
+        return None
+    most = min(samples, vocab)
+    if int(distinct.min()) < 1 or int(distinct.max()) > most:
+        return (
+            f"sampled_distinct outside 1..{most}, found {int(distinct.min())}.."
+            f"{int(distinct.max())}"
+        )
+    off = offsets_of(distinct)  # (N+1,)
+    m = int(off[-1])
+    for label, values in (("ids", ids), ("counts", counts), ("logprobs", logprobs)):
+        if values.shape != (m,):
+            return f"sampled_{label} shape must be ({m},) = sum of sampled_distinct, got {values.shape}"
+    problem = _id_problem("sampled id", ids, vocab)
+    if problem is not None:
+        return problem
+    rising = ids[1:] > ids[:-1]  # (M-1,); compared as stored, no widening copy
+    rising[off[1:-1] - 1] = True  # a position's first id may be below the last one's
+    if not rising.all():
+        return "sampled ids are not strictly ascending within a position"
+    if int(counts.min()) < 1:
+        return f"a sampled count is {int(counts.min())}, counts must be >= 1"
+    sums = np.add.reduceat(counts, off[:-1], dtype=np.int64)  # (N,)
+    if (sums != samples).any():
+        bad = int(sums[sums != samples][0])
+        return f"sampled counts of a position sum to {bad}, not samples={samples}"
+    if not (logprobs <= 0).all():  # False for NaN too
+        return "a sampled log-prob is positive or NaN"
+    return None
+
+
+def _integers(label: str, values: NDArray) -> NDArray:
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"{label} must be integers, got dtype {values.dtype}")
+    return values
+
+
+def _floats(label: str, values: NDArray) -> NDArray:
+    if values.dtype.kind != "f":
+        raise ValueError(f"{label} must be floats, got dtype {values.dtype}")
+    return values
+
+
+def prepare_sequence(
+    layout: ShardLayout, tokens: NDArray, given: dict[str, NDArray], where: str
+) -> dict[str, NDArray]:
+    """Check one appended sequence and return its fields in their stored dtypes.
+
+    ``given`` holds the target arrays the caller passed (by ``append``'s keyword names). Arrays
+    the store's kind needs are required (except ``topk_tail_logprob``, computed from the
+    top-k log-probs when absent); others are refused.
+
+    Raises:
+        ValueError: a missing or extra array, wrong shapes or dtypes, a broken rule.
+    """
+    for name in given:
+        if name not in layout.fields:
+            raise ValueError(
+                f"{name} given, but a {layout.targets} store (format_version "
+                f"{layout.format_version}) has no such field, drop it or create the store with "
+                "other targets"
+            )
+    missing = [n for n in layout.fields[1:] if n not in given and n != "topk_tail_logprob"]
+    if missing:
+        raise ValueError(
+            f"a {layout.targets} store needs {', '.join(missing)} for every sequence, "
+            f"got {', '.join(given) or 'no targets'}, pass them"
+        )
+    n = tokens.shape[0] if tokens.ndim == 1 else -1
+    if n < 1:
+        raise ValueError(f"sequence shapes must be tokens (L,) with L >= 1, got {tokens.shape}")
+    _integers("tokens", tokens)
+    problem = _id_problem("token", tokens, layout.vocab_size)
+    out = {"tokens": tokens.astype(np.int32)}
+    if "topk_ids" in layout.fields:
+        problem = problem or _prepare_topk(layout, n, given, out)
+    if "sampled_distinct" in layout.fields:
+        problem = problem or _prepare_sampled(layout, n, given, out)
+    if problem is not None:
+        raise ValueError(f"{problem} ({where})")
+    return out
+
+
+def _prepare_topk(
+    layout: ShardLayout, n: int, given: dict[str, NDArray], out: dict[str, NDArray]
+) -> str | None:
+    k, vocab = layout.top_k, layout.vocab_size
+    ids, lps = given["topk_ids"], given["topk_logprobs"]
+    if ids.shape != (n, k) or lps.shape != (n, k):
+        raise ValueError(
+            f"sequence shapes must be tokens (L,), topk_ids (L, {k}), topk_logprobs (L, {k}), "
+            f"got ({n},), {ids.shape}, {lps.shape}"
+        )
+    _integers("top-k ids", ids)
+    raw = stored_logprobs(_floats("top-k log-probs", lps), layout.logprob_dtype)
+    problem = topk_problem(n, k, ids, raw, lps, vocab)
+    if problem is not None:
+        return problem
+    out["topk_ids"] = ids.astype(layout.id_dtype)
+    out["topk_logprobs"] = raw
+    if "topk_tail_logprob" in layout.fields:
+        tail = given.get("topk_tail_logprob")
+        if tail is None:
+            out["topk_tail_logprob"] = tail_from_topk(lps, complete=k == vocab)
+        else:
+            problem = tail_problem(n, _floats("topk_tail_logprob", tail))
+            out["topk_tail_logprob"] = tail.astype(np.float32)
+    return problem
+
+
+def _prepare_sampled(
+    layout: ShardLayout, n: int, given: dict[str, NDArray], out: dict[str, NDArray]
+) -> str | None:
+    distinct = _integers("sampled_distinct", given["sampled_distinct"])
+    ids = _integers("sampled_ids", given["sampled_ids"])
+    counts = _integers("sampled_counts", given["sampled_counts"])
+    lps = _floats("sampled_logprobs", given["sampled_logprobs"])
+    problem = sampled_problem(
+        n, distinct, ids, counts, lps, samples=layout.samples, vocab=layout.vocab_size
+    )
+    assert layout.count_dtype is not None  # a sampled store has one (validate_manifest)
+    out["sampled_distinct"] = distinct.astype(layout.count_dtype)
+    out["sampled_ids"] = ids.astype(layout.id_dtype)
+    out["sampled_counts"] = counts.astype(layout.count_dtype)
+    out["sampled_logprobs"] = stored_logprobs(lps, layout.logprob_dtype)
+    return problem
+
+
+def check_invariants(
+    arrays: ShardArrays,
+    *,
+    layout: ShardLayout,
+    raw_topk_logprobs: NDArray | None,
+    record: ShardRecord | None = None,
+) -> None:
+    """Whole-shard checks: shapes, offsets, id ranges, sorted rows, sampled entries' rules.
+
+    ``raw_topk_logprobs`` is the top-k array as stored (bfloat16 still as uint16) so the sort
+    check needs no conversion. Raises ``StoreCorrupt`` naming the shard.
+    """
+    name = arrays.shard
+    n = arrays.tokens.shape[0] if arrays.tokens.ndim == 1 else -1
+    offsets = arrays.seq_offsets
+    problem: str | None = None
+    if offsets.ndim != 1 or offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != n:
+        problem = f"seq_offsets do not span the {n} tokens"
+    elif (np.diff(offsets) < 1).any():
+        problem = "a sequence is empty or offsets decrease"
+    elif record is not None and (record.num_tokens, record.num_sequences) != (
+        n,
+        arrays.num_sequences,
+    ):
+        problem = (
+            f"{n} tokens/{arrays.num_sequences} sequences, "
+            f"record says {record.num_tokens}/{record.num_sequences}"
+        )
+    else:
+        problem = _id_problem("token", arrays.tokens, layout.vocab_size)
+    if problem is None and arrays.topk_ids is not None:
+        assert arrays.topk_logprobs is not None and raw_topk_logprobs is not None
+        problem = topk_problem(
+            n,
+            layout.top_k,
+            arrays.topk_ids,
+            raw_topk_logprobs,
+            arrays.topk_logprobs,
+            layout.vocab_size,
+        )
+    if problem is None and arrays.topk_tail_logprob is not None:
+        problem = tail_problem(n, arrays.topk_tail_logprob)
+    if problem is None and arrays.sampled_distinct is not None:
+        assert arrays.sampled_ids is not None and arrays.sampled_counts is not None
+        assert arrays.sampled_logprobs is not None
+        problem = sampled_problem(
+            n,
+            arrays.sampled_distinct,
+            arrays.sampled_ids,
+            arrays.sampled_counts,
+            arrays.sampled_logprobs,
+            samples=layout.samples,
+            vocab=layout.vocab_size,
+        )
+    if problem is not None:
+        raise StoreCorrupt(f"shard {name} is corrupt: {problem}, run `kdcache verify`", shard=name)
