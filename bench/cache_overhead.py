@@ -130,13 +130,13 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     else:
         from transformers import AutoModelForCausalLM
 
-        from kdcache.pipeline.cache.targets import TopkTargets
+        from kdcache.pipeline.cache.targets import TeacherTargets
         from kdcache.pipeline.host_memory import keep_freed_memory
 
         plans = packed_batches(args)
         model = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
         keep_freed_memory(torch.device("cpu"), large_blocks=False)  # as cache-teacher does
-        targets = TopkTargets(model, args.top_k)
+        targets = TeacherTargets(model, args.top_k)
         model(input_ids=plans[0][1][0][:1, :64])  # warm-up, like cache-teacher's self-check
         writer = None
         if args.variant == "naive":

@@ -84,7 +84,7 @@ def distill(
     """
     from transformers import AutoModelForCausalLM
 
-    from kdcache.pipeline.cache.targets import TopkTargets
+    from kdcache.pipeline.cache.targets import TeacherTargets
     from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
     from kdcache.pipeline.distill.student import build_student
     from kdcache.pipeline.distill.trainee import make_accelerator, make_trainee, train_step
@@ -94,7 +94,7 @@ def distill(
     targets = None
     if teacher is not None:
         model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-        targets = TopkTargets(model, store.top_k)
+        targets = TeacherTargets(model, store.top_k)
     teacher_s = student_s = 0.0
     start = time.perf_counter()
     for overrides in CANDIDATES:
@@ -112,7 +112,9 @@ def distill(
             if targets is not None:  # online: the teacher runs on this student's step
                 t0 = time.perf_counter()
                 with torch.inference_mode():
-                    ids, logprobs = targets(batch["input_ids"])  # (B, L, k) each
+                    rows = targets(batch["input_ids"])  # B * L rows
+                    shape = (*batch["input_ids"].shape, -1)
+                    ids, logprobs = rows.topk_ids.view(shape), rows.topk_logprobs.view(shape)
                 # clone outside inference mode: autograd may save them for the student's backward
                 batch["topk_ids"], batch["topk_logprobs"] = (
                     ids.long().clone(),

@@ -102,11 +102,24 @@ def logit_head(model: Any) -> LogitHead:
 
 
 def default_chunk_tokens(
-    vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES, itemsize: int = 4
+    vocab_size: int,
+    budget_bytes: int = DEFAULT_CHUNK_BYTES,
+    itemsize: int = 4,
+    *,
+    cdf: bool = False,
+    row_bytes: int = 0,
 ) -> int:
-    """Tokens per chunk so that the chunk's scratch (see ``ChunkScratch``) fits the budget."""
-    per_row = vocab_size * (8 if itemsize == 4 else itemsize + 8)
-    return max(1, budget_bytes // per_row)
+    """Tokens per chunk so that the chunk's scratch (see ``ChunkScratch``) fits the budget.
+
+    Args:
+        itemsize: bytes per logit in the model's dtype.
+        cdf: whether a float64 cumulative distribution is kept too (sampled targets).
+        row_bytes: further scratch per row that does not scale with the vocabulary.
+    """
+    per_entry = 8 if itemsize == 4 else itemsize + 8  # logits (+ float32 copy) + log-softmax
+    if cdf:
+        per_entry += 8
+    return max(1, budget_bytes // (vocab_size * per_entry + row_bytes))
 
 
 class ChunkScratch:
@@ -115,7 +128,7 @@ class ChunkScratch:
     A fresh (C, V) tensor per chunk costs a page fault per 4 KiB on the CPU (glibc maps blocks of
     32 MiB or more afresh on every allocation): that was most of the target math's time there.
     The buffers hold one chunk: logits in the model's dtype, their float32 copy (not needed for a
-    float32 model) and the float32 log-softmax.
+    float32 model), the float32 log-softmax and, to sample from it, its float64 cumulative sum.
     """
 
     def __init__(self) -> None:

@@ -19,6 +19,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from kdcache.pipeline.cache.targets import RAGGED
+
 T = TypeVar("T")
 _POLL = 0.1  # seconds between checks of the other side's health
 _DONE = object()
@@ -135,16 +137,47 @@ def to_host(*tensors: torch.Tensor) -> tuple[Any, ...]:
     return (*host, event)
 
 
+def split_sequences(
+    arrays: dict[str, np.ndarray], batch: int, seq_len: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """A batch's targets (see ``targets.RowTargets``), one sequence at a time, as views.
+
+    Args:
+        arrays: per-token fields of B * S rows ((B*S, k) or (B*S,)), and the ragged sampled
+            fields, whose first ``sampled_distinct.sum()`` entries are the rows' entries in order.
+
+    Yields:
+        the fields of sequence b: (S, k) or (S,) per-token fields, (M_b,) ragged ones.
+    """
+    offsets = None
+    if "sampled_distinct" in arrays:
+        offsets = np.zeros(batch * seq_len + 1, dtype=np.int64)  # (B*S+1,)
+        np.cumsum(arrays["sampled_distinct"], out=offsets[1:])
+    for b in range(batch):
+        rows = slice(b * seq_len, (b + 1) * seq_len)
+        sequence = {}
+        for name, values in arrays.items():
+            if name in RAGGED:
+                assert offsets is not None
+                sequence[name] = values[offsets[rows.start] : offsets[rows.stop]]
+            else:
+                sequence[name] = values[rows]
+        yield sequence
+
+
 class ShardSink:
     """Appends batches to shards and commits them in a background thread.
 
     The main thread calls ``open(split, index, corpus_range)``, then ``put(...)`` per batch,
-    then ``commit()``; the writer thread does the compression and I/O in the same order.
+    then ``commit()``; the writer thread does the compression and I/O in the same order, one
+    ``shard.append`` per sequence.
     """
 
     def __init__(self, writer: Any, maxsize: int = 8) -> None:
         self._threads_before = thread_ids()
         self.committed = 0
+        self.sampled_entries = 0  # distinct sampled ids written, over ...
+        self.sampled_positions = 0  # ... this many positions (read after close)
         self._writer = writer
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
         self._error: BaseException | None = None
@@ -154,11 +187,10 @@ class ShardSink:
     def open(self, split: str, index: int, corpus_range: dict[str, Any]) -> None:
         self._send(("open", split, index, corpus_range))
 
-    def put(
-        self, tokens: np.ndarray, ids: torch.Tensor, logprobs: torch.Tensor, event: Any
-    ) -> None:
-        """One batch: tokens (B, S), ids (B, S, k), logprobs (B, S, k) on the host."""
-        self._send(("batch", tokens, ids, logprobs, event))
+    def put(self, tokens: np.ndarray, arrays: dict[str, torch.Tensor], event: Any) -> None:
+        """One batch: tokens (B, S) and its B * S rows of targets on the host (see
+        ``split_sequences``), readable once ``event`` (from ``to_host``; ``None`` on CPU) is done."""
+        self._send(("batch", tokens, arrays, event))
 
     def commit(self) -> None:
         self._send(("commit",))
@@ -187,12 +219,21 @@ class ShardSink:
                 if kind == "open":
                     shard = self._writer.open_shard(message[1], message[2], corpus_range=message[3])
                 elif kind == "batch":
-                    _, tokens, ids, logprobs, event = message
+                    _, tokens, arrays, event = message
                     if event is not None:
                         event.synchronize()
-                    ids, logprobs = ids.numpy(), logprobs.numpy()
-                    for row in range(tokens.shape[0]):  # one stored sequence per input row
-                        shard.append(tokens[row], ids[row], logprobs[row])
+                    arrays = {name: values.numpy() for name, values in arrays.items()}
+                    if "sampled_distinct" in arrays:
+                        self.sampled_entries += int(arrays["sampled_distinct"].sum())
+                        self.sampled_positions += arrays["sampled_distinct"].size
+                    # one stored sequence per input row
+                    for row, fields in enumerate(split_sequences(arrays, *tokens.shape)):
+                        shard.append(
+                            tokens[row],
+                            fields.pop("topk_ids", None),
+                            fields.pop("topk_logprobs", None),
+                            **fields,
+                        )
                 elif kind == "commit":
                     shard.commit()
                     shard = None

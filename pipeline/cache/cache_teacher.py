@@ -1,11 +1,12 @@
-"""Stage one: run a teacher once over a corpus and cache its top-k log-probs in a logit store.
+"""Stage one: run a teacher once over a corpus and cache its soft targets in a logit store.
 
 The recipe, top to bottom: check every setting (nothing is touched before that) → fingerprint the
 teacher, tokenizer and corpus into a manifest → create or reopen the store (rank 0 first) → load
-the teacher and self-check the exact chunked targets, while a background thread already reads
-and tokenizes the corpus into the shard plan → stream the plan: each rank computes
-the shards whose index % world_size == its rank, skipping committed ones, while a background
-thread writes and commits them → barrier → rank 0 marks the store finished and prints a summary.
+the teacher and self-check the exact chunked targets (top-k and/or samples), while a background
+thread already reads and tokenizes the corpus into the shard plan → stream the plan: each rank
+computes the shards whose index % world_size == its rank, skipping committed ones, while a
+background thread writes and commits them → barrier → rank 0 marks the store finished and prints
+a summary.
 
 Launch with ``kdcache cache-teacher ...``, ``torchrun --nproc_per_node N -m kdcache.pipeline
 cache-teacher ...`` or ``accelerate launch -m kdcache.pipeline cache-teacher ...``.
@@ -81,7 +82,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    from kdcache.pipeline.cache.targets import TopkTargets
+    from kdcache.pipeline.cache.targets import TeacherTargets
     from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.pipeline.teacher import (
         load_model,
@@ -101,7 +102,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
             err=True,
         )
     vocab_size, eos_id = source.vocab_size, source.eos_id
-    if s.top_k > vocab_size:
+    if s.stored_top_k > vocab_size:
         raise UserError(
             f"--top-k exceeds the teacher's vocabulary of {vocab_size}, got {s.top_k}, "
             f"pass at most {vocab_size}"
@@ -128,10 +129,13 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         teacher=teacher_fingerprint(source, dtype),
         tokenizer=tokenizer_fingerprint(tokenizer),
         vocab_size=vocab_size,
-        top_k=s.top_k,
+        top_k=s.stored_top_k,
         seq_len=s.seq_len,
         corpus=corpus,
         shard_tokens=s.shard_tokens,
+        targets=s.targets,
+        samples=s.stored_samples,
+        sample_seed=s.sample_seed if s.wants_samples else None,
     )
     writer = open_store_on_all_ranks(accelerator, s.out, manifest, tokenizer)
     already = set(writer.committed())
@@ -142,7 +146,9 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     with closing(Prefetcher(lambda: shard_plan(s, files, stats, source), maxsize=2)) as plan:
         model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
         keep_freed_memory(device, large_blocks=False)  # CPU: no page faults per activation
-        targets = TopkTargets(model, s.top_k, s.chunk_tokens)
+        targets = TeacherTargets(
+            model, s.stored_top_k, s.stored_samples, s.sample_seed, chunk_tokens=s.chunk_tokens
+        )
         note = targets.self_check(torch.tensor([probe], device=device))
         if note and accelerator.is_main_process:
             click.echo(f"Note: {note}", err=True)
@@ -150,13 +156,20 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         estimate = corpus_bytes // 3 if s.max_tokens is None else min(s.max_tokens, corpus_bytes)
         with progress_bar(estimate, enabled=accelerator.is_main_process) as advance:
             try:
-                compute_shards(plan, writer, targets, device, s, already, rank, world, advance)
+                sampled = compute_shards(
+                    plan, writer, targets, device, s, already, rank, world, advance
+                )
             except CorpusError as e:  # a file damaged past the checks; committed shards stay
                 raise UserError(f"{e}; the shards committed so far are kept") from e
 
     accelerator.wait_for_everyone()
+    # distinct sampled ids over the positions every rank computed in this run
+    sampled = accelerator.reduce(torch.tensor(sampled, device=device), reduction="sum").tolist()
     records = writer.committed()
     summary = summarize(records, already, stats, time.perf_counter() - started, targets.method)
+    if s.wants_samples:
+        summary["samples"] = s.samples
+        summary["sampled_distinct_per_position"] = sampled[0] / sampled[1] if sampled[1] else None
     summary["setup_seconds"] = round(setup_seconds, 3)  # config, store, model load, self-check
     if accelerator.is_main_process:
         writer.mark_finished(summary)
@@ -193,10 +206,19 @@ def compute_shards(
     rank: int,
     world: int,
     advance: Callable[..., None],
-) -> None:
+) -> tuple[int, int]:
     """This rank's shards of the plan (index % world == rank), minus those committed before:
-    teacher forward and top-k on the device, compression and commits in the writer thread."""
+    teacher forward and targets on the device, compression and commits in the writer thread.
+
+    Sampling keys each position by (split, shard index, sequence in the shard, t), so its draws
+    are the same whichever rank computes it, in whatever batch (docs/architecture.md §3).
+
+    Returns:
+        the distinct sampled ids written and the positions they cover (0, 0 without samples).
+    """
     import torch
+
+    from kdcache.pipeline.cache.sampling import position_keys
 
     vocab_size = writer.manifest["vocab_size"]
     logprob_dtype = (
@@ -209,17 +231,25 @@ def compute_shards(
                 advance(shard.num_tokens)  # another rank's work, or done in an earlier run
                 continue
             sink.open(shard.split, shard.index, shard.corpus_range)
+            first = 0  # index in the shard of the batch's first sequence
             for group in batches(shard.sequences, s.batch_size):
                 tokens = torch.from_numpy(np.stack(group))  # (B, S) int32
                 check_token_ids(tokens, vocab_size, s.teacher)
                 if device.type == "cuda":
                     tokens = tokens.pin_memory()
                 input_ids = tokens.to(device, non_blocking=True).long()
-                ids, logprobs = targets(input_ids)  # (B, S, k) each, on the device
-                sink.put(tokens.numpy(), *to_host(ids, logprobs.to(logprob_dtype)))
+                keys = None
+                if s.wants_samples:  # (B, S, 4)
+                    keys = position_keys(shard.split, shard.index, first, *tokens.shape, device)
+                rows = targets(input_ids, keys).compact(logprob_dtype, s.stored_samples)
+                arrays = rows.arrays()  # B * S rows, on the device
+                *host, event = to_host(*arrays.values())
+                sink.put(tokens.numpy(), dict(zip(arrays, host, strict=True)), event)
+                first += len(group)
                 advance(tokens.numel())
             sink.commit()
             advance(0, shards_done=len(already) + sink.committed)
+    return sink.sampled_entries, sink.sampled_positions
 
 
 @click.command("cache-teacher")
@@ -230,7 +260,28 @@ def compute_shards(
     help="Directory, file or glob of .txt/.md/.py/.jsonl/.parquet, or `stdlib`.",
 )
 @click.option("--out", required=True, help="Store directory or fsspec URL (created, or resumed).")
-@click.option("--top-k", default=64, show_default=True, help="Log-probs kept per position.")
+@click.option(
+    "--targets",
+    default="topk",
+    show_default=True,
+    help="What to store per position: topk (the k most likely ids), sampled (N draws from the "
+    "full softmax as distinct ids + counts: unbiased) or topk+sampled (both, one forward).",
+)
+@click.option(
+    "--top-k", default=64, show_default=True, help="Log-probs kept per position (topk targets)."
+)
+@click.option(
+    "--samples",
+    default=32,
+    show_default=True,
+    help="Draws per position, with replacement, for sampled targets (at most 65535).",
+)
+@click.option(
+    "--sample-seed",
+    default=0,
+    show_default=True,
+    help="Seed of the draws; each position's draws depend only on it and the position.",
+)
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per teacher input.")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per forward.")
 @click.option(
@@ -272,5 +323,14 @@ def compute_shards(
     help="Allow the teacher's own Python code (only for teachers you trust).",
 )
 def command(format_: str, **options: Any) -> None:
-    """Run a teacher once over a corpus and cache its top-k log-probs in a logit store."""
-    cache_teacher(CacheSettings(format=format_, **options))
+    """Run a teacher once over a corpus and cache its soft targets in a logit store."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    explicit = frozenset(
+        name
+        for name in ("top_k", "samples", "sample_seed")
+        if ctx.get_parameter_source(name)
+        not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    )
+    cache_teacher(CacheSettings(format=format_, explicit=explicit, **options))

@@ -69,9 +69,16 @@ def summarize(
 
 def summary_line(f: dict[str, Any], out: str) -> str:
     resumed = f", {f['shards_resumed']} already there" if f["shards_resumed"] else ""
+    sampled = ""
+    if f.get("sampled_distinct_per_position") is not None:
+        scope = " (of this run's positions)" if f["shards_resumed"] else ""
+        sampled = (
+            f", {f['sampled_distinct_per_position']:.2f} distinct ids per position{scope} "
+            f"from {f['samples']} draws"
+        )
     return (
         f"cache-teacher: {f['sequences']:,} sequences, {f['tokens']:,} tokens, "
-        f"{f['shards']} shards{resumed}, {f['bytes_per_token']:.1f} bytes/token, "
+        f"{f['shards']} shards{resumed}, {f['bytes_per_token']:.1f} bytes/token{sampled}, "
         f"{f['seconds']:.1f} s, {f['tokens_per_second']:,.0f} tokens/s, skipped documents: "
         f"{f['empty_documents_skipped']} empty, {f['unparseable_documents_skipped']} unparseable "
         f"({f['invalid_utf8_documents_repaired']} with invalid UTF-8 repaired) -> {out}"

@@ -13,6 +13,7 @@ from typing import Any
 
 from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats, iter_documents, resolve_corpus
 from kdcache.pipeline.errors import UserError
+from kdcache.storage.manifest import MAX_SAMPLES, TARGETS  # MAX_SAMPLES: what uint16 counts hold
 
 FORMATS = ("zarr", "arrow")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -36,7 +37,30 @@ class CacheSettings:
     max_tokens: int | None = None
     text_field: str = "text"
     trust_remote_code: bool = False
+    targets: str = "topk"
+    samples: int = 32
+    sample_seed: int = 0
     chunk_tokens: int | None = None  # rows of vocab-wide floats at a time; None = 128 MiB worth
+    # options given on the command line (not defaults): top_k, samples, sample_seed
+    explicit: frozenset[str] = frozenset()
+
+    @property
+    def wants_topk(self) -> bool:
+        return "topk" in self.targets.split("+")
+
+    @property
+    def wants_samples(self) -> bool:
+        return "sampled" in self.targets.split("+")
+
+    @property
+    def stored_top_k(self) -> int:
+        """k of the stored top-k; 0 for sampled-only targets (the manifest's ``top_k``)."""
+        return self.top_k if self.wants_topk else 0
+
+    @property
+    def stored_samples(self) -> int:
+        """Draws per position; 0 for top-k-only targets (the manifest's ``samples``)."""
+        return self.samples if self.wants_samples else 0
 
 
 def check_settings(s: CacheSettings) -> list[Path]:
@@ -47,8 +71,7 @@ def check_settings(s: CacheSettings) -> list[Path]:
         raise UserError(f"unknown --dtype, {s.dtype}, use one of {', '.join(DTYPE_CHOICES)}")
     if s.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {s.seq_len}, pass a larger value")
-    if s.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {s.top_k}, pass a positive value")
+    check_targets(s)
     for name, value in (("--batch-size", s.batch_size), ("--shard-tokens", s.shard_tokens)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}, pass a positive value")
@@ -69,6 +92,41 @@ def check_settings(s: CacheSettings) -> list[Path]:
         return resolve_corpus(s.corpus)
     except CorpusError as e:
         raise UserError(str(e)) from e
+
+
+def check_targets(s: CacheSettings) -> None:
+    """--targets and the options that belong to it: --top-k, --samples, --sample-seed."""
+    if s.targets not in TARGETS:
+        raise UserError(f"unknown --targets, {s.targets}, use one of {', '.join(TARGETS)}")
+    if not s.wants_topk and "top_k" in s.explicit:
+        raise UserError(
+            f"--top-k does not apply to --targets {s.targets}, got --top-k {s.top_k}, "
+            "leave it out or use --targets topk+sampled"
+        )
+    for name, option, value in (
+        ("samples", "--samples", s.samples),
+        ("sample_seed", "--sample-seed", s.sample_seed),
+    ):
+        if not s.wants_samples and name in s.explicit:
+            raise UserError(
+                f"{option} does not apply to --targets {s.targets}, got {option} {value}, "
+                "leave it out or use --targets sampled or topk+sampled"
+            )
+    if s.wants_topk and s.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {s.top_k}, pass a positive value")
+    if s.wants_samples:
+        if s.samples < 1:
+            raise UserError(f"--samples must be at least 1, got {s.samples}, pass a positive value")
+        if s.samples > MAX_SAMPLES:
+            raise UserError(
+                f"--samples exceeds {MAX_SAMPLES}, the largest count the store's uint16 counts "
+                f"hold, got {s.samples}, pass at most {MAX_SAMPLES}"
+            )
+        if not 0 <= s.sample_seed < 1 << 64:
+            raise UserError(
+                f"--sample-seed must be in [0, 2**64), got {s.sample_seed}, pass a non-negative "
+                "integer"
+            )
 
 
 def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], int]:

@@ -1,47 +1,169 @@
-"""Exact top-k teacher targets without a float32 [batch, seq, vocab] tensor.
+"""Exact teacher targets (top-k and/or samples) without a float32 [batch, seq, vocab] tensor.
 
 The decoder body runs once per batch and gives the final hidden states (B, S, H). The vocabulary
 projection, the architecture's own final-logit transform, a float32 log-softmax over the full
-vocabulary and the top-k then run per chunk of tokens, on the device. Peak memory is one chunk's
-worth of vocab-wide floats, whatever the batch size.
+vocabulary and, from that one log-softmax, the top-k with its exact tail mass and the sampled
+draws then run per chunk of tokens, on the device. Peak memory is one chunk's worth of
+vocab-wide floats, whatever the batch size.
 
-Exactness is checked, not assumed: ``TopkTargets.self_check`` compares the chunked path with the
-model's own ``forward`` on a probe sequence and falls back to that forward (one row at a time) when
-they disagree, e.g. for a remote-code model with a final-logit transform we do not know.
+Exactness is checked, not assumed: ``TeacherTargets.self_check`` compares the chunked path with
+the model's own ``forward`` on a probe sequence and falls back to that forward (one row at a time)
+when they disagree, e.g. for a remote-code model with a final-logit transform we do not know.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
+from kdcache.pipeline.cache.sampling import (
+    distinct_counts,
+    draw,
+    scratch_bytes_per_row,
+    uniforms,
+)
 from kdcache.pipeline.logit_head import ChunkScratch, default_chunk_tokens, logit_head
 
+RAGGED = ("sampled_ids", "sampled_counts", "sampled_logprobs")  # sampled_distinct[r] per row
 
-def chunked_topk(
+
+@dataclass
+class RowTargets:
+    """The targets of R token rows, on one device; fields the targets kind lacks are ``None``.
+
+    Sampled entries are ragged: row r owns ``sampled_distinct[r]`` consecutive entries, rows in
+    order, so the first M = ``sampled_distinct.sum()`` entries of the sampled buffers hold them.
+    The buffers are sized for the worst case (R * min(N, V) + 1; the last entry takes writes that
+    go nowhere), so they are filled without asking the device for M: no host sync.
+    """
+
+    topk_ids: torch.Tensor | None = None  # (R, k) int32
+    topk_logprobs: torch.Tensor | None = None  # (R, k) float32, sorted descending
+    topk_tail_logprob: torch.Tensor | None = None  # (R,) float32, log of the mass outside
+    sampled_distinct: torch.Tensor | None = None  # (R,) int32, >= 1
+    sampled_ids: torch.Tensor | None = None  # (capacity,) int32, ascending per row
+    sampled_counts: torch.Tensor | None = None  # (capacity,) int32, a row's sum to N
+    sampled_logprobs: torch.Tensor | None = None  # (capacity,) float32
+    filled: torch.Tensor | None = None  # () int64 on the device: sampled entries written so far
+
+    @classmethod
+    def empty(
+        cls, rows: int, top_k: int, samples: int, vocab: int, device: torch.device
+    ) -> RowTargets:
+        out = cls()
+        if top_k:
+            out.topk_ids = torch.empty((rows, top_k), dtype=torch.int32, device=device)
+            out.topk_logprobs = torch.empty((rows, top_k), dtype=torch.float32, device=device)
+            out.topk_tail_logprob = torch.empty(rows, dtype=torch.float32, device=device)
+        if samples:
+            capacity = rows * min(samples, vocab) + 1
+            out.sampled_distinct = torch.empty(rows, dtype=torch.int32, device=device)
+            # only the first M entries are ever written or read: no need to touch the rest
+            out.sampled_ids = torch.empty(capacity, dtype=torch.int32, device=device)
+            out.sampled_counts = torch.empty(capacity, dtype=torch.int32, device=device)
+            out.sampled_logprobs = torch.empty(capacity, dtype=torch.float32, device=device)
+            out.filled = torch.zeros((), dtype=torch.int64, device=device)
+        return out
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The stored fields that this targets kind has, by name (``filled`` is not one)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "filled" and getattr(self, f.name) is not None
+        }
+
+    def compact(self, logprob_dtype: torch.dtype, samples: int) -> RowTargets:
+        """The same targets in the dtypes that travel to the host: log-probs in the store's
+        float type, counts as uint8 when N <= 255. On the CPU, where M costs no device sync,
+        the sampled buffers are cut to their M entries first."""
+        count_dtype = torch.uint8 if samples <= 255 else torch.int32
+        casts = {"topk_logprobs": logprob_dtype, "sampled_logprobs": logprob_dtype}
+        casts |= {"sampled_distinct": count_dtype, "sampled_counts": count_dtype}
+        arrays = self.arrays()
+        if self.filled is not None and self.filled.device.type == "cpu":
+            m = int(self.filled)
+            arrays |= {name: arrays[name][:m] for name in RAGGED}
+        return RowTargets(
+            **{name: values.to(casts.get(name, values.dtype)) for name, values in arrays.items()}
+        )
+
+    def put_samples(
+        self,
+        at: slice,
+        distinct: torch.Tensor,
+        unique: torch.Tensor,
+        counts: torch.Tensor,
+        logprobs: torch.Tensor,
+    ) -> None:
+        """Append the draws of rows ``at`` (C rows, in order after the rows before them):
+        distinct (C,), and unique ids, counts and log-probs (C, N) left-aligned."""
+        assert self.sampled_distinct is not None and self.filled is not None
+        assert self.sampled_ids is not None
+        n = unique.shape[1]
+        column = torch.arange(n, device=unique.device)  # (N,)
+        ends = distinct.cumsum(0)  # (C,) inclusive
+        target = self.filled + (ends - distinct)[:, None] + column  # (C, N)
+        spill = self.sampled_ids.shape[0] - 1
+        target = torch.where(column < distinct[:, None], target, spill)
+        for buffer, values in (
+            (self.sampled_ids, unique),
+            (self.sampled_counts, counts),
+            (self.sampled_logprobs, logprobs),
+        ):
+            assert buffer is not None
+            buffer.index_copy_(0, target.view(-1), values.reshape(-1).to(buffer.dtype))
+        self.sampled_distinct[at] = distinct
+        self.filled += ends[-1]
+
+    def put_topk(
+        self, at: slice, values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor
+    ) -> None:
+        """The top-k of rows ``at``: log-probs and ids (C, k), the tail's log-mass (C,)."""
+        assert self.topk_ids is not None and self.topk_logprobs is not None
+        assert self.topk_tail_logprob is not None
+        self.topk_logprobs[at], self.topk_ids[at], self.topk_tail_logprob[at] = values, ids, tail
+
+
+@dataclass
+class TargetSpec:
+    """What to compute per position: top-k (k > 0) and/or N draws (N > 0) with a seed."""
+
+    top_k: int = 0
+    samples: int = 0
+    seed: int = 0
+
+
+def chunked_targets(
     hidden: torch.Tensor,
     head: Any,
-    top_k: int,
+    spec: TargetSpec,
     chunk_tokens: int,
+    *,
+    keys: torch.Tensor | None = None,
     scratch: ChunkScratch | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ``log_softmax(head(hidden))`` over the full vocabulary, one token chunk at a time.
+    out: RowTargets | None = None,
+    row_offset: int = 0,
+) -> RowTargets:
+    """Targets from ``log_softmax(head(hidden))`` over the full vocabulary, a chunk at a time.
 
     Args:
-        hidden: (N, H) final hidden states, or (N, V) logits when ``head`` is the identity.
+        hidden: (R, H) final hidden states, or (R, V) logits when ``head`` is the identity.
         head: hidden (C, H) -> logits (C, V); a ``LogitHead`` writes into a reused buffer.
-        top_k: k.
+        spec: what to compute.
         chunk_tokens: rows per chunk.
+        keys: (R, 4) int64 position keys, needed to sample (see ``sampling.uniforms``).
         scratch: buffers to reuse across calls (a fresh set when ``None``).
+        out: where to write rows ``row_offset..row_offset+R`` (fresh targets when ``None``).
 
     Returns:
-        ids (N, k) int32 and logprobs (N, k) float32, sorted descending per row, on the device.
+        ``out``: top-k ids (R, k) and log-probs sorted descending, the log of the mass outside
+        the top-k (R,), and the ragged samples, on the device.
     """
     scratch = ChunkScratch() if scratch is None else scratch
     n = hidden.shape[0]
-    ids = torch.empty((n, top_k), dtype=torch.int32, device=hidden.device)
-    logprobs = torch.empty((n, top_k), dtype=torch.float32, device=hidden.device)
     weight = head.lm_head.weight if getattr(head, "writes_into_buffer", False) else None
     for start in range(0, n, chunk_tokens):
         stop = min(start + chunk_tokens, n)
@@ -51,6 +173,8 @@ def chunked_topk(
             logits = head(rows, out=scratch.get("logits", rows, shape, weight.dtype))  # (C, V)
         else:
             logits = head(rows)  # (C, V)
+        if out is None:
+            out = RowTargets.empty(n, spec.top_k, spec.samples, logits.shape[-1], logits.device)
         if logits.dtype != torch.float32:
             logits = scratch.get("float32", logits, tuple(logits.shape), torch.float32).copy_(
                 logits
@@ -58,28 +182,80 @@ def chunked_topk(
         # the model's own kernel, so the values are the reference's to the last bit
         chunk = scratch.get("logprobs", logits, tuple(logits.shape), torch.float32)
         torch.log_softmax(logits, dim=-1, out=chunk)  # (C, V)
-        values, indices = torch.topk(chunk, top_k, dim=-1, sorted=True)  # (C, k)
-        logprobs[start:stop] = values
-        ids[start:stop] = indices
-    return ids, logprobs
+        at = slice(row_offset + start, row_offset + stop)
+        if spec.samples:
+            assert keys is not None, "sampling needs the rows' position keys"
+            u = uniforms(spec.seed, keys[start:stop], spec.samples)  # (C, N) float64
+            cdf = scratch.get("cdf", chunk, tuple(chunk.shape), torch.float64)  # (C, V)
+            distinct, unique, counts = distinct_counts(draw(chunk, u, cdf))  # (C,), (C, N) x 2
+            out.put_samples(at, distinct, unique, counts, chunk.gather(-1, unique))
+        if spec.top_k:  # last: it overwrites the chunk
+            out.put_topk(at, *topk_and_tail(chunk, spec.top_k))
+    assert out is not None
+    return out
 
 
-class TopkTargets:
-    """Computes the stored targets of a batch: (B, S) input ids -> (B, S, k) ids and logprobs.
+def topk_and_tail(chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k of log-softmax rows ``chunk`` (C, V) and the log of the mass outside it.
+
+    The tail is a logsumexp over the other ids (never log(1 - sum exp), which rounds a tiny
+    tail to log 0), shifted by their largest log-prob, the (k+1)-th, so that even a tail far
+    below the top-1 does not underflow. Overwrites ``chunk``.
+
+    Returns:
+        log-probs (C, k) sorted descending, their ids (C, k), the tail (C,) (-inf when k = V).
+    """
+    vocab = chunk.shape[-1]
+    values, ids = torch.topk(chunk, min(k + 1, vocab), dim=-1, sorted=True)  # (C, k+1)
+    if k == vocab:
+        return values, ids, torch.full_like(values[:, 0], float("-inf"))
+    shift = values[:, k:]  # (C, 1) the largest log-prob outside the top-k
+    mass = chunk.sub_(shift).exp_().scatter_(-1, ids[:, :k], 0.0).sum(-1)  # (C,) >= 1
+    tail = torch.where(shift[:, 0] > float("-inf"), shift[:, 0] + mass.log(), shift[:, 0])
+    return values[:, :k], ids[:, :k], tail
+
+
+def chunked_topk(
+    hidden: torch.Tensor,
+    head: Any,
+    top_k: int,
+    chunk_tokens: int,
+    scratch: ChunkScratch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``log_softmax(head(hidden))``: ids (R, k) int32, logprobs (R, k) float32."""
+    out = chunked_targets(hidden, head, TargetSpec(top_k=top_k), chunk_tokens, scratch=scratch)
+    assert out.topk_ids is not None and out.topk_logprobs is not None
+    return out.topk_ids, out.topk_logprobs
+
+
+class TeacherTargets:
+    """Computes the stored targets of a batch: (B, S) input ids -> ``RowTargets`` of B * S rows.
 
     Args:
         model: a causal LM in eval mode.
-        top_k: k.
-        chunk_tokens: rows per chunk of the vocab-wide computation (default: 128 MiB of floats).
+        top_k: k (0: no top-k).
+        samples: draws N per position (0: no samples).
+        seed: the seed of the draws.
+        chunk_tokens: rows per chunk of the vocab-wide computation (default: 128 MiB of scratch).
     """
 
-    def __init__(self, model: Any, top_k: int, chunk_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        top_k: int = 0,
+        samples: int = 0,
+        seed: int = 0,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        assert top_k or samples, "nothing to compute"
         self.model = model
-        self.top_k = top_k
+        self.spec = TargetSpec(top_k, samples, seed)
         self.head = logit_head(model)
         weight = self.head.lm_head.weight
         vocab, itemsize = int(weight.shape[0]), weight.element_size()
-        self.chunk_tokens = chunk_tokens or default_chunk_tokens(vocab, itemsize=itemsize)
+        self.chunk_tokens = chunk_tokens or default_chunk_tokens(
+            vocab, itemsize=itemsize, cdf=samples > 0, row_bytes=scratch_bytes_per_row(samples)
+        )
         self.scratch = ChunkScratch()
         self.use_model_forward = False  # set by self_check when the chunked path disagrees
 
@@ -89,31 +265,46 @@ class TopkTargets:
             return "model forward, one row at a time"
         return f"decoder body + chunked {self.head.describe()}"
 
-    def _chunked(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chunked(self, input_ids: torch.Tensor, keys: torch.Tensor | None) -> RowTargets:
         b, s = input_ids.shape
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        ids, logprobs = chunked_topk(
-            hidden.reshape(b * s, -1), self.head, self.top_k, self.chunk_tokens, self.scratch
+        return chunked_targets(
+            hidden.reshape(b * s, -1),
+            self.head,
+            self.spec,
+            self.chunk_tokens,
+            keys=None if keys is None else keys.reshape(b * s, -1),
+            scratch=self.scratch,
         )
-        return ids.view(b, s, -1), logprobs.view(b, s, -1)  # (B, S, k)
 
-    def _model_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows_ids, rows_logprobs = [], []
-        for row in input_ids:  # (S,): one row's (S, V) logits at a time
-            logits = self.model(input_ids=row[None], use_cache=False).logits[0]  # (S, V)
-            ids, logprobs = chunked_topk(
-                logits, _identity, self.top_k, self.chunk_tokens, self.scratch
+    def _model_forward(self, input_ids: torch.Tensor, keys: torch.Tensor | None) -> RowTargets:
+        b, s = input_ids.shape
+        out = None
+        for row in range(b):  # one row's (S, V) logits at a time
+            logits = self.model(input_ids=input_ids[row][None], use_cache=False).logits[0]
+            if out is None:
+                vocab = logits.shape[-1]
+                spec = self.spec
+                out = RowTargets.empty(b * s, spec.top_k, spec.samples, vocab, logits.device)
+            chunked_targets(
+                logits,
+                _identity,
+                self.spec,
+                self.chunk_tokens,
+                keys=None if keys is None else keys[row],
+                scratch=self.scratch,
+                out=out,
+                row_offset=row * s,
             )
-            rows_ids.append(ids)
-            rows_logprobs.append(logprobs)
-        return torch.stack(rows_ids), torch.stack(rows_logprobs)  # (B, S, k)
+        assert out is not None
+        return out
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S) -> ids (B, S, k) int32, logprobs (B, S, k) float32, on the model's device."""
+    def __call__(self, input_ids: torch.Tensor, keys: torch.Tensor | None = None) -> RowTargets:
+        """(B, S) input ids and (B, S, 4) position keys (to sample) -> targets of B * S rows."""
         if self.use_model_forward:
-            return self._model_forward(input_ids)
-        return self._chunked(input_ids)
+            return self._model_forward(input_ids, keys)
+        return self._chunked(input_ids, keys)
 
     @torch.inference_mode()
     def self_check(self, probe_ids: torch.Tensor) -> str | None:
@@ -127,13 +318,9 @@ class TopkTargets:
         reference = torch.log_softmax(logits, dim=-1)  # (P, V)
         dtype = next(self.model.parameters()).dtype
         tolerance = 1e-3 + 4 * torch.finfo(dtype).eps * float(logits.abs().max())
+        keys = torch.zeros((*probe_ids.shape, 4), dtype=torch.int64, device=probe_ids.device)
         try:
-            ids, logprobs = self._chunked(probe_ids)
-            ids, logprobs = ids[0].long(), logprobs[0]  # (P, k)
-            error = max(
-                float((reference.gather(-1, ids) - logprobs).abs().max()),
-                float((reference.topk(self.top_k, dim=-1).values - logprobs).abs().max()),
-            )
+            error = _largest_error(self._chunked(probe_ids, keys), reference, self.spec.top_k)
         except Exception as e:  # an unusual architecture: the body or head cannot be split off
             self.use_model_forward = True
             return f"cannot split {type(self.model).__name__} into body and head ({e}); using its own forward"
@@ -144,6 +331,24 @@ class TopkTargets:
                 f"forward by {error:.3g} (tolerance {tolerance:.3g}); using its own forward"
             )
         return None
+
+
+def _largest_error(got: RowTargets, reference: torch.Tensor, top_k: int) -> float:
+    """The largest difference of any computed log-prob from the reference log-softmax (P, V)."""
+    errors = []
+    if got.topk_ids is not None and got.topk_logprobs is not None:
+        ids = got.topk_ids.long()  # (P, k)
+        errors.append((reference.gather(-1, ids) - got.topk_logprobs).abs().max())
+        errors.append((reference.topk(top_k, dim=-1).values - got.topk_logprobs).abs().max())
+        if got.topk_tail_logprob is not None and top_k < reference.shape[-1]:
+            outside = reference.scatter(-1, ids, float("-inf")).logsumexp(-1)  # (P,)
+            errors.append((outside - got.topk_tail_logprob).abs().max())
+    distinct, drawn, logprobs = got.sampled_distinct, got.sampled_ids, got.sampled_logprobs
+    if distinct is not None and drawn is not None and logprobs is not None:
+        m = int(distinct.sum())
+        rows = torch.repeat_interleave(distinct.long())  # (M,) the row of each entry
+        errors.append((reference[rows, drawn[:m].long()] - logprobs[:m]).abs().max())
+    return float(torch.stack(errors).max())
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -131,14 +131,16 @@ class _RecordingWriter:
 
     def __init__(self, fail_on_commit: bool = False) -> None:
         self.events: list[tuple] = []
+        self.fields: list[dict] = []  # the keyword arrays of each append
         self.fail_on_commit = fail_on_commit
 
     def open_shard(self, split, index, corpus_range=None):
         writer = self
 
         class Shard:
-            def append(self, tokens, ids, logprobs):
+            def append(self, tokens, ids, logprobs, **fields):
                 writer.events.append(("append", index, tokens.tolist(), ids.shape, logprobs.dtype))
+                writer.fields.append(fields)
 
             def commit(self):
                 if writer.fail_on_commit:
@@ -154,9 +156,11 @@ class _RecordingWriter:
 
 def _batch(rows: int, seq: int, k: int = 3):
     tokens = np.arange(rows * seq, dtype=np.int32).reshape(rows, seq)
-    ids = torch.zeros(rows, seq, k, dtype=torch.int32)
-    logprobs = torch.zeros(rows, seq, k, dtype=torch.float16)
-    return tokens, ids, logprobs
+    arrays = {
+        "topk_ids": torch.zeros(rows * seq, k, dtype=torch.int32),
+        "topk_logprobs": torch.zeros(rows * seq, k, dtype=torch.float16),
+    }
+    return tokens, arrays
 
 
 def test_shard_sink_appends_one_sequence_per_row_and_commits_in_order() -> None:
@@ -186,3 +190,31 @@ def test_shard_sink_hands_a_writer_error_to_the_main_thread_and_aborts_the_shard
         sink.close()
     sink.close(abort=True)
     assert writer.events[-1] == ("abort", 0)
+
+
+def test_shard_sink_splits_ragged_samples_into_sequences() -> None:
+    """Sampled entries of B * S rows arrive as one ragged buffer (with unused capacity at the
+    end); each sequence gets exactly its own rows' entries."""
+    writer = _RecordingWriter()
+    distinct = torch.tensor([1, 2, 3, 1, 1, 2], dtype=torch.uint8)  # 2 sequences x 3 positions
+    m = int(distinct.sum())
+    capacity = 6 * 4 + 1
+    tokens, arrays = _batch(2, 3)
+    arrays |= {
+        "topk_tail_logprob": torch.arange(6, dtype=torch.float32),
+        "sampled_distinct": distinct,
+        "sampled_ids": torch.arange(capacity, dtype=torch.int32),
+        "sampled_counts": torch.ones(capacity, dtype=torch.uint8),
+        "sampled_logprobs": -torch.arange(capacity, dtype=torch.float16),
+    }
+    with ShardSink(writer) as sink:
+        sink.open("train", 0, {})
+        sink.put(tokens, arrays, None)
+        sink.commit()
+    first, second = writer.fields
+    assert first["topk_tail_logprob"].tolist() == [0, 1, 2]
+    assert first["sampled_distinct"].tolist() == [1, 2, 3]
+    assert first["sampled_ids"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert second["sampled_ids"].tolist() == list(range(6, m))
+    assert second["sampled_logprobs"].tolist() == [-6, -7, -8, -9]
+    assert second["sampled_counts"].dtype == np.uint8

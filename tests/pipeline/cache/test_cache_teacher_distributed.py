@@ -1,4 +1,5 @@
-"""Real processes: 2-rank torchrun gives the 1-process store; kill -9 then rerun gives it too."""
+"""Real processes: 2-rank torchrun gives the 1-process store; kill -9 then rerun gives it too —
+top-k, its tail and the sampled draws, byte for byte."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from kdcache.storage import open_store, verify_store
@@ -17,7 +17,10 @@ from kdcache.storage import open_store, verify_store
 pytestmark = pytest.mark.slow
 
 ARGS = ["--top-k", "8", "--seq-len", "32", "--batch-size", "2", "--shard-tokens", "128",
-        "--eval-fraction", "0.2", "--max-tokens", "3000"]  # fmt: skip
+        "--eval-fraction", "0.2", "--max-tokens", "3000",
+        "--targets", "topk+sampled", "--samples", "16", "--sample-seed", "3"]  # fmt: skip
+FIELDS = ("tokens", "topk_ids", "topk_logprobs", "topk_tail_logprob", "sampled_distinct",
+          "sampled_ids", "sampled_counts", "sampled_logprobs", "seq_offsets")  # fmt: skip
 
 
 def env() -> dict[str, str]:
@@ -60,8 +63,9 @@ def assert_same_store(a: Path, b: Path) -> None:
             rb.corpus_range,
         )
         x, y = store_a.read_shard(ra), store_b.read_shard(rb)
-        for field in ("tokens", "topk_ids", "topk_logprobs", "seq_offsets"):
-            assert np.array_equal(getattr(x, field), getattr(y, field)), (ra.name, field)
+        for field in FIELDS:
+            a, b = getattr(x, field), getattr(y, field)
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (ra.name, field)
 
 
 @pytest.fixture(scope="module")

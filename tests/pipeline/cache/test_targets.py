@@ -1,4 +1,5 @@
-"""The chunked top-k equals the top-k of each model's own log_softmax(logits)."""
+"""The chunked targets equal each model's own log_softmax(logits): the top-k, its tail mass and
+the log-probs of the sampled ids."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kdcache.pipeline.cache.targets import TopkTargets, chunked_topk
+from kdcache.pipeline.cache.sampling import position_keys
+from kdcache.pipeline.cache.targets import TeacherTargets, chunked_topk
 from kdcache.pipeline.logit_head import logit_head
 
 VOCAB = 300
@@ -43,6 +45,16 @@ def tiny_model(model_type: str, **overrides: object) -> torch.nn.Module:
     return model
 
 
+def keys_for(batch: int, seq_len: int) -> torch.Tensor:
+    return position_keys("train", 0, 0, batch, seq_len, torch.device("cpu"))  # (B, S, 4)
+
+
+def topk_of(out, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, k) ids and log-probs from the B * S rows."""
+    b, s = input_ids.shape
+    return out.topk_ids.view(b, s, -1), out.topk_logprobs.view(b, s, -1)
+
+
 def reference_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int):
     with torch.inference_mode():
         logprobs = torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1)
@@ -53,10 +65,10 @@ def reference_topk(model: torch.nn.Module, input_ids: torch.Tensor, k: int):
 def test_chunked_targets_equal_the_models_own_forward(model_type: str) -> None:
     model = tiny_model(model_type, **ARCHITECTURES[model_type])
     input_ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
-    targets = TopkTargets(model, TOP_K, chunk_tokens=7)  # chunks straddle rows
+    targets = TeacherTargets(model, TOP_K, chunk_tokens=7)  # chunks straddle rows
     assert targets.self_check(input_ids[:1]) is None
     assert not targets.use_model_forward
-    ids, logprobs = targets(input_ids)
+    ids, logprobs = topk_of(targets(input_ids), input_ids)
     assert ids.shape == logprobs.shape == (3, 20, TOP_K)
     assert ids.dtype == torch.int32 and logprobs.dtype == torch.float32
 
@@ -80,13 +92,13 @@ def test_head_reads_the_transform_from_the_config(model_type: str, field: str) -
 
 def test_self_check_falls_back_when_the_transform_is_unknown() -> None:
     model = tiny_model("gemma2", **ARCHITECTURES["gemma2"])
-    targets = TopkTargets(model, TOP_K, chunk_tokens=5)
+    targets = TeacherTargets(model, TOP_K, chunk_tokens=5)
     targets.head.softcap = None  # as if we did not know this architecture's soft-capping
     input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
     message = targets.self_check(input_ids[:1])
     assert message is not None and "own forward" in message
     assert targets.use_model_forward
-    ids, logprobs = targets(input_ids)
+    ids, logprobs = topk_of(targets(input_ids), input_ids)
     full, (ref_values, _) = reference_topk(model, input_ids, TOP_K)
     torch.testing.assert_close(logprobs, ref_values, atol=1e-4, rtol=0)
     torch.testing.assert_close(full.gather(-1, ids.long()), ref_values, atol=1e-4, rtol=0)
@@ -96,9 +108,9 @@ def test_self_check_falls_back_when_the_transform_is_unknown() -> None:
 def test_bfloat16_targets_equal_the_models_own_forward(model_type: str) -> None:
     model = tiny_model(model_type, **ARCHITECTURES[model_type]).to(torch.bfloat16)
     input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
-    targets = TopkTargets(model, TOP_K, chunk_tokens=6)
+    targets = TeacherTargets(model, TOP_K, chunk_tokens=6)
     assert targets.self_check(input_ids[:1]) is None
-    ids, logprobs = targets(input_ids)
+    ids, logprobs = topk_of(targets(input_ids), input_ids)
     full, (ref_values, _) = reference_topk(model, input_ids, TOP_K)
     # the same bfloat16 logits, upcast, then the same float32 log_softmax
     torch.testing.assert_close(logprobs, ref_values, atol=1e-5, rtol=0)
@@ -107,12 +119,19 @@ def test_bfloat16_targets_equal_the_models_own_forward(model_type: str) -> None:
 
 def test_buffers_are_reused_from_batch_to_batch() -> None:
     model = tiny_model("llama")
-    targets = TopkTargets(model, TOP_K, chunk_tokens=8)
+    targets = TeacherTargets(model, TOP_K, chunk_tokens=8)
     targets(torch.randint(0, VOCAB, (2, 12)))
     buffers = {name: b.data_ptr() for name, b in targets.scratch._buffers.items()}
     assert set(buffers) == {"logits", "logprobs"}  # float32 model: no float32 copy needed
     targets(torch.randint(0, VOCAB, (3, 12)))
     assert {name: b.data_ptr() for name, b in targets.scratch._buffers.items()} == buffers
+
+    sampling = TeacherTargets(model, TOP_K, samples=8, chunk_tokens=8)
+    sampling(torch.randint(0, VOCAB, (2, 12)), keys_for(2, 12))
+    buffers = {name: b.data_ptr() for name, b in sampling.scratch._buffers.items()}
+    assert set(buffers) == {"logits", "logprobs", "cdf"}  # the float64 cdf is reused too
+    sampling(torch.randint(0, VOCAB, (3, 12)), keys_for(3, 12))
+    assert {name: b.data_ptr() for name, b in sampling.scratch._buffers.items()} == buffers
 
 
 def test_chunked_topk_matches_log_softmax_for_any_chunk_size() -> None:
@@ -126,6 +145,73 @@ def test_chunked_topk_matches_log_softmax_for_any_chunk_size() -> None:
 
 def test_full_vocab_top_k_sums_to_one() -> None:
     model = tiny_model("llama")
-    ids, logprobs = TopkTargets(model, VOCAB, chunk_tokens=4)(torch.arange(10)[None])
-    torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(1, 10), atol=1e-5, rtol=0)
-    assert torch.equal(ids.sort(-1).values[0, 0].long(), torch.arange(VOCAB))
+    out = TeacherTargets(model, VOCAB, chunk_tokens=4)(torch.arange(10)[None])
+    ids, logprobs = out.topk_ids, out.topk_logprobs  # (10, V)
+    torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(10), atol=1e-5, rtol=0)
+    assert torch.equal(ids.sort(-1).values[0].long(), torch.arange(VOCAB))
+    assert torch.isneginf(out.topk_tail_logprob).all()
+
+
+def sampled_rows(
+    out, rows: int, samples: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per row (ids, counts, logprobs) of the ragged buffers, checking the layout on the way."""
+    distinct = out.sampled_distinct.long()
+    assert distinct.shape == (rows,) and (distinct >= 1).all()
+    offsets = [0, *distinct.cumsum(0).tolist()]
+    result = []
+    for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
+        ids, counts = out.sampled_ids[lo:hi].long(), out.sampled_counts[lo:hi]
+        assert int(counts.sum()) == samples and (counts >= 1).all()
+        assert (ids[1:] > ids[:-1]).all()  # distinct, ascending
+        result.append((ids, counts, out.sampled_logprobs[lo:hi]))
+    return result
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("use_model_forward", [False, True])
+def test_sampled_logprobs_equal_the_models_own_forward(
+    model_type: str, use_model_forward: bool
+) -> None:
+    model = tiny_model(model_type, **ARCHITECTURES[model_type])
+    input_ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(8))
+    targets = TeacherTargets(model, TOP_K, samples=24, seed=3, chunk_tokens=7)
+    if use_model_forward:  # the fallback samples too
+        targets.head.softcap = None if model_type == "gemma2" else 3.0  # a wrong transform
+        assert targets.self_check(input_ids[:1]) is not None
+        assert targets.use_model_forward
+    else:
+        assert targets.self_check(input_ids[:1]) is None
+    out = targets(input_ids, keys_for(3, 20))
+    full, _ = reference_topk(model, input_ids, TOP_K)
+    full = full.reshape(60, VOCAB)  # (B * S, V)
+    for row, (ids, _, logprobs) in enumerate(sampled_rows(out, 60, 24)):
+        torch.testing.assert_close(logprobs, full[row, ids], atol=1e-4, rtol=0)
+    # the tail of the same forward: the mass outside the top-k, in float64
+    outside = full.double().scatter(-1, out.topk_ids.long(), float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(out.topk_tail_logprob.double(), outside, atol=1e-4, rtol=0)
+
+    sampled_only = TeacherTargets(model, 0, samples=24, seed=3, chunk_tokens=11)
+    sampled_only.use_model_forward = use_model_forward
+    again = sampled_only(input_ids, keys_for(3, 20))
+    assert again.topk_ids is None and again.topk_tail_logprob is None
+    if not use_model_forward:  # the same draws whatever else is computed, whatever the chunks
+        m = int(out.sampled_distinct.sum())
+        assert torch.equal(again.sampled_distinct, out.sampled_distinct)
+        assert torch.equal(again.sampled_ids[:m], out.sampled_ids[:m])
+        assert torch.equal(again.sampled_counts[:m], out.sampled_counts[:m])
+
+
+def test_a_sharp_teacher_gives_few_distinct_ids_a_flat_one_many() -> None:
+    """Sanity of the estimate: the distinct ids track the teacher's entropy."""
+    sharp = tiny_model("llama")
+    flat = tiny_model("llama")
+    with torch.no_grad():
+        flat.get_output_embeddings().weight.div_(1e4)  # almost uniform over 300 ids
+    input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
+    mean = {}
+    for name, model in (("sharp", sharp), ("flat", flat)):
+        out = TeacherTargets(model, 0, samples=64, chunk_tokens=9)(input_ids, keys_for(2, 16))
+        mean[name] = float(out.sampled_distinct.float().mean())
+    # 64 draws from a uniform 300: 300 * (1 - (299/300)**64) ~ 57.6 distinct expected
+    assert 52 < mean["flat"] <= 64 and mean["sharp"] < 40, mean
