@@ -30,7 +30,9 @@ TEACHER_DIR = $(or $(TEACHER),$(DEFAULT_TEACHER))
 TEACHER_STEPS ?= 150
 CORPUS ?= stdlib
 STORE ?= artifacts/store
+TARGETS ?= topk
 TOPK ?= 32
+SAMPLES ?= 32
 SEQLEN ?= 256
 FORMAT ?= zarr
 EVAL_FRACTION ?= 0.02
@@ -41,7 +43,7 @@ THREADS ?= 2
 STUDENT ?= tiny
 STEPS ?= 300
 BATCH_SIZE ?= 8
-LOSS ?= ghost
+LOSS ?= auto
 TEMPERATURE ?=
 ALPHA ?=
 SEED ?= 0
@@ -60,7 +62,7 @@ STUDENT_ARGS = --store $(STORE) --student $(STUDENT) --steps $(STEPS) --batch-si
 	$(TRAIN_ARGS)
 
 .PHONY: help install teacher cache-teacher train-student compare sweep test lint format \
-	readme bench clean distclean
+	readme bench fidelity clean distclean
 
 help: ## list targets and variables
 	@echo "kdcache — offline knowledge distillation"
@@ -74,12 +76,13 @@ help: ## list targets and variables
 	@echo "  TEACHER_STEPS=$(TEACHER_STEPS)  training steps of the default teacher"
 	@echo "  CORPUS=$(CORPUS)        dir, file, glob of .txt/.md/.py/.jsonl/.parquet, or stdlib"
 	@echo "  STORE=$(STORE)  logit store: local path or fsspec URL (s3://...)"
-	@echo "  TOPK=$(TOPK)  SEQLEN=$(SEQLEN)  FORMAT=$(FORMAT) (zarr|arrow)"
+	@echo "  TARGETS=$(TARGETS) (topk|sampled|topk+sampled)  TOPK=$(TOPK)  SAMPLES=$(SAMPLES) (draws per position)"
+	@echo "  SEQLEN=$(SEQLEN)  FORMAT=$(FORMAT) (zarr|arrow)"
 	@echo "  MAX_TOKENS=$(MAX_TOKENS)  cap on cached corpus tokens (empty = whole corpus)"
 	@echo "  EVAL_FRACTION=$(EVAL_FRACTION)  share of documents held out (teacher and store agree)"
 	@echo "  THREADS=$(THREADS)  CPU threads of the default-teacher build"
 	@echo "  STUDENT=$(STUDENT)  preset (tiny|small|base), config .json/.yaml or HF dir"
-	@echo "  STEPS=$(STEPS)  BATCH_SIZE=$(BATCH_SIZE)  LOSS=$(LOSS) (kl|ghost|reverse-kl|ce)  SEED=$(SEED)"
+	@echo "  STEPS=$(STEPS)  BATCH_SIZE=$(BATCH_SIZE)  LOSS=$(LOSS) (auto|kl|ghost|reverse-kl|sampled-kl|ce)  SEED=$(SEED)"
 	@echo "  TEMPERATURE=$(TEMPERATURE)  ALPHA=$(ALPHA)  (empty = train-student's defaults)"
 	@echo "  TRAIN_ARGS=$(TRAIN_ARGS)  extra train-student options for both students, e.g. --lr 2e-3"
 	@echo "  OUT=$(OUT)  CE_OUT=$(CE_OUT)  KD and CE-only student dirs (replaced by train-student)"
@@ -102,9 +105,11 @@ $(DEFAULT_TEACHER)/config.json: | install
 	$(KDCACHE) build-teacher --corpus $(CORPUS) --out $(DEFAULT_TEACHER) --steps $(TEACHER_STEPS) \
 		--eval-fraction $(EVAL_FRACTION) --threads $(THREADS) --force
 
-cache-teacher: install $(if $(TEACHER),,teacher) ## cache the teacher's top-k log-probs into STORE (resumable)
+cache-teacher: install $(if $(TEACHER),,teacher) ## cache the teacher's soft targets (TARGETS) into STORE (resumable)
 	$(KDCACHE) cache-teacher --teacher $(TEACHER_DIR) --corpus $(CORPUS) --out $(STORE) \
-		--top-k $(TOPK) --seq-len $(SEQLEN) --format $(FORMAT) --eval-fraction $(EVAL_FRACTION) \
+		--targets $(TARGETS) $(if $(filter topk topk+sampled,$(TARGETS)),--top-k $(TOPK)) \
+		$(if $(filter sampled topk+sampled,$(TARGETS)),--samples $(SAMPLES)) \
+		--seq-len $(SEQLEN) --format $(FORMAT) --eval-fraction $(EVAL_FRACTION) \
 		$(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS))
 
 train-student: install ## train STUDENT with KD (OUT) and CE-only (CE_OUT), then compare
@@ -142,6 +147,10 @@ bench: install ## run every bench/*.py, then assemble bench/RESULTS.md
 		echo "== $$script"; $(BIN)/python $$script; done
 	@echo "== bench/cache_overhead.py --torch-threads 1 (one core left to the pipeline)"
 	$(BIN)/python bench/cache_overhead.py --torch-threads 1 --sizes 128x2,256x4
+	$(BIN)/python bench/report.py
+
+fidelity: install ## only the fidelity benchmark (bench/fidelity.py, ~1 h): what each target kind keeps
+	$(BIN)/python bench/fidelity.py
 	$(BIN)/python bench/report.py
 
 clean: ## remove artifacts/, runs/ and caches (keeps the venv)

@@ -1,19 +1,26 @@
 """Loader batches: compact dtypes, collation, a shared-memory ring for workers, device transfer.
 
 A batch holds ``input_ids`` (B, L) int64, ``labels`` (B, L) int64, ``attention_mask`` (B, L)
-int64, ``topk_logprobs`` (B, L, k) float16 (float32 for float32/bfloat16 stores) and
-``topk_ids`` (B, L, k) uint16 (int32 for stores with more than 65 536 ids): the store's compact
-dtypes, ~280 bytes per token at k = 64 instead of ~790 with int64 ids and float32 log-probs.
-``batch_to_device`` moves a batch and widens ``topk_ids`` to int64 on the device.
+int64, and the store's targets in its compact dtypes — a field the store lacks is absent:
 
-All five fields are views of one flat byte buffer (``batch_layout``), so a batch is one piece of
+- top-k: ``topk_logprobs`` (B, L, k) float16 (float32 for float32/bfloat16 stores), ``topk_ids``
+  (B, L, k) uint16 (int32 for stores with more than 65 536 ids) and ``topk_tail_logprob``
+  (B, L) float32 (the log mass outside the top-k; padding 0);
+- sampled: ``sampled_logprobs`` (B, L, m) as ``topk_logprobs``, ``sampled_ids`` (B, L, m) as
+  ``topk_ids`` and ``sampled_counts`` (B, L, m) uint8 or uint16 (the store's count dtype), with
+  m the most distinct ids any position of the batch drew; a position's entries come first, in
+  ascending id order, and the rest is padding (id 0, count 0, log-prob 0).
+
+``batch_to_device`` moves a batch and widens ids and counts to int64 on the device.
+
+All fields are views of one flat byte buffer (``batch_layout``), so a batch is one piece of
 memory: one allocation, one shared-memory segment, one weak reference to know when it is free.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,13 +28,48 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, widen_ids
 
-FIELDS = ("input_ids", "labels", "attention_mask", "topk_logprobs", "topk_ids")
+FIELDS = (
+    "input_ids",
+    "labels",
+    "attention_mask",
+    "topk_logprobs",
+    "topk_ids",
+    "topk_tail_logprob",
+    "sampled_logprobs",
+    "sampled_ids",
+    "sampled_counts",
+)
+# a sequence as the loader holds it: these store fields, those the store has, as numpy arrays
+SEQUENCE_FIELDS = (
+    "tokens",
+    "topk_ids",
+    "topk_logprobs",
+    "topk_tail_logprob",
+    "sampled_distinct",
+    "sampled_ids",
+    "sampled_counts",
+    "sampled_logprobs",
+)
+WIDENED = ("topk_ids", "sampled_ids", "sampled_counts")  # int64 on the device
 _ALIGN = 64  # byte alignment of each field inside a batch buffer
-Layout = tuple[int, int, int, str, str]  # (B, L, k, ids dtype, logprobs dtype)
+Sequence = dict[str, np.ndarray]
+
+
+class Layout(NamedTuple):
+    """Shapes and dtypes of one batch: what ``batch_layout`` needs to place its fields."""
+
+    batch: int  # B
+    length: int  # L
+    top_k: int  # k; 0 without top-k targets
+    tail: bool  # topk_tail_logprob is present
+    samples: int  # m, sampled entries per position (0 without sampled targets)
+    ids: str  # torch dtype name of topk_ids and sampled_ids
+    logprobs: str  # of topk_logprobs and sampled_logprobs
+    counts: str  # of sampled_counts; "" without sampled targets
 
 
 def compact_dtypes(ids: np.dtype, logprobs: np.dtype) -> tuple[str, str]:
-    """Batch dtype names of ``topk_ids`` and ``topk_logprobs`` for a store's numpy dtypes.
+    """Batch dtype names of the ids and log-probs for a store's numpy dtypes.
 
     uint16 ids stay uint16; uint32 ids travel as int32 (the same bits, since ids < vocab < 2³¹);
     log-probs keep float16, anything else is float32.
@@ -38,16 +80,38 @@ def compact_dtypes(ids: np.dtype, logprobs: np.dtype) -> tuple[str, str]:
     )
 
 
+def sequence_fields(sequence: Any) -> Sequence:
+    """The fields of a store sequence (``TeacherSequence``) it has, as {name: numpy array}."""
+    return {
+        name: value
+        for name in SEQUENCE_FIELDS
+        if (value := getattr(sequence, name, None)) is not None
+    }
+
+
 def batch_layout(layout: Layout) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int]], int]:
     """Where each field lives in a flat buffer: ([(name, dtype, shape, byte offset)], bytes)."""
-    b, length, k, ids, logprobs = layout
-    dtypes = {"topk_ids": getattr(torch, ids), "topk_logprobs": getattr(torch, logprobs)}
+    b, length, k, m = layout.batch, layout.length, layout.top_k, layout.samples
+    ids, logprobs = getattr(torch, layout.ids), getattr(torch, layout.logprobs)
+    present: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        name: (torch.int64, (b, length)) for name in FIELDS[:3]
+    }
+    if k:
+        present |= {"topk_logprobs": (logprobs, (b, length, k)), "topk_ids": (ids, (b, length, k))}
+    if k and layout.tail:
+        present["topk_tail_logprob"] = (torch.float32, (b, length))
+    if layout.counts:
+        present |= {
+            "sampled_logprobs": (logprobs, (b, length, m)),
+            "sampled_ids": (ids, (b, length, m)),
+            "sampled_counts": (getattr(torch, layout.counts), (b, length, m)),
+        }
     fields, offset = [], 0
     for name in FIELDS:
-        dtype = dtypes.get(name, torch.int64)
-        shape = (b, length, k) if name in dtypes else (b, length)
-        fields.append((name, dtype, shape, offset))
-        offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        if name in present:
+            dtype, shape = present[name]
+            fields.append((name, dtype, shape, offset))
+            offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
     return fields, offset
 
 
@@ -60,20 +124,46 @@ def carve(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     }
 
 
-def layout_of(sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Layout:
-    """The layout of the batch of ``sequences`` (tokens (L,), topk_ids (L, k), topk_logprobs)."""
-    ids, logprobs = sequences[0][1], sequences[0][2]
-    length = max(s[0].shape[0] for s in sequences)
-    return (len(sequences), length, ids.shape[1], *compact_dtypes(ids.dtype, logprobs.dtype))
+def layout_of(sequences: list[Sequence]) -> Layout:
+    """The layout of the batch of ``sequences`` (``SEQUENCE_FIELDS`` dicts of one store)."""
+    first = sequences[0]
+    ids = first.get("topk_ids", first.get("sampled_ids"))
+    logprobs = first.get("topk_logprobs", first.get("sampled_logprobs"))
+    if ids is None or logprobs is None:
+        raise ValueError("a sequence without teacher targets (no top-k, no samples)")
+    id_dtype, logprob_dtype = compact_dtypes(ids.dtype, logprobs.dtype)
+    sampled = "sampled_distinct" in first
+    return Layout(
+        batch=len(sequences),
+        length=max(s["tokens"].shape[0] for s in sequences),
+        top_k=first["topk_ids"].shape[1] if "topk_ids" in first else 0,
+        tail="topk_tail_logprob" in first,
+        samples=max(int(s["sampled_distinct"].max()) for s in sequences) if sampled else 0,
+        ids=id_dtype,
+        logprobs=logprob_dtype,
+        counts=str(first["sampled_counts"].dtype) if sampled else "",
+    )
+
+
+def _place_samples(a: dict[str, np.ndarray], i: int, sequence: Sequence) -> None:
+    """Spread a sequence's flat sampled entries (M_s,) over batch row i: (L, m), padding 0."""
+    distinct = sequence["sampled_distinct"].astype(np.int64)  # (n,)
+    n, total = distinct.shape[0], int(distinct.sum())
+    position = np.repeat(np.arange(n), distinct)  # (M_s,) the position of each entry
+    starts = np.cumsum(distinct) - distinct  # (n,) first entry of each position
+    column = np.arange(total) - np.repeat(starts, distinct)  # (M_s,) its place in the row
+    for name in ("sampled_ids", "sampled_counts", "sampled_logprobs"):
+        a[name][i] = 0
+        a[name][i, position, column] = sequence[name]
 
 
 def collate(
-    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    sequences: list[Sequence],
     pad_id: int = 0,
     *,
     out: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pad and stack (tokens (L,), topk_ids (L, k), topk_logprobs (L, k)) into a batch.
+    """Pad and stack sequences (``SEQUENCE_FIELDS`` dicts, tokens (L,), ...) into a batch.
 
     Args:
         sequences: per sequence, numpy arrays in the store's dtypes.
@@ -85,9 +175,10 @@ def collate(
         out = torch.empty(batch_layout(layout)[1], dtype=torch.uint8)
     batch = carve(out, layout)
     a = {name: t.numpy() for name, t in batch.items()}  # numpy views of the same memory
-    if layout[3] == "int32":
-        a["topk_ids"] = a["topk_ids"].view(np.uint32)  # same bits; ids < 2³¹
-    for i, (tokens, ids, logprobs) in enumerate(sequences):
+    if layout.ids == "int32":  # same bits; ids < 2³¹
+        a |= {name: a[name].view(np.uint32) for name in ("topk_ids", "sampled_ids") if name in a}
+    for i, sequence in enumerate(sequences):
+        tokens = sequence["tokens"]
         n = tokens.shape[0]
         a["input_ids"][i, :n] = tokens  # (n,) int32 → int64
         a["input_ids"][i, n:] = pad_id
@@ -95,10 +186,12 @@ def collate(
         a["labels"][i, n - 1 :] = IGNORE_INDEX
         a["attention_mask"][i, :n] = 1
         a["attention_mask"][i, n:] = 0
-        a["topk_ids"][i, :n] = ids  # (n, k), same width: a plain copy
-        a["topk_ids"][i, n:] = 0
-        a["topk_logprobs"][i, :n] = logprobs
-        a["topk_logprobs"][i, n:] = 0.0
+        for name in ("topk_ids", "topk_logprobs", "topk_tail_logprob"):
+            if name in a:
+                a[name][i, :n] = sequence[name]  # (n, k) or (n,), same width: a plain copy
+                a[name][i, n:] = 0
+        if layout.counts:
+            _place_samples(a, i, sequence)
     return batch
 
 
@@ -168,12 +261,12 @@ class SharedRing:
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Copy a loader batch to ``device``, then widen ``topk_ids`` to int64 there.
+    """Copy a loader batch to ``device``, then widen ids and counts (``WIDENED``) to int64 there.
 
     The batch crosses the host→device link in its compact dtypes (~3× fewer bytes than
-    int64/float32); ``topk_logprobs`` stays float16, the losses upcast it per token chunk.
+    int64/float32); log-probs stay float16, the losses upcast them per token chunk.
     """
     return {
-        name: widen_ids(t, device) if name == "topk_ids" else t.to(device, non_blocking=True)
+        name: widen_ids(t, device) if name in WIDENED else t.to(device, non_blocking=True)
         for name, t in batch.items()
     }

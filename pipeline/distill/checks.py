@@ -1,5 +1,7 @@
 """Checks before a student trains: impossible settings, and a store that lacks what the loss needs.
 
+``check_store`` also resolves ``--loss auto`` from the store's targets (docs/architecture.md §5).
+
 Shared by ``train-student`` and the sweep, so both refuse the same things with the same lines.
 """
 
@@ -7,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdcache.pipeline.distill.divergences import SAMPLED_LOSSES, TOPK_LOSSES
+from kdcache.pipeline.distill.live_teacher import ONLINE_LOSSES
+from kdcache.pipeline.distill.losses import resolve_loss
 from kdcache.pipeline.errors import UserError
 
 
@@ -28,14 +33,40 @@ def check_settings(s: dict[str, Any]) -> None:
         raise UserError(f"--alpha must be between 0 and 1, got {s['alpha']}, use e.g. 0.5")
 
 
-def check_store(store: Any, loss: str) -> None:
-    """The store must hold training data and what ``loss`` needs."""
+def check_store(store: Any, loss: str, *, online: bool = False) -> str:
+    """The store must hold training data and the targets ``loss`` needs; returns the loss to use.
+
+    ``auto`` resolves to ``sampled-kl`` for a store with samples, else ``ghost``. A top-k loss
+    on a store without top-k targets, or ``sampled-kl`` on one without samples, is refused.
+    ``online`` (the teacher runs live, the store gives only the data): ``auto`` is ``kl``, and
+    only the full-vocabulary losses ``kl``, ``reverse-kl`` (and ``ce``) apply.
+    """
     if not store.shards_of("train"):
         raise UserError(
             f"the store has no committed train shards, {store.url}, "
             "run `kdcache cache-teacher` to fill it first"
         )
-    if loss in ("kl", "reverse-kl") and store.top_k < 2:
+    if online:
+        loss = resolve_loss(loss, has_topk=False, has_samples=False, online=True)
+        if loss not in ONLINE_LOSSES:
+            raise UserError(
+                f"--loss {loss} is for cached targets, got it with --teacher (online KD on the "
+                "full distribution), use --loss kl, reverse-kl or ce, or drop --teacher"
+            )
+        return loss
+    loss = resolve_loss(loss, has_topk=store.has_topk, has_samples=store.has_samples)
+    targets = store.manifest.get("targets", "topk")
+    if loss in TOPK_LOSSES and not store.has_topk:
+        raise UserError(
+            f"--loss {loss} needs the teacher's top-k, the store holds {targets} targets, "
+            "use --loss sampled-kl (or auto) or a store from cache-teacher --targets topk+sampled"
+        )
+    if loss in SAMPLED_LOSSES and not store.has_samples:
+        raise UserError(
+            f"--loss {loss} needs sampled targets, the store holds {targets} targets, "
+            "use --loss ghost (or auto) or a store from cache-teacher --targets sampled"
+        )
+    if loss == "kl" and store.top_k < 2:
         raise UserError(
             f"--loss {loss} needs at least 2 teacher log-probs per token, the store has "
             f"top_k={store.top_k}, use --loss ghost (which also uses the tail) or a store with larger --top-k"
@@ -45,3 +76,4 @@ def check_store(store: Any, loss: str) -> None:
             f"--loss {loss} assumes log-probs captured at temperature 1, the store has "
             f"{store.manifest['capture_temperature']}, re-create the store at temperature 1"
         )
+    return loss

@@ -1,9 +1,11 @@
-"""``kdcache compare``: the teacher, the KD student and the CE-only student side by side.
+"""``kdcache compare``: the teacher and its students side by side, with the teacher at hand.
 
-The students' figures come from their ``OUT/metrics.json`` (written by ``train-student`` at
-the end of training); the teacher is evaluated here, on the same ``eval`` split of the store
-with the same evaluation code (``kdcache.pipeline.distill.evaluation.evaluate``), so every row of
-the table measures the same thing on the same tokens.
+Every model is evaluated here, on the store's ``eval`` split, with the same evaluation code
+(``kdcache.pipeline.distill.evaluation.evaluate``) and the teacher itself run beside it, so every
+row measures the same thing on the same tokens, including the exact full-vocabulary
+``kl_to_teacher`` (0 for the teacher). Students are train-student output directories (the saved
+model; its ``metrics.json`` gives the eval batch size and cap): ``--kd`` and ``--ce`` (the pair
+the verdict line compares) and any number of ``--student NAME=DIR``.
 """
 
 from __future__ import annotations
@@ -19,62 +21,56 @@ import click
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import write_text_atomic
 
+# (key, column title, format) in table order; the names of evaluation.METRICS
 METRICS = (
     ("cross_entropy", "eval CE (nats)", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("kl_to_teacher", "KL to teacher", "{:.4f}"),
+    ("ghost_kl_to_teacher", "ghost KL to teacher", "{:.4f}"),
+    ("sampled_kl_to_teacher", "sampled KL to teacher", "{:.4f}"),
     ("top1_agreement", "top-1 agree", "{:.3f}"),
     ("ece", "ECE", "{:.4f}"),
 )
 
 
-def read_student_metrics(out_dir: str | Path, flag: str) -> dict[str, Any]:
-    """The final eval metrics (and settings, when recorded) of a ``train-student`` output dir.
+def read_student_settings(out_dir: Path, flag: str) -> dict[str, Any]:
+    """The settings a train-student run recorded (``metrics.json``, else ``run.json``); {} if none.
 
     Raises:
-        UserError: when the directory or its metrics.json is missing or lacks the eval figures.
+        UserError: the directory holds no saved student model.
     """
-    path = Path(out_dir) / "metrics.json"
-    if not path.is_file():
+    if not (out_dir / "config.json").is_file():
         raise UserError(
-            f"{flag} has no metrics.json, {path}, run `kdcache train-student --out {out_dir}` first"
+            f"{flag} holds no saved student (config.json), {out_dir}, "
+            f"run `kdcache train-student --out {out_dir}` to the end first"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{flag} metrics.json is unreadable, {path}, ({e}); train it again") from e
-    metrics = _find_eval(data)
-    if metrics is None:
-        raise UserError(
-            f"{flag} metrics.json holds no eval figures, {path}, "
-            "the store may lack an eval split: re-cache with --eval-fraction > 0"
-        )
-    settings = data.get("settings", {}) if isinstance(data, dict) else {}
-    return {**metrics, "settings": settings if isinstance(settings, dict) else {}}
+    for name in ("metrics.json", "run.json"):
+        try:
+            data = json.loads((out_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        settings = data.get("settings") if isinstance(data, dict) else None
+        if isinstance(settings, dict):
+            return settings
+    return {}
 
 
-def _find_eval(data: Any) -> dict[str, float] | None:
-    """The final eval figures: ``metrics.json["final"]`` as train-student writes it."""
-    final = data.get("final") if isinstance(data, dict) else None
-    if not isinstance(final, dict) or not all(key in final for key, _, _ in METRICS):
-        return None
-    return {key: float(final[key]) for key, _, _ in METRICS} | {
-        "tokens": float(final.get("tokens", float("nan")))
-    }
-
-
-def evaluate_teacher(
-    teacher: str, store_url: str, batch_size: int, max_batches: int | None
-) -> dict[str, float]:
-    """Evaluate ``teacher`` on the store's eval split with the students' evaluation code."""
+def evaluate_models(
+    teacher: str,
+    store_url: str,
+    students: list[tuple[str, Path]],
+    batch_size: int,
+    max_batches: int | None,
+) -> list[tuple[str, dict[str, float]]]:
+    """The teacher and each student on the store's eval split, the teacher run beside each."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from kdcache.pipeline.distill.evaluation import evaluate
+    from kdcache.pipeline.distill.live_teacher import load_live_teacher
     from kdcache.pipeline.distill.loader import eval_batches
     from kdcache.pipeline.host_memory import keep_freed_memory
-    from kdcache.pipeline.teacher import hub_options
     from kdcache.storage import open_store
 
     store = open_store(store_url)
@@ -82,33 +78,49 @@ def evaluate_teacher(
         raise UserError(
             f"the store has no eval split, {store_url}, re-cache it with --eval-fraction > 0"
         )
-    hf_logging.disable_progress_bar()  # one line of our own instead of per-file bars
-    try:
-        options = hub_options(teacher)
-        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, **options)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the teacher, {teacher}, ({e})") from e
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if vocab != store.vocab_size:
-        raise UserError(
-            f"the teacher's vocabulary does not match the store's, {teacher} has {vocab} and "
-            f"{store_url} has {store.vocab_size}, pass the teacher the store was cached from"
-        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    live = load_live_teacher(teacher, store, device, "float32")
     keep_freed_memory(device)  # CPU only: no page-fault storm per vocab-wide tensor
-    # the same pass train-student evaluates on: the eval split in stored order, one epoch
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    batches = eval_batches(store, batch_size, pad_id, pin_memory=device.type == "cuda")
-    return evaluate(model, batches, device=device, max_batches=max_batches)
+    pad_id = live.model.config.pad_token_id if live.model.config.pad_token_id is not None else 0
+
+    def measure(model: Any) -> dict[str, float]:
+        # the same pass train-student evaluates on: the eval split in stored order, one epoch
+        batches = eval_batches(store, batch_size, pad_id, pin_memory=device.type == "cuda")
+        return evaluate(model, batches, device=device, max_batches=max_batches, teacher=live)
+
+    rows = [("teacher", measure(live.model))]
+    hf_logging.disable_progress_bar()
+    for name, directory in students:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the student {name}, {directory}, ({e})") from e
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if vocab != store.vocab_size:
+            raise UserError(
+                f"the student {name} has another vocabulary, {directory} has {vocab} and "
+                f"{store_url} has {store.vocab_size}, compare students trained from this store"
+            )
+        rows.append((name, measure(model.to(device).eval())))
+        del model
+    return rows
+
+
+def _columns(rows: list[tuple[str, dict[str, float]]]) -> list[tuple[str, str, str]]:
+    """The metrics any row has, in ``METRICS`` order."""
+    return [m for m in METRICS if any(m[0] in metrics for _, metrics in rows)]
+
+
+def _cells(metrics: dict[str, float], columns: list[tuple[str, str, str]]) -> list[str]:
+    """One row's formatted cells; "-" where this model lacks a metric (e.g. an older run)."""
+    return [fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in columns]
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     """A fixed-width text table, one row per model, one column per metric."""
-    header = ["model", *(title for _, title, _ in METRICS)]
-    body = [
-        [name, *(fmt.format(metrics[key]) for key, _, fmt in METRICS)] for name, metrics in rows
-    ]
+    columns = _columns(rows)
+    header = ["model", *(title for _, title, _ in columns)]
+    body = [[name, *_cells(metrics, columns)] for name, metrics in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)) for line in [header]]
     lines.append("  ".join("-" * w for w in widths))
@@ -118,11 +130,11 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 def format_markdown(rows: list[tuple[str, dict[str, float]]]) -> str:
     """The same table in markdown (for the README / RESULTS)."""
-    header = ["model", *(title for _, title, _ in METRICS)]
+    columns = _columns(rows)
+    header = ["model", *(title for _, title, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, metrics in rows:
-        cells = [name, *(fmt.format(metrics[key]) for key, _, fmt in METRICS)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([name, *_cells(metrics, columns)]) + " |")
     return "\n".join(lines)
 
 
@@ -137,30 +149,66 @@ def verdict(kd: dict[str, float], ce: dict[str, float]) -> str:
         )
     return (
         f"KD student does NOT beat the CE-only student: eval cross-entropy {kd['cross_entropy']:.4f}"
-        f" vs {ce['cross_entropy']:.4f} nats; when the teacher's KL to itself (its tail mass "
-        "beyond the top-k) is large, try --loss ghost or a store with a larger --top-k; else more "
-        "student steps or another --temperature/--alpha"
+        f" vs {ce['cross_entropy']:.4f} nats; try --loss auto (ghost on top-k, sampled-kl on "
+        "samples), a store with a larger --top-k or with samples, more student steps, or another "
+        "--temperature/--alpha"
     )
+
+
+def parse_students(
+    kd_dir: str | None, ce_dir: str | None, named: tuple[str, ...]
+) -> list[tuple[str, Path, str]]:
+    """(row name, directory, flag) of every student asked for, in table order."""
+    students = [("KD student", Path(kd_dir), "--kd")] if kd_dir else []
+    students += [("CE-only student", Path(ce_dir), "--ce")] if ce_dir else []
+    for spec in named:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name.strip() or not directory:
+            raise UserError(
+                f"--student takes NAME=DIR, got {spec!r}, e.g. --student small=runs/small"
+            )
+        students.append((name.strip(), Path(directory), "--student"))
+    names = [name for name, _, _ in students]
+    if not students:
+        raise UserError("no student to compare, got none, pass --kd/--ce or --student NAME=DIR")
+    if len(set(names)) != len(names):
+        raise UserError(f"student names must differ, got {names}, rename one --student")
+    return students
+
+
+def write_output(path: str, text: str, flag: str) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(path), text)
+    except OSError as e:
+        raise UserError(f"cannot write {flag}, {path} ({e.strerror}), give a writable path") from e
 
 
 @click.command("compare")
 @click.option("--teacher", required=True, help="Teacher the store was cached from (HF id or dir).")
 @click.option("--store", "store_url", required=True, help="Logit store (path or fsspec URL).")
-@click.option("--kd", "kd_dir", required=True, type=click.Path(), help="KD student's --out dir.")
+@click.option("--kd", "kd_dir", default=None, type=click.Path(), help="KD student's --out dir.")
 @click.option(
-    "--ce", "ce_dir", required=True, type=click.Path(), help="CE-only student's --out dir."
+    "--ce", "ce_dir", default=None, type=click.Path(), help="CE-only student's --out dir."
+)
+@click.option(
+    "--student",
+    "named",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="Another student (a train-student --out dir) to compare; repeatable.",
 )
 @click.option(
     "--batch-size",
     type=int,
     default=None,
-    help="Teacher eval batch size [default: the KD student's].",
+    help="Eval batch size [default: the first student's].",
 )
 @click.option(
     "--eval-batches",
     type=int,
     default=None,
-    help="Cap on teacher eval batches [default: the KD student's].",
+    help="Cap on eval batches [default: the first student's].",
 )
 @click.option(
     "--markdown",
@@ -168,41 +216,52 @@ def verdict(kd: dict[str, float], ce: dict[str, float]) -> str:
     default=None,
     help="Also write the table as markdown here.",
 )
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write every row's metrics as JSON here.",
+)
 def command(
     teacher: str,
     store_url: str,
-    kd_dir: str,
-    ce_dir: str,
+    kd_dir: str | None,
+    ce_dir: str | None,
+    named: tuple[str, ...],
     batch_size: int | None,
     eval_batches: int | None,
     markdown: str | None,
+    json_path: str | None,
 ) -> None:
-    """Compare teacher, KD student and CE-only student on the store's eval split."""
+    """Compare the teacher and its students on the store's eval split (exact KL to the teacher)."""
     started = time.perf_counter()
-    kd = read_student_metrics(kd_dir, "--kd")
-    ce = read_student_metrics(ce_dir, "--ce")
-    settings = kd["settings"]
+    students = parse_students(kd_dir, ce_dir, named)
+    # every directory checked before the long part; the first one's settings are the defaults
+    settings = [read_student_settings(path, flag) for _, path, flag in students][0]
     batch_size = batch_size or int(settings.get("batch_size") or 8)
     if eval_batches is None and settings.get("eval_batches"):
         eval_batches = int(settings["eval_batches"])
     for flag, value in (("--batch-size", batch_size), ("--eval-batches", eval_batches)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}, pass a positive number")
-    teacher_metrics = evaluate_teacher(teacher, store_url, batch_size, eval_batches)
-    rows = [("teacher", teacher_metrics), ("KD student", kd), ("CE-only student", ce)]
+    pairs = [(name, path) for name, path, _ in students]
+    rows = evaluate_models(teacher, store_url, pairs, batch_size, eval_batches)
+    by_name = dict(rows)
+    line = ""
+    if kd_dir and ce_dir:
+        line = verdict(by_name["KD student"], by_name["CE-only student"])
     click.echo(format_table(rows))
-    click.echo(verdict(kd, ce))
+    if line:
+        click.echo(line)
     if markdown:
-        try:
-            Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(
-                Path(markdown), format_markdown(rows) + "\n\n" + verdict(kd, ce) + "\n"
-            )
-        except OSError as e:
-            raise UserError(
-                f"cannot write --markdown, {markdown} ({e.strerror}), give a writable path"
-            ) from e
+        write_output(
+            markdown, format_markdown(rows) + "\n" + (f"\n{line}\n" if line else ""), "--markdown"
+        )
+    if json_path:
+        facts = {"store": store_url, "teacher": rows[0][1], "students": dict(rows[1:])}
+        write_output(json_path, json.dumps(facts, indent=2) + "\n", "--json")
     click.echo(
-        f"compared on {int(teacher_metrics['tokens']):,} eval tokens in "
+        f"compared {len(rows)} models on {int(rows[0][1]['tokens']):,} eval tokens in "
         f"{time.perf_counter() - started:.1f}s"
     )

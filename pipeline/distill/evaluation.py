@@ -1,20 +1,29 @@
 """How good is a causal LM on stored teacher data: the numbers `train-student` and `compare` report.
 
-Every metric is computed from loader batches (``input_ids``, ``labels``, ``attention_mask``,
-``topk_ids``, ``topk_logprobs``), so the teacher itself can be evaluated the same way:
+Every metric is computed from loader batches (``input_ids``, ``labels``, ``attention_mask`` and
+the store's targets), so the teacher itself can be evaluated the same way. Which distance to the
+teacher is reported depends on the targets the store holds, and each is named for what it is
+(docs/architecture.md §5):
 
 - ``cross_entropy``: mean ``−log s[label]`` in nats over positions with a label (the true next
   token; ``labels != -100``); ``perplexity = exp(cross_entropy)``.
-- ``kl_to_teacher``: mean over real positions (``attention_mask``) of KL(p ‖ s) where
-  ``p = softmax(l)`` is the teacher's stored top-k renormalized over its k ids and ``s`` the
-  model's full-vocabulary distribution: ``Σ_i p_i (log p_i − log s[ids_i])``. It is the ``kl``
-  training loss at T = 1 and a true divergence (≥ 0, 0 iff the model puts exactly p on the ids).
-  For the teacher itself it equals ``−log Σ exp(l)``: the top-k truncation, not zero.
-- ``top1_agreement``: fraction of real positions where the model's argmax is the teacher's
-  top-1 id (``topk_ids[..., 0]``; rows are sorted descending).
+- ``ghost_kl_to_teacher`` (top-k stores): mean over real positions (``attention_mask``) of the
+  KL over k + 1 categories — the teacher's k ids and one bucket for the rest — with the stored
+  tail mass (``topk_tail_logprob``; ``1 − Σ exp(l)`` for version-1 stores). The ``ghost`` loss at
+  T = 1. Merging categories never increases a KL, so it is a lower bound on the full KL; 0 for
+  the teacher itself (up to the rounding of the stored log-probs).
+- ``sampled_kl_to_teacher`` (sampled stores): mean over real positions of
+  ``Σ counts/N · (lp − s[ids])``, an unbiased estimate of the full KL(teacher ‖ model); exactly
+  0 for a model whose log-probs at the drawn ids are the stored ones.
+- ``top1_agreement`` (top-k stores): fraction of real positions where the model's argmax is the
+  teacher's top-1 id (``topk_ids[..., 0]``; rows are sorted descending).
 - ``ece``: expected calibration error of the model's top-1 prediction against the true next
   token, ``Σ_b (n_b / n) · |accuracy_b − confidence_b|`` over 15 equal-width confidence bins.
 - ``tokens``: number of positions with a label (the denominator of ``cross_entropy``).
+
+- ``kl_to_teacher`` (only with the teacher at hand, ``teacher=``): mean over real positions of
+  the exact full-vocabulary KL(teacher ‖ model) at T = 1, the teacher's log-softmax computed per
+  chunk from its hidden states; exactly 0 for the teacher itself.
 """
 
 from __future__ import annotations
@@ -27,10 +36,28 @@ from typing import Any
 import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
-from kdcache.pipeline.distill.losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, kd_per_token
+from kdcache.pipeline.distill.divergences import sampled_kl_to_teacher, topk_kd
+from kdcache.pipeline.distill.live_teacher import LiveTeacher, exact_kl
+from kdcache.pipeline.distill.losses import (
+    DEFAULT_CHUNK_TOKENS,
+    IGNORE_INDEX,
+    SAMPLED_FIELDS,
+    TOPK_FIELDS,
+)
 
 ECE_BINS = 15
-METRICS = ("cross_entropy", "perplexity", "kl_to_teacher", "top1_agreement", "ece", "tokens")
+# every metric evaluate() may report, in table order; a store's targets decide which it does
+METRICS = (
+    "cross_entropy",
+    "perplexity",
+    "kl_to_teacher",
+    "ghost_kl_to_teacher",
+    "sampled_kl_to_teacher",
+    "top1_agreement",
+    "ece",
+    "tokens",
+)
+TEACHER_DISTANCES = ("kl_to_teacher", "ghost_kl_to_teacher", "sampled_kl_to_teacher")
 
 
 class _Totals:
@@ -39,7 +66,9 @@ class _Totals:
     def __init__(self, bins: int) -> None:
         self.ce = 0.0
         self.ce_tokens = 0
-        self.kl = 0.0
+        self.ghost: float | None = None  # None: the batches hold no top-k targets
+        self.sampled: float | None = None  # None: the batches hold no sampled targets
+        self.exact: float | None = None  # None: no teacher at hand
         self.agree = 0
         self.kd_tokens = 0
         self.bin_count = torch.zeros(bins, dtype=torch.float64)
@@ -49,12 +78,11 @@ class _Totals:
     def add_chunk(
         self,
         logits: torch.Tensor,
-        ids: torch.Tensor,
-        logprobs: torch.Tensor,
         labels: torch.Tensor,
         mask: torch.Tensor,
+        targets: dict[str, torch.Tensor],
     ) -> None:
-        """Accumulate one chunk: logits (n, V), ids/logprobs (n, k), labels/mask (n,)."""
+        """Accumulate one chunk: logits (n, V), labels/mask (n,), target rows (n, ...)."""
         log_s = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
         confidence, prediction = log_s.max(dim=-1)  # (n,), (n,)
         has_label = labels != IGNORE_INDEX  # (n,)
@@ -63,10 +91,26 @@ class _Totals:
         self.ce += float(nll[has_label].double().sum())
         self.ce_tokens += int(has_label.sum())
         real = mask.bool()
-        kl = kd_per_token(logits, ids, logprobs, "kl", 1.0)  # (n,)
-        self.kl += float(kl[real].double().sum())
-        self.agree += int((prediction == ids[:, 0])[real].sum())
         self.kd_tokens += int(real.sum())
+        if "topk_ids" in targets:
+            ids = targets["topk_ids"]  # (n, k) int64
+            ghost = topk_kd(
+                logits,
+                ids,
+                targets["topk_logprobs"],
+                "ghost",
+                1.0,
+                tail_logprob=targets.get("topk_tail_logprob"),
+            )  # (n,)
+            self.ghost = (self.ghost or 0.0) + float(ghost[real].double().sum())
+            self.agree += int((prediction == ids[:, 0])[real].sum())
+        if "teacher_logprobs" in targets:
+            exact = exact_kl(logits, targets["teacher_logprobs"])  # (n,)
+            self.exact = (self.exact or 0.0) + float(exact[real].double().sum())
+        if "sampled_ids" in targets:
+            fields = (targets[name] for name in SAMPLED_FIELDS)
+            sampled = sampled_kl_to_teacher(logits, *fields)  # (n,)
+            self.sampled = (self.sampled or 0.0) + float(sampled[real].double().sum())
         # calibration of the top-1 prediction against the true next token
         bins = self.bin_count.shape[0]
         conf = confidence[has_label].exp().double().cpu()  # (m,)
@@ -81,14 +125,21 @@ class _Totals:
             raise ValueError("no labelled tokens to evaluate (empty eval data)")
         ce = self.ce / self.ce_tokens
         gaps = (self.bin_correct - self.bin_confidence).abs().sum()  # Σ_b n_b |acc_b − conf_b|
-        return {
+        positions = max(self.kd_tokens, 1)
+        found = {
             "cross_entropy": ce,
             "perplexity": math.exp(min(ce, 700.0)),
-            "kl_to_teacher": self.kl / max(self.kd_tokens, 1),
-            "top1_agreement": self.agree / max(self.kd_tokens, 1),
             "ece": float(gaps) / self.ce_tokens,
             "tokens": float(self.ce_tokens),
         }
+        if self.exact is not None:
+            found["kl_to_teacher"] = self.exact / positions
+        if self.ghost is not None:
+            found["ghost_kl_to_teacher"] = self.ghost / positions
+            found["top1_agreement"] = self.agree / positions
+        if self.sampled is not None:
+            found["sampled_kl_to_teacher"] = self.sampled / positions
+        return {name: found[name] for name in METRICS if name in found}
 
 
 @torch.no_grad()
@@ -99,6 +150,7 @@ def evaluate(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    teacher: LiveTeacher | None = None,
 ) -> dict[str, float]:
     """Evaluate a causal LM on loader batches; see the module docstring for the definitions.
 
@@ -108,9 +160,13 @@ def evaluate(
         device: where to run; defaults to the model's device.
         max_batches: evaluate at most this many batches.
         chunk_tokens: rows per float32 log-softmax chunk (bounds memory).
+        teacher: the teacher itself, on ``device``: adds the exact ``kl_to_teacher``.
 
     Returns:
-        {"cross_entropy", "perplexity", "kl_to_teacher", "top1_agreement", "ece", "tokens"}.
+        The ``METRICS`` the batches' targets allow, in that order: always ``cross_entropy``,
+        ``perplexity``, ``ece``, ``tokens``; ``ghost_kl_to_teacher`` and ``top1_agreement``
+        from top-k targets; ``sampled_kl_to_teacher`` from sampled targets; ``kl_to_teacher``
+        with ``teacher``.
 
     Raises:
         ValueError: the batches hold no labelled token.
@@ -123,17 +179,24 @@ def evaluate(
         for batch in islice(batches, max_batches):
             b = batch_to_device(batch, device)  # compact dtypes cross, ids widened on the device
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            vocab = logits.shape[-1]
-            k = b["topk_ids"].shape[-1]
-            flat = (
-                logits.reshape(-1, vocab),  # (B·L, V)
-                b["topk_ids"].reshape(-1, k),  # (B·L, k)
-                b["topk_logprobs"].reshape(-1, k),  # (B·L, k)
-                b["labels"].reshape(-1),  # (B·L,)
-                b["attention_mask"].reshape(-1),  # (B·L,)
-            )
-            for start in range(0, flat[0].shape[0], chunk_tokens):
-                totals.add_chunk(*(t[start : start + chunk_tokens] for t in flat))
+            rows = logits.shape[0] * logits.shape[1]
+            flat = logits.reshape(rows, -1)  # (B·L, V)
+            labels = b["labels"].reshape(-1)  # (B·L,)
+            mask = b["attention_mask"].reshape(-1)  # (B·L,)
+            targets = {
+                name: b[name].reshape(rows, *b[name].shape[2:])  # (B·L,) or (B·L, k|m)
+                for name in (*TOPK_FIELDS, *SAMPLED_FIELDS)
+                if name in b
+            }
+            hidden = None
+            if teacher is not None:  # (B·L, H), or (B·L, V) logits in its fallback mode
+                hidden = teacher.hidden(b["input_ids"], b["attention_mask"]).reshape(rows, -1)
+            for start in range(0, rows, chunk_tokens):
+                chunk = slice(start, start + chunk_tokens)
+                rows_targets = {name: t[chunk] for name, t in targets.items()}
+                if hidden is not None:
+                    rows_targets["teacher_logprobs"] = teacher.logprobs(hidden[chunk])  # (n, V)
+                totals.add_chunk(flat[chunk], labels[chunk], mask[chunk], rows_targets)
     finally:
         model.train(was_training)
     return totals.result()

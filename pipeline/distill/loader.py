@@ -8,13 +8,16 @@ still hold pending sequences are decoded. Shards are decoded whole with ``Store.
 and those still in the buffer when the next shard arrives are copied out in the store's compact
 dtypes, so memory is bounded by the buffer plus three shards.
 
-Batches (torch tensors, in the store's compact dtypes — see ``batches.py``): ``input_ids``
-(B, L) int64, ``topk_ids`` (B, L, k) uint16 (int32 for vocabularies over 65 536; widen with
-``batch_to_device``, which ``train_step`` and ``evaluate`` use), ``topk_logprobs`` (B, L, k)
-float16 (float32 for float32/bfloat16 stores), ``labels`` (B, L) int64 (the next token; -100 at
-the last position of a sequence and on padding), ``attention_mask`` (B, L) int64. Sequences
-shorter than the longest in the batch are right-padded. DataLoader workers collate into a ring
-of reused shared-memory buffers (``SharedRing``), so only a slot index crosses processes.
+Batches (torch tensors, in the store's compact dtypes — see ``batches.py`` for every field):
+``input_ids`` (B, L) int64, ``labels`` (B, L) int64 (the next token; -100 at the last position
+of a sequence and on padding), ``attention_mask`` (B, L) int64, and the store's targets: top-k
+``topk_ids``/``topk_logprobs`` (B, L, k) and ``topk_tail_logprob`` (B, L); sampled
+``sampled_ids``/``sampled_counts``/``sampled_logprobs`` (B, L, m), m the most distinct ids a
+position of the batch drew. Ids and counts are widened by ``batch_to_device`` (which
+``train_step`` and ``evaluate`` use). Sequences shorter than the longest in the batch are
+right-padded. DataLoader workers collate into a ring of reused shared-memory buffers
+(``SharedRing``), so only a slot index crosses processes; its slots hold the largest batch the
+store allows (L = seq_len, m = min(samples, vocab)).
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.pipeline.distill.batches import SharedRing, batch_layout, collate, layout_of
+from kdcache.pipeline.distill.batches import (
+    Layout,
+    Sequence,
+    SharedRing,
+    batch_layout,
+    collate,
+    compact_dtypes,
+    layout_of,
+    sequence_fields,
+)
 from kdcache.pipeline.distill.epoch_order import plan_slot
 from kdcache.storage import Store, StoreError, open_store
 
@@ -127,7 +139,7 @@ class TeacherDataset(IterableDataset):
         logical = (worker + self.worker_offset) % self.num_workers
         slot = self.rank * self.num_workers + logical
         epoch, skip = self.positions.get(slot, (0, 0))
-        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pending: list[Sequence] = []
 
         def batch(epoch: int, emitted: int) -> dict[str, Any]:
             meta = {"_slot": slot, "_epoch": epoch, "_emitted": emitted, "_worker": worker}
@@ -161,7 +173,7 @@ class TeacherDataset(IterableDataset):
 
     def _epoch(
         self, pool: ThreadPoolExecutor, epoch: int, slot: int, skip: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    ) -> Iterator[Sequence]:
         """The slot's sequences of one epoch after the first ``skip``, in the store's dtypes.
 
         Sequences are views of their decoded shard until the next shard is decoded; those still
@@ -184,7 +196,7 @@ class TeacherDataset(IterableDataset):
         needed = np.zeros(len(plan.items), dtype=bool)
         needed[todo] = True
         positions = sorted(set(plan.items[needed, 0].tolist()))
-        cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        cache: dict[int, Sequence] = {}
         loaded = 0  # how many of `positions` are decoded into the cache
         first_item = np.searchsorted(plan.items[:, 0], np.arange(len(plan.shards) + 1))
         future: Future | None = None
@@ -205,22 +217,37 @@ class TeacherDataset(IterableDataset):
                 # freed; the rest were collated straight from it (in stored order: all of them)
                 for idx in views:
                     if idx in cache:
-                        tokens, ids, logprobs = cache[idx]
-                        cache[idx] = (tokens.copy(), ids.copy(), logprobs.copy())
+                        cache[idx] = {name: a.copy() for name, a in cache[idx].items()}
                 p = positions[loaded]
                 loaded += 1
-                offsets = arrays.seq_offsets
                 views = [idx for idx in range(first_item[p], first_item[p + 1]) if needed[idx]]
                 for idx in views:
-                    s = int(plan.items[idx, 1])
-                    a, b = int(offsets[s]), int(offsets[s + 1])
-                    cache[idx] = (
-                        arrays.tokens[a:b],
-                        arrays.topk_ids[a:b],
-                        arrays.topk_logprobs[a:b],
-                    )
+                    cache[idx] = sequence_fields(arrays.sequence(int(plan.items[idx, 1])))
                 del arrays
             yield cache.pop(item)
+
+
+def largest_batch(ds: TeacherDataset) -> Layout:
+    """The layout of the largest batch ``ds`` can yield: full-length, and for sampled targets
+    as many entries per position as a position can have distinct ids (min(samples, vocab)).
+
+    Typical batches come close: m is the most distinct ids of any of the B·L positions.
+    """
+    store, manifest = ds.store, ds.store.manifest
+    logprob_dtype = (
+        "float32" if manifest["logprob_dtype"] == "bfloat16" else manifest["logprob_dtype"]
+    )
+    ids, logprobs = compact_dtypes(np.dtype(manifest["id_dtype"]), np.dtype(logprob_dtype))
+    return Layout(
+        batch=ds.batch_size,
+        length=store.seq_len,
+        top_k=store.top_k if store.has_topk else 0,
+        tail=True,  # version-1 stores get theirs from the reader
+        samples=min(store.samples, store.vocab_size) if store.has_samples else 0,
+        ids=ids,
+        logprobs=logprobs,
+        counts=manifest["count_dtype"] if store.has_samples else "",
+    )
 
 
 class _Cursor:
@@ -241,13 +268,9 @@ def _batches(
     ds.worker_offset = cursor.next_logical  # DataLoader starts with its worker 0
     ds.ring = ring = None
     if num_workers:
-        # room for a full-length batch; prefetched batches + the ones a consumer holds
-        manifest = ds.store.manifest
-        ids = "uint16" if manifest["id_dtype"] == "uint16" else "int32"
-        logprobs = "float16" if manifest["logprob_dtype"] == "float16" else "float32"
-        layout = (ds.batch_size, ds.store.seq_len, ds.store.top_k, ids, logprobs)
+        # prefetched batches + the ones a consumer holds
         slots = prefetch_factor + SPARE_BUFFERS
-        ds.ring = ring = SharedRing(num_workers, slots, batch_layout(layout)[1])
+        ds.ring = ring = SharedRing(num_workers, slots, batch_layout(largest_batch(ds))[1])
     pin = pin_memory and torch.cuda.is_available()
     loader = DataLoader(
         ds,
@@ -266,7 +289,7 @@ def _batches(
             if ring is not None:
                 ring.release()  # slots of batches the consumer has dropped since the last one
                 if index >= 0:
-                    batch = ring.batch(worker, index, tuple(batch.pop("_layout")), pin)
+                    batch = ring.batch(worker, index, Layout(*batch.pop("_layout")), pin)
             yield batch
     finally:
         if ds.ring is ring:  # the shared memory lives on only in batches still held

@@ -1,20 +1,16 @@
-"""Distillation losses against a cached top-k teacher, computed in token chunks.
+"""Distillation losses against cached teacher targets, computed in token chunks.
 
-Notation per token: the teacher row ``l`` holds k log-probs (full-vocabulary log-softmax at
-temperature 1, sorted descending) at ids ``ids``; the student's logits ``z`` cover the whole
-vocabulary and ``s_T = log_softmax(z / T)``.
+The per-row divergences (``kl``, ``ghost``, ``reverse-kl`` on top-k targets, ``sampled-kl`` on
+sampled targets) are defined in ``divergences.py`` and docs/architecture.md §5. Besides them:
 
-- ``kl``: ``p = softmax(l / T)`` over the k ids; ``T² · Σ_i p_i (log p_i − s_T[ids_i])``. This is
-  KL(p ‖ student_T) with p the teacher's top-k renormalized, so with k = vocab and T = 1 it is the
-  full forward KL divergence.
-- ``ghost``: k + 1 categories — the k ids plus one "ghost" bucket for the tail. At T = 1 the
-  teacher is ``[exp(l), 1 − Σ exp(l)]`` and the student ``[exp(s[ids]), 1 − Σ exp(s[ids])]``;
-  loss = KL(teacher ‖ student) over those k + 1 categories. At T ≠ 1 the tempered tail mass of the
-  full vocabulary is unknown, so both (k + 1)-category distributions are tempered as categoricals
-  (``softmax(log q / T)``) — exact at T = 1, the ghost-token approximation otherwise. ``· T²``.
-- ``reverse-kl``: ``q = softmax(s_T[ids])`` (the student renormalized over the teacher's ids);
-  ``T² · Σ q (log q − log p)`` — KL(student ‖ teacher) on the teacher's support.
-- ``ce``: hard next-token labels only (the no-teacher baseline); alpha is ignored.
+- ``ce``: hard next-token labels only (the no-teacher baseline), for any store; alpha is ignored.
+- ``auto``: the best loss for the targets at hand — ``sampled-kl`` when there are samples, else
+  ``ghost`` (``resolve_loss``; train-student and the sweep resolve it from the store); ``kl``
+  when the teacher itself is at hand.
+
+Online (``teacher`` given, the batch holding its final hidden states ``teacher_hidden``
+(B, L, H)): ``kl`` and ``reverse-kl`` are the full-vocabulary divergences against the teacher's
+log-softmax, computed per chunk beside the student's (``live_teacher.full_kd_per_token``).
 
 ``total = alpha · KD + (1 − alpha) · CE``; KD is averaged over the real tokens
 (``attention_mask``: the last row of a sequence still carries a teacher distribution), CE over
@@ -22,7 +18,7 @@ the tokens with a label (``labels != -100``).
 
 Memory: the student's float32 [B, L, V] log-softmax is never built for the whole batch. Tokens
 are processed in chunks of ``chunk_tokens`` rows, each under activation checkpointing, so only
-one chunk's float32 [chunk, V] lives at a time, in the forward and in the backward.
+one chunk's float32 [chunk, V] tensors live at a time, in the forward and in the backward.
 """
 
 from __future__ import annotations
@@ -33,10 +29,33 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSSES = ("kl", "ghost", "reverse-kl", "ce")
+from kdcache.pipeline.distill.divergences import (
+    SAMPLED_LOSSES,
+    TOPK_LOSSES,
+    sampled_kd,
+    topk_kd,
+    widen_ids,
+)
+from kdcache.pipeline.distill.live_teacher import ONLINE_LOSSES, LiveTeacher, full_kd_per_token
+
+LOSSES = ("auto", "kl", "ghost", "reverse-kl", "sampled-kl", "ce")
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
-_TINY = 1e-12
+TOPK_FIELDS = ("topk_ids", "topk_logprobs", "topk_tail_logprob")
+SAMPLED_FIELDS = ("sampled_ids", "sampled_counts", "sampled_logprobs")
+
+__all__ = [
+    "DEFAULT_CHUNK_TOKENS",
+    "IGNORE_INDEX",
+    "LOSSES",
+    "LossSums",
+    "combine",
+    "distillation_loss",
+    "kd_per_token",
+    "loss_sums",
+    "resolve_loss",
+    "widen_ids",
+]
 
 
 @dataclass
@@ -49,82 +68,92 @@ class LossSums:
     ce_tokens: int
 
 
-def widen_ids(ids: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Teacher ids of any integer dtype as int64 on ``device`` (default: where they are).
-
-    Loader batches carry uint16 (or int32) ids, and ``gather`` needs int64. uint16 has few
-    kernels on some backends, so it travels as its int16 bit pattern and is widened with a mask.
-    """
-    device = ids.device if device is None else device
-    if ids.dtype == torch.uint16:
-        bits = ids.view(torch.int16).to(device, non_blocking=True)
-        return bits.to(torch.int64).bitwise_and_(0xFFFF)
-    return ids.to(device, non_blocking=True).to(torch.int64)
-
-
-def _log_tail(logprobs: torch.Tensor) -> torch.Tensor:
-    """log(1 − Σ exp(logprobs)) over the last axis, clamped: (N, k) → (N,)."""
-    mass = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
-    return torch.log((-torch.expm1(mass)).clamp(min=_TINY))
+def resolve_loss(loss: str, *, has_topk: bool, has_samples: bool, online: bool = False) -> str:
+    """``loss`` with ``auto`` replaced by the loss for these targets; others unchanged."""
+    if loss != "auto":
+        return loss
+    if online:
+        return "kl"
+    return "sampled-kl" if has_samples else "ghost"
 
 
 def kd_per_token(
     logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    targets: dict[str, torch.Tensor],
     loss: str,
     temperature: float = 1.0,
+    teacher: LiveTeacher | None = None,
 ) -> torch.Tensor:
-    """The KD loss of each token row, including the T² factor.
+    """The KD loss of each row against ``targets``, T² included.
 
     Args:
-        logits: (N, V) student logits, any float dtype.
-        topk_ids: (N, k) teacher ids, int64 or a loader's compact dtype (widened here).
-        topk_logprobs: (N, k) teacher log-probs at temperature 1.
-        loss: "kl", "ghost" or "reverse-kl".
-        temperature: T > 0.
+        logits: (N, V) student logits.
+        targets: rows of the batch fields the loss reads: ``topk_ids``/``topk_logprobs`` (N, k)
+            and, when the store has it, ``topk_tail_logprob`` (N,); or ``sampled_ids``/
+            ``sampled_counts``/``sampled_logprobs`` (N, m); online, ``teacher_hidden`` (N, H).
+        loss: one of ``TOPK_LOSSES`` or ``SAMPLED_LOSSES``; online, ``kl`` or ``reverse-kl``.
+        teacher: the live teacher whose hidden rows ``targets`` holds (online KD).
 
     Returns:
         (N,) float32.
     """
-    t = float(temperature)
-    topk_ids = widen_ids(topk_ids)  # (N, k) int64; a no-op for int64 ids
-    teacher = topk_logprobs.float()  # (N, k)
-    if loss == "ghost":
-        student = torch.log_softmax(logits.float(), dim=-1)  # (N, V) at T = 1
-        student_top = student.gather(-1, topk_ids)  # (N, k)
-        # k + 1 categories: the ids plus the tail bucket
-        teacher_cat = torch.cat([teacher, _log_tail(teacher)[:, None]], dim=-1)  # (N, k+1)
-        student_cat = torch.cat([student_top, _log_tail(student_top)[:, None]], dim=-1)
-        log_p = torch.log_softmax(teacher_cat / t, dim=-1)  # (N, k+1)
-        log_q = torch.log_softmax(student_cat / t, dim=-1)
-        return (t * t) * (log_p.exp() * (log_p - log_q)).sum(-1)
-    student_t = torch.log_softmax(logits.float() / t, dim=-1)  # (N, V)
-    student_top = student_t.gather(-1, topk_ids)  # (N, k)
-    log_p = torch.log_softmax(teacher / t, dim=-1)  # (N, k) teacher renormalized over its ids
-    if loss == "kl":
-        return (t * t) * (log_p.exp() * (log_p - student_top)).sum(-1)
-    if loss == "reverse-kl":
-        log_q = torch.log_softmax(student_top, dim=-1)  # (N, k) student renormalized
-        return (t * t) * (log_q.exp() * (log_q - log_p)).sum(-1)
-    raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(LOSSES[:3])}")
+    if teacher is not None:
+        teacher_t = teacher.logprobs(targets["teacher_hidden"], temperature)  # (N, V)
+        return full_kd_per_token(logits, teacher_t, loss, temperature)
+    if loss in SAMPLED_LOSSES:
+        return sampled_kd(logits, *(targets[name] for name in SAMPLED_FIELDS), temperature)
+    return topk_kd(
+        logits,
+        targets["topk_ids"],
+        targets["topk_logprobs"],
+        loss,
+        temperature,
+        tail_logprob=targets.get("topk_tail_logprob"),
+    )
 
 
 def _chunk_sums(
     logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
     labels: torch.Tensor,
     kd_mask: torch.Tensor,
     loss: str,
     temperature: float,
+    teacher: LiveTeacher | None,
+    names: tuple[str, ...],
+    *fields: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KD sum, CE sum) of one chunk of rows: logits (n, V), ids/logprobs (n, k), labels/mask (n,)."""
+    """(KD sum, CE sum) of one chunk of n rows: logits (n, V), labels/mask (n,), target rows."""
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if loss == "ce":
         return ce.new_zeros(()), ce
-    kd = kd_per_token(logits, topk_ids, topk_logprobs, loss, temperature)  # (n,)
+    targets = dict(zip(names, fields, strict=True))
+    kd = kd_per_token(logits, targets, loss, temperature, teacher)  # (n,)
     return (kd * kd_mask).sum(), ce
+
+
+def _target_rows(
+    batch: dict[str, torch.Tensor], loss: str, online: bool = False
+) -> dict[str, torch.Tensor]:
+    """The batch fields ``loss`` reads, flattened to one row per token: (B·L, ...)."""
+    if loss == "ce":
+        return {}
+    if online:
+        if loss not in ONLINE_LOSSES or "teacher_hidden" not in batch:
+            raise ValueError(f"online loss {loss} needs kl or reverse-kl and teacher_hidden")
+        hidden = batch["teacher_hidden"]  # (B, L, H)
+        return {"teacher_hidden": hidden.reshape(-1, hidden.shape[-1])}  # (B·L, H)
+    needed = SAMPLED_FIELDS if loss in SAMPLED_LOSSES else TOPK_FIELDS[:2]
+    missing = [name for name in needed if name not in batch]
+    if missing:
+        kind = "sampled" if loss in SAMPLED_LOSSES else "top-k"
+        raise ValueError(f"loss {loss} needs {kind} targets, the batch has no {missing[0]}")
+    names = [*needed, *(["topk_tail_logprob"] if loss in TOPK_LOSSES[1:] else [])]
+    b, length = batch["labels"].shape
+    return {
+        name: batch[name].reshape(b * length, *batch[name].shape[2:])
+        for name in names
+        if name in batch
+    }
 
 
 def loss_sums(
@@ -134,36 +163,47 @@ def loss_sums(
     loss: str = "kl",
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    teacher: LiveTeacher | None = None,
 ) -> LossSums:
     """Summed KD and CE terms of a batch, chunk by chunk.
 
     Args:
         logits: (B, L, V) student logits.
-        batch: loader batch with ``topk_ids`` (B, L, k), ``topk_logprobs`` (B, L, k),
-            ``labels`` (B, L) and ``attention_mask`` (B, L).
-        loss: one of ``LOSSES``.
+        batch: loader batch with ``labels`` (B, L), ``attention_mask`` (B, L) and the target
+            fields the loss reads (top-k: ``topk_ids``/``topk_logprobs`` (B, L, k), optionally
+            ``topk_tail_logprob`` (B, L); sampled: ``sampled_*`` (B, L, m)).
+        loss: one of ``LOSSES`` ("auto" resolves from the batch's fields).
         temperature: KD temperature T (CE always uses T = 1).
         chunk_tokens: rows per chunk.
+        teacher: the live teacher (online KD); the batch then holds ``teacher_hidden``
+            (B, L, H), and the teacher's chunk of log-probs is recomputed in the backward
+            rather than kept.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    loss = resolve_loss(
+        loss,
+        has_topk="topk_ids" in batch,
+        has_samples="sampled_ids" in batch,
+        online=teacher is not None,
+    )
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)  # (B·L, V)
     labels = batch["labels"].reshape(-1)  # (B·L,)
     kd_mask = batch["attention_mask"].reshape(-1).to(torch.float32)  # (B·L,)
-    k = batch["topk_ids"].shape[-1]
-    ids = batch["topk_ids"].reshape(-1, k)  # (B·L, k)
-    logprobs = batch["topk_logprobs"].reshape(-1, k)  # (B·L, k)
+    targets = _target_rows(batch, loss, online=teacher is not None)  # (B·L, ...) each
+    names = tuple(targets)
     kd_sum = flat_logits.new_zeros((), dtype=torch.float32)
     ce_sum = flat_logits.new_zeros((), dtype=torch.float32)
     for start in range(0, flat_logits.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        args = (flat_logits[rows], ids[rows], logprobs[rows], labels[rows], kd_mask[rows])
+        args = (flat_logits[rows], labels[rows], kd_mask[rows], loss, temperature, teacher, names)
+        fields = [targets[name][rows] for name in names]
         if torch.is_grad_enabled() and flat_logits.requires_grad:
             # recompute the chunk's float32 log-softmax in the backward instead of keeping it
-            kd, ce = checkpoint(_chunk_sums, *args, loss, temperature, use_reentrant=False)
+            kd, ce = checkpoint(_chunk_sums, *args, *fields, use_reentrant=False)
         else:
-            kd, ce = _chunk_sums(*args, loss, temperature)
+            kd, ce = _chunk_sums(*args, *fields)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
     return LossSums(

@@ -48,9 +48,9 @@ def prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
     if not isinstance(previous, dict) or not isinstance(previous.get("settings"), dict):
         raise UserError(damaged)
     differences = [
-        f"{key}: run has {previous['settings'].get(key)!r}, this command asks {run['settings'][key]!r}"
+        f"{key}: run has {previous['settings'].get(key)!r}, this command asks {run['settings'].get(key)!r}"
         for key in RESUMABLE_SETTINGS
-        if previous["settings"].get(key) != run["settings"][key]
+        if previous["settings"].get(key) != run["settings"].get(key)
     ]
     for key in ("manifest_fingerprint", "train_shards"):
         if previous.get(key) != run[key]:

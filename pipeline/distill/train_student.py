@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdcache.pipeline.distill.checks import check_settings, check_store
-from kdcache.pipeline.distill.evaluation import evaluate
+from kdcache.pipeline.distill.evaluation import METRICS, TEACHER_DISTANCES, evaluate
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.distill.losses import LOSSES
 from kdcache.pipeline.distill.run_dir import RUN_FILE, prepare_out, truncate_log
@@ -46,16 +46,41 @@ from kdcache.storage import open_store
 
 
 def _print_table(history: list[dict[str, float]]) -> None:
-    names = ("step", "cross_entropy", "perplexity", "kl_to_teacher", "top1_agreement", "ece")
-    click.echo("  ".join(f"{n:>14}" for n in names))
+    """One row per eval: the metrics the store's targets allow (evaluation.METRICS)."""
+    names = [n for n in METRICS if n != "tokens" and n in history[-1]]
+    width = max(14, *(len(n) for n in names))
+    click.echo("  ".join(f"{n:>{width}}" for n in ["step", *names]))
     for row in history:
-        cells = [f"{int(row['step']):>14d}"] + [f"{row[n]:>14.4f}" for n in names[1:]]
+        cells = [f"{int(row['step']):>{width}d}"] + [f"{row[n]:>{width}.4f}" for n in names]
         click.echo("  ".join(cells))
+
+
+def _quality(final: dict[str, float]) -> str:
+    """The final eval in words: CE, perplexity and every distance to the teacher measured."""
+    parts = [f"eval CE {final['cross_entropy']:.4f} (ppl {final['perplexity']:.2f})"]
+    parts += [f"{n.replace('_', ' ')} {final[n]:.4f}" for n in TEACHER_DISTANCES if n in final]
+    if "top1_agreement" in final:
+        parts.append(f"top-1 {final['top1_agreement']:.3f}")
+    return ", ".join(parts)
+
+
+def _live_teacher(name: str, store: Any, accelerator: Any) -> Any:
+    """The teacher for online KD, its tokenizer checked against the store's and its chunked head
+    checked against its own forward on the store's first tokens."""
+    from kdcache.pipeline.distill.live_teacher import load_live_teacher
+
+    teacher = load_live_teacher(name, store, accelerator.device, "auto")
+    first = store.read_shard(store.shards_of("train")[0]).tokens[:64]  # (≤ 64,) int32
+    probe = torch.as_tensor(first, dtype=torch.long, device=accelerator.device)[None]
+    note = teacher.self_check(probe)
+    if note and accelerator.is_main_process:
+        click.echo(f"Note: {note}", err=True)
+    return teacher
 
 
 def train(settings: dict[str, Any]) -> dict[str, Any]:
     """The train-student recipe; returns the final metrics (also written to OUT/metrics.json)."""
-    s = settings
+    s = dict(settings)
     check_settings(s)
     if s["threads"]:
         torch.set_num_threads(s["threads"])
@@ -64,7 +89,8 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 
     # 1. the store and the student (vocabulary checked before anything trains)
     store = open_store(s["store"])
-    check_store(store, s["loss"])
+    online = bool(s["teacher"])  # the reference: the teacher runs live, the store gives the data
+    s["loss"] = check_store(store, s["loss"], online=online)  # "auto" resolved, run.json has it
     tokenizer = load_store_tokenizer(store)
     model, source = build_student(
         s["student"],
@@ -120,6 +146,8 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
             err=True,
         )
 
+    teacher = _live_teacher(s["teacher"], store, accelerator) if online else None
+
     # 3. the trainee: model + AdamW + warmup/cosine schedule + loss settings
     warmup = s["warmup"] if s["warmup"] is not None else max(1, s["steps"] // 10)
     trainee = make_trainee(
@@ -133,6 +161,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         steps=s["steps"],
         warmup=warmup,
     )
+    trainee.teacher = teacher
     if resuming:
         load_checkpoint(out / "checkpoint", [trainee], train_loader, accelerator)
     log_path = out / "log.csv"
@@ -146,7 +175,10 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         model_ = accelerator.unwrap_model(trainee.model)
         with accelerator.autocast():
             metrics = evaluate(
-                model_, eval_batches(store, s["batch_size"], pad_id), max_batches=s["eval_batches"]
+                model_,
+                eval_batches(store, s["batch_size"], pad_id),
+                max_batches=s["eval_batches"],
+                teacher=teacher,
             )
         eval_history.append({"step": trainee.step, **metrics})
         trainee.extra["eval_history"] = eval_history
@@ -222,12 +254,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         if eval_history:
             _print_table(eval_history)
         rate = tokens_this_run / max(wall, 1e-9)
-        quality = (
-            f"eval CE {final['cross_entropy']:.4f} (ppl {final['perplexity']:.2f}), "
-            f"KL to teacher {final['kl_to_teacher']:.4f}, top-1 {final['top1_agreement']:.3f}"
-            if final
-            else "no eval split"
-        )
+        quality = _quality(final) if final else "no eval split"
         click.echo(
             f"trained {source} ({run['student']['parameters']:,} parameters) for {trainee.step} steps: "
             f"{tokens_this_run:,} tokens in {wall:.1f} s ({rate:,.0f} tokens/s); {quality}; saved to {out}"
@@ -257,9 +284,17 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 @click.option(
     "--loss",
     type=click.Choice(LOSSES),
-    default="kl",
+    default="auto",
     show_default=True,
-    help="KD loss on the teacher's top-k; ce = hard labels only (the no-teacher baseline).",
+    help="KD loss (docs/architecture.md §5): auto = sampled-kl on a store with samples, else "
+    "ghost; kl, ghost, reverse-kl need top-k targets; ce = hard labels only (the no-teacher "
+    "baseline).",
+)
+@click.option(
+    "--teacher",
+    default=None,
+    help="Online reference: distill from this teacher (HF id or dir) run live on every batch "
+    "(full vocabulary; --loss kl, reverse-kl or ce); the store gives the data and its order.",
 )
 @click.option("--temperature", default=1.0, show_default=True, help="KD temperature T (loss × T²).")
 @click.option("--alpha", default=0.5, show_default=True, help="alpha · KD + (1 − alpha) · CE.")
@@ -297,7 +332,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     help="Stop (with a checkpoint) after N steps of this invocation; 0: run to --steps.",
 )
 def command(**settings: Any) -> None:
-    """Train a student from the teacher's cached top-k log-probs (docs/architecture.md §5)."""
+    """Train a student from the teacher's cached soft targets (docs/architecture.md §5)."""
     settings["store"] = str(settings["store"])
     settings["out"] = str(settings["out"])
     train(settings)

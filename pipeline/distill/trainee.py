@@ -26,7 +26,7 @@ LOG_FIELDS = ("step", "tokens", "loss", "kd", "ce", "lr", "grad_norm", "elapsed_
 # settings that must be identical to resume a run exactly
 RESUMABLE_SETTINGS = (
     "store", "student", "steps", "batch_size", "grad_accum", "lr", "warmup", "loss",
-    "temperature", "alpha", "seed", "workers", "buffer_size",
+    "temperature", "alpha", "seed", "workers", "buffer_size", "teacher",
 )  # fmt: skip
 _VOLATILE_MANIFEST_FACTS = ("created_at", "kdcache_version", "finished", "stats")
 
@@ -43,6 +43,7 @@ class Trainee:
     temperature: float
     alpha: float
     max_grad_norm: float = 1.0
+    teacher: Any = None  # a LiveTeacher for online KD (train-student --teacher), else None
     step: int = 0
     tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able state saved with checkpoints
@@ -116,8 +117,13 @@ def train_step(
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
+            teacher = trainee.teacher if trainee.loss != "ce" else None
+            if teacher is not None:  # online KD: the teacher's final hidden states (B, L, H)
+                b["teacher_hidden"] = teacher.hidden(b["input_ids"], b["attention_mask"])
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            sums = loss_sums(logits, b, loss=trainee.loss, temperature=trainee.temperature)
+            sums = loss_sums(
+                logits, b, loss=trainee.loss, temperature=trainee.temperature, teacher=teacher
+            )
             loss, kd, ce = combine(
                 sums,
                 loss=trainee.loss,

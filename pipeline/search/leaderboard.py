@@ -11,14 +11,15 @@ from typing import Any
 
 from kdcache.pipeline.files import write_text_atomic
 
+# eval metrics that only some stores' targets allow: a column appears when a row has it
+TEACHER_METRICS = ("ghost_kl_to_teacher", "sampled_kl_to_teacher", "top1_agreement")
 COLUMNS = (
     "candidate",
     "parameters",
     "non_embedding_parameters",
     "tokens_seen",
     "eval_cross_entropy",
-    "kl_to_teacher",
-    "top1_agreement",
+    *TEACHER_METRICS,
     "ece",
     "train_tokens_per_s",
     "inference_tokens_per_s",
@@ -79,19 +80,21 @@ def write_leaderboard(
     The Pareto column marks the front among the distilled candidates (``baseline`` excluded).
     """
     ranked = sorted(rows, key=lambda r: r["eval_cross_entropy"])
-    extra = sorted({k for r in ranked for k in r} - set(COLUMNS))
+    present = {k for r in ranked for k in r}
+    columns = [c for c in COLUMNS if c not in TEACHER_METRICS or c in present]
+    extra = sorted(present - set(COLUMNS))
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=[*COLUMNS, *extra])
+    writer = csv.DictWriter(table, fieldnames=[*columns, *extra])
     writer.writeheader()
     writer.writerows(ranked)
     write_text_atomic(out_dir / "leaderboard.csv", table.getvalue())
     front = {id(r) for r in pareto_front([r for r in ranked if r["candidate"] != baseline])}
     lines = [
-        "| rank | " + " | ".join(COLUMNS) + " | pareto |",
-        "|" + "---|" * (len(COLUMNS) + 2),
+        "| rank | " + " | ".join(columns) + " | pareto |",
+        "|" + "---|" * (len(columns) + 2),
     ]
     for rank, row in enumerate(ranked, start=1):
-        cells = " | ".join(_format(row[c]) for c in COLUMNS)
+        cells = " | ".join(_format(row.get(c, "")) for c in columns)
         lines.append(f"| {rank} | {cells} | {'*' if id(row) in front else ''} |")
     write_text_atomic(out_dir / "leaderboard.md", "\n".join(lines) + "\n")
 

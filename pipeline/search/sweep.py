@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,12 @@ from kdcache.pipeline.distill.trainee import (
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import create_out_dir, write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
-from kdcache.pipeline.search.leaderboard import best_per_size_class, plot_pareto, write_leaderboard
+from kdcache.pipeline.search.leaderboard import (
+    TEACHER_METRICS,
+    best_per_size_class,
+    plot_pareto,
+    write_leaderboard,
+)
 from kdcache.pipeline.search.sweep_config import Candidate, SweepConfig, load_sweep_config
 from kdcache.storage import open_store
 
@@ -228,8 +234,8 @@ def _train_group(
                 "non_embedding_parameters": non_embedding_parameters(model),
                 "tokens_seen": trainee.tokens,
                 "eval_cross_entropy": metrics.get("cross_entropy", math.nan),
-                "kl_to_teacher": metrics.get("kl_to_teacher", math.nan),
-                "top1_agreement": metrics.get("top1_agreement", math.nan),
+                # the distances to the teacher that the store's targets allow (evaluation.METRICS)
+                **{name: metrics[name] for name in TEACHER_METRICS if name in metrics},
                 "ece": metrics.get("ece", math.nan),
                 "train_tokens_per_s": trainee.tokens / max(seconds[trainee.name], 1e-9),
                 "inference_tokens_per_s": inference_tokens_per_s(model, ids),
@@ -257,8 +263,11 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
 
     # 1. the store, and every candidate built once on its vocabulary — before any training
     store = open_store(settings["store"])
-    for loss in sorted({c.loss for c in config.candidates}):
-        check_store(store, loss)
+    losses = {
+        loss: check_store(store, loss) for loss in sorted({c.loss for c in config.candidates})
+    }
+    # "auto" resolved from the store: every candidate trains and reports the loss it used
+    config.candidates = [replace(c, loss=losses[c.loss]) for c in config.candidates]
     tokenizer = load_store_tokenizer(store)
     for candidate in config.candidates:
         try:

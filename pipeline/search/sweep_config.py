@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from kdcache.pipeline.distill.losses import LOSSES
 from kdcache.pipeline.errors import UserError
 
 ARCHITECTURE_KEYS = (
@@ -50,7 +51,6 @@ TOP_LEVEL_KEYS = (
     "baseline",
 )
 BUDGET_KEYS = ("steps", "tokens")
-LOSSES = ("kl", "ghost", "reverse-kl", "ce")
 _SHORT = {
     "hidden_size": "h",
     "num_hidden_layers": "l",
@@ -156,7 +156,7 @@ def _make_candidate(path: Path, defaults: dict[str, Any], overrides: dict[str, A
             f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}",
             "choose sizes that divide",
         )
-    loss = settings.get("loss", "kl")
+    loss = settings.get("loss", "auto")  # resolved from the store by the sweep
     if loss not in LOSSES:
         raise _fail(path, f"unknown loss {loss!r}", f"use one of {', '.join(LOSSES)}")
     return Candidate(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kdcache.pipeline.cli import main
-from kdcache.pipeline.distill.compare import METRICS, verdict
+from kdcache.pipeline.distill.compare import format_markdown, format_table, verdict
 
 
 def run(args: list[str]) -> int:
@@ -40,49 +40,54 @@ def store(
     return out
 
 
-def write_student(path: Path, cross_entropy: float) -> Path:
-    """A train-student output dir as far as compare reads it: metrics.json."""
-    path.mkdir(parents=True)
-    final = {
-        "step": 10,
-        "cross_entropy": cross_entropy,
-        "perplexity": math.exp(cross_entropy),
-        "kl_to_teacher": 0.5,
-        "top1_agreement": 0.25,
-        "ece": 0.05,
-        "tokens": 1000.0,
-    }
-    metrics = {"final": final, "settings": {"batch_size": 4, "eval_batches": None}}
-    (path / "metrics.json").write_text(json.dumps(metrics))
+def write_student(path: Path, seed: int, batch_size: int = 4) -> Path:
+    """A train-student output dir as far as compare reads it: the saved model and its settings."""
+    from kdcache.pipeline.distill.student import build_student
+
+    model, _ = build_student("tiny", 512, seed=seed)
+    model.save_pretrained(path)
+    settings = {"batch_size": batch_size, "eval_batches": None}
+    (path / "metrics.json").write_text(json.dumps({"final": None, "settings": settings}))
     return path
 
 
-def test_teacher_row_matches_its_own_stored_targets(
+def test_every_row_is_measured_here_with_the_teacher_at_hand(
     store: Path, tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from kdcache.storage import open_store
 
-    kd = write_student(tmp_path / "kd", 5.0)
-    ce = write_student(tmp_path / "ce", 5.5)
-    table = tmp_path / "table.md"
+    kd, ce = write_student(tmp_path / "kd", 1), write_student(tmp_path / "ce", 2)
+    other = write_student(tmp_path / "other", 3)
+    table, facts = tmp_path / "table.md", tmp_path / "facts.json"
     args = ["--teacher", str(tiny_teacher_dir), "--store", str(store), "--kd", str(kd)]
-    assert run([*args, "--ce", str(ce), "--markdown", str(table)]) == 0
+    args += ["--ce", str(ce), "--student", f"third={other}", "--markdown", str(table)]
+    assert run([*args, "--json", str(facts)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split()[0] == "model" and len(lines[0].split("  ")) >= len(METRICS)
-    teacher = lines[2].split()
-    assert teacher[0] == "teacher"
-    # the teacher's argmax is its own stored top-1, and its KL to its own top-k is the tail mass
-    assert float(teacher[4]) == pytest.approx(1.0, abs=1e-3)
+    assert lines[0].split()[0] == "model" and "KL to teacher" in lines[0]
+    # a top-k store: the exact KL, the ghost KL and top-1 columns, no sampled KL
+    assert "ghost KL to teacher" in lines[0] and "sampled KL" not in lines[0]
+    names = [line.split("  ")[0].strip() for line in lines[2:6]]
+    assert names == ["teacher", "KD student", "CE-only student", "third"]
+    data = json.loads(facts.read_text())
+    teacher, students = data["teacher"], data["students"]
+    assert list(students) == ["KD student", "CE-only student", "third"]
+    # the teacher is at exact KL 0 and ghost KL ~0 (float16 rounding) from itself, agrees with
+    # its own stored top-1, however much mass lies beyond the top-k
+    assert teacher["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(teacher["ghost_kl_to_teacher"]) < 1e-3
+    assert teacher["top1_agreement"] == pytest.approx(1.0, abs=1e-3)
     tail = [
         -np.log(np.exp(seq.topk_logprobs.astype(np.float64)).sum(-1))
         for seq in open_store(store).iter_sequences("eval")
     ]
-    assert float(teacher[3]) == pytest.approx(float(np.concatenate(tail).mean()), abs=2e-3)
-    assert float(teacher[2]) == pytest.approx(math.exp(float(teacher[1])), rel=1e-3)
-    assert lines[3].startswith("KD student") and lines[4].startswith("CE-only student")
-    assert "KD student beats the CE-only student by 0.5000 nats" in out
-    assert table.read_text().startswith("| model | eval CE (nats) |")
+    assert float(np.concatenate(tail).mean()) > 0.1  # the old, misleading "KL to itself"
+    assert teacher["perplexity"] == pytest.approx(math.exp(teacher["cross_entropy"]), rel=1e-6)
+    for metrics in students.values():  # the exact KL is bounded below by the (k+1)-bucket one
+        assert metrics["kl_to_teacher"] >= metrics["ghost_kl_to_teacher"] > 0
+        assert metrics["tokens"] == teacher["tokens"]
+    assert verdict(students["KD student"], students["CE-only student"]) in out
+    assert table.read_text().startswith("| model | eval CE (nats) | perplexity | KL to teacher |")
 
 
 def test_verdict_says_when_kd_does_not_help() -> None:
@@ -91,20 +96,40 @@ def test_verdict_says_when_kd_does_not_help() -> None:
     assert "does NOT beat" in verdict(kd, ce)
 
 
-def test_missing_metrics_is_one_line_exit_2(
-    store: Path, tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no-model", "--ce holds no saved student (config.json)"),
+        ("bad-spec", "--student takes NAME=DIR"),
+        ("none", "no student to compare"),
+        ("same-name", "student names must differ"),
+    ],
+)
+def test_bad_students_are_one_line_exit_2(
+    case: str,
+    message: str,
+    store: Path,
+    tiny_teacher_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    kd = write_student(tmp_path / "kd", 5.0)
-    args = ["--teacher", str(tiny_teacher_dir), "--store", str(store), "--kd", str(kd)]
-    assert run([*args, "--ce", str(tmp_path / "nowhere")]) == 2
+    kd = write_student(tmp_path / "kd", 5)
+    args = ["--teacher", str(tiny_teacher_dir), "--store", str(store)]
+    if case == "no-model":
+        args += ["--kd", str(kd), "--ce", str(tmp_path / "nowhere")]
+    elif case == "bad-spec":
+        args += ["--student", str(kd)]
+    elif case == "same-name":
+        args += ["--student", f"a={kd}", "--student", f"a={kd}"]
+    assert run(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("Error: --ce has no metrics.json") and "\n" not in err
+    assert err.startswith("Error: ") and message in err and "\n" not in err
 
 
 def test_unwritable_markdown_is_one_line_exit_2(
     store: Path, tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    kd, ce = write_student(tmp_path / "kd", 5.0), write_student(tmp_path / "ce", 5.5)
+    kd, ce = write_student(tmp_path / "kd", 5), write_student(tmp_path / "ce", 6)
     (tmp_path / "a_file").write_text("x")
     args = ["--teacher", str(tiny_teacher_dir), "--store", str(store), "--kd", str(kd)]
     assert run([*args, "--ce", str(ce), "--markdown", str(tmp_path / "a_file" / "t.md")]) == 2
@@ -118,10 +143,23 @@ def test_teacher_with_another_vocabulary_is_refused(
     from conftest import save_tiny_model
 
     other = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "other", vocab_size=600)
-    kd = write_student(tmp_path / "kd", 5.0)
-    ce = write_student(tmp_path / "ce", 5.1)
+    kd = write_student(tmp_path / "kd", 5)
+    ce = write_student(tmp_path / "ce", 6)
     args = ["--teacher", str(other), "--store", str(store), "--kd", str(kd), "--ce", str(ce)]
     assert run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("Error: the teacher's vocabulary does not match")
     assert "has 600 and" in err and "has 512" in err
+
+
+def test_a_student_without_a_metric_shows_a_dash() -> None:
+    # e.g. a metrics.json written before the metric names changed: compare still works
+    rows = [
+        ("teacher", {"cross_entropy": 4.0, "perplexity": 54.6, "ghost_kl_to_teacher": 0.0,
+                     "top1_agreement": 1.0, "ece": 0.01}),
+        ("KD student", {"cross_entropy": 5.0, "perplexity": 148.4, "ece": 0.05}),
+    ]  # fmt: skip
+    table = format_table(rows).splitlines()
+    assert table[0].split("  ")[0] == "model" and "sampled KL" not in table[0]
+    assert table[3].split()[-3:] == ["-", "-", "0.0500"]
+    assert format_markdown(rows).splitlines()[3].endswith("| - | - | 0.0500 |")

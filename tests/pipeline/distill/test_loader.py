@@ -10,8 +10,14 @@ import pytest
 import torch
 from conftest import write_synthetic_store
 
-from kdcache.pipeline.distill.batches import SharedRing, batch_to_device, collate, layout_of
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.batches import (
+    SharedRing,
+    batch_layout,
+    batch_to_device,
+    collate,
+    layout_of,
+)
+from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, largest_batch
 from kdcache.storage import open_store
 
 # five train shards (one with a short last sequence), one eval shard
@@ -55,7 +61,10 @@ def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str
         # the store's compact dtypes: uint16 ids, float16 log-probs
         assert batch["topk_ids"].shape == (b, length, k) and batch["topk_ids"].dtype == torch.uint16
         assert batch["topk_logprobs"].dtype == torch.float16
+        assert batch["topk_tail_logprob"].shape == (b, length)
+        assert batch["topk_tail_logprob"].dtype == torch.float32
         assert batch["labels"].dtype == torch.int64 and batch["attention_mask"].shape == (b, length)
+        assert not any(name.startswith("sampled") for name in batch)  # a top-k store
         wide = batch_to_device(batch, "cpu")
         assert (
             wide["topk_ids"].dtype == torch.int64 and wide["topk_logprobs"].dtype == torch.float16
@@ -70,6 +79,7 @@ def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str
             np.testing.assert_array_equal(wide["topk_ids"][i, :n], seq.topk_ids.astype(np.int64))
             np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], seq.topk_logprobs)
             assert (batch["topk_logprobs"][i, n:] == 0).all()
+            np.testing.assert_array_equal(batch["topk_tail_logprob"][i, :n], seq.topk_tail_logprob)
             seen += 1
     assert seen == N_TRAIN
 
@@ -112,8 +122,11 @@ def test_resume_refuses_a_different_worker_count(store_url: str) -> None:
         two.load_state_dict(one.state_dict())
 
 
-def test_memory_url_works_with_workers(tmp_path: Path) -> None:
-    url = write_synthetic_store("memory://loader-test/s", lengths={"train": [[8] * 3, [8] * 2]})
+@pytest.mark.parametrize("targets", ["topk", "sampled"])
+def test_memory_url_works_with_workers(tmp_path: Path, targets: str) -> None:
+    url = write_synthetic_store(
+        f"memory://loader-test-{targets}/s", lengths={"train": [[8] * 3, [8] * 2]}, targets=targets
+    )
     loader = TeacherLoader(TeacherDataset(url, batch_size=2, infinite=False), num_workers=2)
     assert sorted(_all_keys(loader)) == list(range(5))
 
@@ -148,11 +161,12 @@ def test_shared_ring_reuses_a_slot_once_its_batch_is_dropped() -> None:
     tokens = np.arange(4, dtype=np.int32)
     ids = np.array([[1, 65535]] * 4, dtype=np.uint16)  # the top of the uint16 range
     logprobs = np.full((4, 2), -0.5, dtype=np.float16)
-    layout = layout_of([(tokens, ids, logprobs)])
+    sequence = {"tokens": tokens, "topk_ids": ids, "topk_logprobs": logprobs}
+    layout = layout_of([sequence])
     ring = SharedRing(workers=1, slots=2, slot_bytes=4096)
     buffer, first = ring.acquire(0, 4096)
     assert buffer is not None
-    collate([(tokens, ids, logprobs)], out=buffer)
+    collate([sequence], out=buffer)
     batch = ring.batch(0, first, layout, pin=False)
     assert batch_to_device(batch, "cpu")["topk_ids"][0, 0].tolist() == [1, 65535]
     _, second = ring.acquire(0, 4096)
@@ -180,3 +194,103 @@ def test_large_vocabularies_travel_as_int32_ids(tmp_path: Path) -> None:
         assert batch["topk_ids"].dtype == torch.int32
         wide = batch_to_device(batch, "cpu")["topk_ids"]
         np.testing.assert_array_equal(wide.reshape(-1, 4).numpy(), stored)
+
+
+def _assert_samples(batch: dict[str, torch.Tensor], i: int, seq) -> None:
+    """Row i of a batch holds ``seq``'s sampled entries position by position, then padding 0."""
+    wide = batch_to_device(batch, "cpu")
+    n, off = len(seq.tokens), seq.sampled_offsets
+    for t in range(batch["input_ids"].shape[1]):
+        d = int(off[t + 1] - off[t]) if t < n else 0
+        entries = slice(int(off[t]), int(off[t]) + d) if t < n else slice(0, 0)
+        for name, stored in (("sampled_ids", seq.sampled_ids), ("sampled_counts", seq.sampled_counts),
+                             ("sampled_logprobs", seq.sampled_logprobs)):  # fmt: skip
+            got = (wide if name != "sampled_logprobs" else batch)[name][i, t].numpy()
+            np.testing.assert_array_equal(got[:d], stored[entries], err_msg=f"{name} {t}")
+            assert (got[d:] == 0).all(), (name, t)
+
+
+@pytest.mark.parametrize("targets", ["sampled", "topk+sampled"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sampled_batches_hold_every_drawn_id_per_position(
+    tmp_path: Path, targets: str, workers: int
+) -> None:
+    lengths = {"train": [[12] * 4, [12] * 3 + [5]]}
+    url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths, targets=targets, samples=20)
+    store = open_store(url)
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    dataset = TeacherDataset(store, batch_size=3, seed=2, infinite=False)
+    largest = largest_batch(dataset)
+    assert largest.samples == 20 and largest.counts == "uint8"
+    seen = 0
+    for batch in TeacherLoader(dataset, num_workers=workers):
+        b, length = batch["input_ids"].shape
+        m = batch["sampled_ids"].shape[-1]
+        keys = _keys(batch)
+        # m is the most distinct ids any position of this batch drew
+        assert m == max(int(by_key[k].sampled_distinct.max()) for k in keys)
+        assert m <= largest.samples  # every batch fits a ring slot
+        assert batch["sampled_ids"].dtype == torch.uint16
+        assert batch["sampled_counts"].dtype == torch.uint8
+        assert batch["sampled_logprobs"].dtype == torch.float16
+        assert {f.shape for n, f in batch.items() if n.startswith("sampled")} == {(b, length, m)}
+        assert ("topk_ids" in batch) == (targets == "topk+sampled")
+        assert ("topk_tail_logprob" in batch) == (targets == "topk+sampled")
+        wide = batch_to_device(batch, "cpu")
+        assert wide["sampled_ids"].dtype == wide["sampled_counts"].dtype == torch.int64
+        # every real position's counts sum to N; padding positions hold nothing
+        sums = wide["sampled_counts"].sum(-1)
+        assert (sums[batch["attention_mask"].bool()] == 20).all()
+        assert (sums[~batch["attention_mask"].bool()] == 0).all()
+        for i, key in enumerate(keys):
+            _assert_samples(batch, i, by_key[key])
+            seen += 1
+    assert seen == 8
+
+
+def test_counts_over_255_travel_as_uint16(tmp_path: Path) -> None:
+    url = write_synthetic_store(
+        str(tmp_path / "s"), lengths={"train": [[6, 6]]}, targets="sampled", samples=300
+    )
+    store = open_store(url)
+    for workers in (0, 1):
+        dataset = TeacherDataset(store, batch_size=2, shuffle=False, infinite=False)
+        batch = next(iter(TeacherLoader(dataset, num_workers=workers)))
+        assert batch["sampled_counts"].dtype == torch.uint16
+        for i, seq in enumerate(store.iter_sequences("train")):
+            _assert_samples(batch, i, seq)
+        counts = batch_to_device(batch, "cpu")["sampled_counts"].sum(-1)  # (B, L)
+        assert (counts[batch["attention_mask"].bool()] == 300).all()
+
+
+def test_held_sampled_batches_stay_intact_while_workers_reuse_their_buffers(
+    tmp_path: Path,
+) -> None:
+    # batches of different m share ring slots: a held batch must never change, and slots that
+    # come back into use must hold the right contents
+    lengths = {"train": [[10] * 5, [10] * 4, [7] * 3]}
+    url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths, targets="sampled", samples=40)
+    store = open_store(url)
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    loader = TeacherLoader(TeacherDataset(store, batch_size=2, seed=4), num_workers=2)
+    held = [next(loader) for _ in range(12)]
+    snapshot = [{name: t.clone() for name, t in b.items()} for b in held]
+    for _ in range(10):
+        next(loader)
+    for batch, copy in zip(held, snapshot, strict=True):
+        assert all(torch.equal(batch[name], copy[name]) for name in batch)
+    del held, snapshot, batch, copy
+    for _ in range(16):
+        batch = next(loader)
+        for i, key in enumerate(_keys(batch)):
+            _assert_samples(batch, i, by_key[key])
+    loader.close()
+
+
+def test_the_largest_batch_of_a_topk_store_has_no_sampled_fields(store_url: str) -> None:
+    dataset = TeacherDataset(store_url, batch_size=4, infinite=False)
+    largest = largest_batch(dataset)
+    assert largest.counts == "" and largest.samples == 0 and largest.top_k == 8
+    names = [name for name, *_ in batch_layout(largest)[0]]
+    assert names == ["input_ids", "labels", "attention_mask", "topk_logprobs", "topk_ids",
+                     "topk_tail_logprob"]  # fmt: skip

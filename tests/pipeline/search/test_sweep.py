@@ -23,7 +23,7 @@ search:
   num_hidden_layers: [1, 2]
 baseline: true
 """
-METRICS = ("eval_cross_entropy", "kl_to_teacher", "top1_agreement", "ece", "tokens_seen")
+METRICS = ("eval_cross_entropy", "ghost_kl_to_teacher", "top1_agreement", "ece", "tokens_seen")
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +111,43 @@ def test_together_equals_alone_and_writes_every_output(store, tmp_path, capsys):
     assert float(together["h64-l2"]["eval_cross_entropy"]) == pytest.approx(
         single["cross_entropy"], rel=1e-4
     )
-    assert float(together["h64-l2"]["kl_to_teacher"]) == pytest.approx(
-        single["kl_to_teacher"], rel=1e-4
+    assert float(together["h64-l2"]["ghost_kl_to_teacher"]) == pytest.approx(
+        single["ghost_kl_to_teacher"], rel=1e-4
     )
+    # `loss:` defaults to auto, which the sweep resolves from the store and records
+    assert {r["loss"] for n, r in together.items() if n != "baseline-ce"} == {"ghost"}
+    assert together["baseline-ce"]["loss"] == "ce"
+    assert "sampled_kl_to_teacher" not in together["h32-l1"]
+
+
+def test_a_sampled_store_trains_sampled_kl_together_and_ranks_by_its_distance(
+    tiny_tokenizer_dir, tmp_path, capsys
+):
+    sampled = write_synthetic_store(
+        str(tmp_path / "store"),
+        lengths={"train": [[24] * 10], "eval": [[24] * 4]},
+        tokenizer_dir=tiny_tokenizer_dir,
+        targets="sampled",
+        samples=16,
+    )
+    config = tmp_path / "sweep.yaml"
+    small = SWEEP.replace("steps: 6", "steps: 3").replace("[32, 64]", "[32]")
+    config.write_text(small)
+    assert sweep(sampled, config, tmp_path / "out", "--together", "3", "--workers", "2") == 0
+    board = rows(tmp_path / "out")
+    assert set(board) == {"h32-l1", "h32-l2", "baseline-ce"}
+    for name, row in board.items():
+        assert row["loss"] == ("ce" if name == "baseline-ce" else "sampled-kl")
+        assert float(row["sampled_kl_to_teacher"]) > 0
+        assert "ghost_kl_to_teacher" not in row and "top1_agreement" not in row
+    assert "sampled_kl_to_teacher" in (tmp_path / "out" / "leaderboard.md").read_text()
+    # a loss that needs top-k targets is refused before anything is written
+    config.write_text(small + "loss: reverse-kl\n")
+    capsys.readouterr()
+    assert sweep(sampled, config, tmp_path / "refused") == 2
+    err = capsys.readouterr().err
+    assert "--loss reverse-kl needs the teacher's top-k" in err and err.count("\n") == 1
+    assert not (tmp_path / "refused").exists()
 
 
 def test_rerun_skips_finished_and_resumes_an_interrupted_group(store, tmp_path, capsys):

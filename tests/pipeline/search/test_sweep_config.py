@@ -34,7 +34,7 @@ baseline: true
     assert len(config.candidates) == 2 * 3 * 2 + 1
     first = config.candidates[0]
     assert first.architecture == {"hidden_size": 32, "num_hidden_layers": 1}
-    assert (first.loss, first.temperature, first.alpha) == ("kl", 1.0, 0.5)
+    assert (first.loss, first.temperature, first.alpha) == ("auto", 1.0, 0.5)  # from the store
     assert first.name == "h32-l1-T1"
     baseline = config.candidates[-1]
     assert (baseline.name, baseline.loss, baseline.alpha) == ("baseline-ce", "ce", 0.0)
