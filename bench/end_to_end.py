@@ -31,14 +31,16 @@ from report import cpu_model  # noqa: E402  (bench/ is a folder of scripts)
 DEFAULTS = {  # keep in sync with the Makefile's defaults
     "teacher_steps": 150,
     "corpus": "stdlib",
+    "targets": "sampled",
     "top_k": 32,
+    "samples": 32,
     "seq_len": 256,
     "max_tokens": 600_000,
     "eval_fraction": 0.02,
     "student": "tiny",
     "steps": 300,
     "batch_size": 8,
-    "loss": "ghost",
+    "loss": "auto",
 }
 QUICK = {
     **DEFAULTS,
@@ -53,6 +55,16 @@ QUICK_TEACHER = ["--hidden-size", "64", "--intermediate-size", "128", "--layers"
 
 def kdcache(*args: str) -> list[str]:
     return [sys.executable, "-m", "kdcache.pipeline", *args]
+
+
+def target_options(s: dict) -> list[str]:
+    """cache-teacher's target options for the settings, as the Makefile passes them."""
+    options = ["--targets", s["targets"]]
+    if s["targets"] in ("topk", "topk+sampled"):
+        options += ["--top-k", str(s["top_k"])]
+    if s["targets"] in ("sampled", "topk+sampled"):
+        options += ["--samples", str(s["samples"])]
+    return options
 
 
 def timed(name: str, command: list[str], log: Path, times: dict[str, float]) -> None:
@@ -93,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache-teacher",
         kdcache(
             "cache-teacher", "--teacher", str(teacher), "--corpus", s["corpus"],
-            "--out", str(store), "--top-k", str(s["top_k"]), "--seq-len", str(s["seq_len"]),
+            "--out", str(store), *target_options(s), "--seq-len", str(s["seq_len"]),
             "--eval-fraction", str(s["eval_fraction"]), "--max-tokens", str(s["max_tokens"]),
         ),
         log,

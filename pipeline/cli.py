@@ -49,7 +49,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdcache")
 def cli() -> None:
-    """kdcache: cache a teacher's top-k soft targets once, distill many students from them."""
+    """kdcache: cache a teacher's soft targets (top-k or samples) once, distill many students."""
 
 
 def main(argv: list[str] | None = None) -> None:

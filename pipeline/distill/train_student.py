@@ -287,8 +287,8 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     default="auto",
     show_default=True,
     help="KD loss (docs/architecture.md §5): auto = sampled-kl on a store with samples, else "
-    "ghost; kl, ghost, reverse-kl need top-k targets; ce = hard labels only (the no-teacher "
-    "baseline).",
+    "ghost (kl with --teacher); kl, ghost, reverse-kl need top-k targets, sampled-kl samples; "
+    "ce = hard labels only (the no-teacher baseline).",
 )
 @click.option(
     "--teacher",

@@ -3,6 +3,7 @@ exact KL to the teacher wherever it is at hand."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -142,3 +143,18 @@ def test_bad_online_input_is_one_line_and_exit_2(
         assert "tokenizer differs" in err
     if case in ("ghost", "sampled-kl"):
         assert "--teacher" in err and not out.exists()
+
+
+def test_online_and_offline_runs_of_a_seed_see_the_same_weights_and_data(
+    store: str, tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Paired by seed: only the targets differ, so the first step's CE term is identical."""
+    first_ce = []
+    for name, extra in (("offline", []), ("online", ["--teacher", str(tiny_teacher_dir)])):
+        out = tmp_path / name
+        argv = ["train-student", "--store", store, "--out", str(out), "--seed", "3", *extra]
+        code, _, err = call([*argv, "--steps", "2", "--loss", "kl", *FAST], capsys)
+        assert code == 0, err
+        with (out / "log.csv").open() as f:
+            first_ce.append(float(list(csv.DictReader(f))[0]["ce"]))
+    assert first_ce[0] == first_ce[1]
