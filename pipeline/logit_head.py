@@ -8,6 +8,7 @@ soft-capping) on a chunk of hidden states; ``ChunkScratch`` keeps the vocab-wide
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,3 +150,33 @@ class ChunkScratch:
         if not fits:
             buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=like.device)
         return buffer[: shape[0]]  # (rows, V), contiguous
+
+
+def split_verdict(
+    model: Any, head: LogitHead, logits: torch.Tensor, largest_error: Callable[[], float]
+) -> str | None:
+    """Does the chunked body + head reproduce ``model``'s own forward? None when it does.
+
+    Args:
+        model: the causal LM.
+        head: its ``LogitHead``.
+        logits: (P, V) the model's own logits on a probe, which set the tolerance.
+        largest_error: runs the chunked path on the probe and returns its largest log-prob
+            difference from the model's own log-softmax.
+
+    Returns:
+        ``None``, or one line saying why the caller must use the model's own forward instead.
+    """
+    name = type(model).__name__
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-3 + 4 * torch.finfo(dtype).eps * float(logits.abs().max())
+    try:
+        error = largest_error()
+    except Exception as e:  # an unusual architecture: the body or head cannot be split off
+        return f"cannot split {name} into body and head ({e}); using its own forward"
+    if error > tolerance:
+        return (
+            f"chunked {head.describe()} differs from {name}'s own forward by {error:.3g} "
+            f"(tolerance {tolerance:.3g}); using its own forward"
+        )
+    return None

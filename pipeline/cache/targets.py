@@ -24,7 +24,12 @@ from kdcache.pipeline.cache.sampling import (
     scratch_bytes_per_row,
     uniforms,
 )
-from kdcache.pipeline.logit_head import ChunkScratch, default_chunk_tokens, logit_head
+from kdcache.pipeline.logit_head import (
+    ChunkScratch,
+    default_chunk_tokens,
+    logit_head,
+    split_verdict,
+)
 
 RAGGED = ("sampled_ids", "sampled_counts", "sampled_logprobs")  # sampled_distinct[r] per row
 
@@ -316,21 +321,15 @@ class TeacherTargets:
         """
         logits = self.model(input_ids=probe_ids, use_cache=False).logits[0].float()  # (P, V)
         reference = torch.log_softmax(logits, dim=-1)  # (P, V)
-        dtype = next(self.model.parameters()).dtype
-        tolerance = 1e-3 + 4 * torch.finfo(dtype).eps * float(logits.abs().max())
         keys = torch.zeros((*probe_ids.shape, 4), dtype=torch.int64, device=probe_ids.device)
-        try:
-            error = _largest_error(self._chunked(probe_ids, keys), reference, self.spec.top_k)
-        except Exception as e:  # an unusual architecture: the body or head cannot be split off
-            self.use_model_forward = True
-            return f"cannot split {type(self.model).__name__} into body and head ({e}); using its own forward"
-        if error > tolerance:
-            self.use_model_forward = True
-            return (
-                f"chunked {self.head.describe()} differs from {type(self.model).__name__}'s own "
-                f"forward by {error:.3g} (tolerance {tolerance:.3g}); using its own forward"
-            )
-        return None
+        note = split_verdict(
+            self.model,
+            self.head,
+            logits,
+            lambda: _largest_error(self._chunked(probe_ids, keys), reference, self.spec.top_k),
+        )
+        self.use_model_forward = note is not None
+        return note
 
 
 def _largest_error(got: RowTargets, reference: torch.Tensor, top_k: int) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kdcache.pipeline.errors import UserError
-from kdcache.pipeline.logit_head import logit_head
+from kdcache.pipeline.logit_head import logit_head, split_verdict
 
 ONLINE_LOSSES = ("kl", "reverse-kl", "ce")
 
@@ -61,23 +61,17 @@ class LiveTeacher:
     @torch.no_grad()
     def self_check(self, input_ids: torch.Tensor) -> str | None:
         """Compare the chunked head with the model's own forward on (1, P) ids; fall back if needed."""
-        reference = torch.log_softmax(self.model(input_ids=input_ids).logits[0].float(), dim=-1)
+        logits = self.model(input_ids=input_ids).logits[0].float()  # (P, V)
+        reference = torch.log_softmax(logits, dim=-1)
         mask = torch.ones_like(input_ids)
-        try:
+
+        def largest_error() -> float:
             mine = self.logprobs(self.hidden(input_ids, mask)[0])  # (P, V)
-        except Exception as e:  # an unusual architecture: the body or head cannot be split off
-            self.use_model_forward = True
-            return f"cannot split {type(self.model).__name__} into body and head ({e}); using its own forward"
-        dtype = next(self.model.parameters()).dtype
-        tolerance = 1e-3 + 4 * torch.finfo(dtype).eps * float(reference.abs().max())
-        error = float((mine - reference).abs().max())
-        if error > tolerance:
-            self.use_model_forward = True
-            return (
-                f"chunked {self.head.describe()} differs from {type(self.model).__name__}'s own "
-                f"forward by {error:.3g} (tolerance {tolerance:.3g}); using its own forward"
-            )
-        return None
+            return float((mine - reference).abs().max())
+
+        note = split_verdict(self.model, self.head, logits, largest_error)
+        self.use_model_forward = note is not None
+        return note
 
 
 def full_kd_per_token(
