@@ -156,7 +156,15 @@ def real_store_lines(path: str, repeats: int, zarr_synthetic_bpt: float, args_k:
         / tokens
         for backend in ("zarr", "arrow")
     }
-    probs = np.exp(np.concatenate([a.topk_logprobs[:4096] for a in arrays]).astype(np.float64))
+    raw = sum(sum(f.nbytes for f in a.fields().values()) + a.seq_offsets.nbytes for a in arrays)
+    facts = [f"targets {store.targets}"]
+    if store.has_topk:
+        probs = np.exp(np.concatenate([a.topk_logprobs[:4096] for a in arrays]).astype(np.float64))
+        facts += [f"k={store.top_k}", f"mean top-1 prob {probs[:, 0].mean():.3f}",
+                  f"mean top-k mass {probs.sum(1).mean():.3f}"]  # fmt: skip
+    if store.has_samples:
+        entries = sum(int(a.sampled_ids.shape[0]) for a in arrays)
+        facts += [f"N={store.samples} draws", f"{entries / tokens:.2f} distinct ids per position"]
     teacher = store.manifest["teacher"]
     name = teacher.get("name_or_path", teacher.get("name", "?"))
     return [
@@ -164,9 +172,8 @@ def real_store_lines(path: str, repeats: int, zarr_synthetic_bpt: float, args_k:
         f"### On a real teacher's store: `{path}`",
         "",
         f"Teacher {name} ({teacher.get('architecture', '?')}), vocab {store.vocab_size:,}, "
-        f"k={store.top_k}, {dtype} log-probs, {tokens:,} train tokens in {len(records)} shards "
-        f"(backend {store.backend}); mean top-1 prob {probs[:, 0].mean():.3f}, mean top-k mass "
-        f"{probs.sum(1).mean():.3f}.",
+        f"{dtype} log-probs, {tokens:,} train tokens in {len(records)} shards "
+        f"(backend {store.backend}); {', '.join(facts)}.",
         "",
         "| | bytes/token | read_shard tokens/s (per CPU-s) |",
         "|---|---|---|",
@@ -174,8 +181,8 @@ def real_store_lines(path: str, repeats: int, zarr_synthetic_bpt: float, args_k:
         f"| re-encoded as zarr | {sizes['zarr']:.1f} | |",
         f"| re-encoded as arrow | {sizes['arrow']:.1f} | |",
         "",
-        f"Uncompressed this would be {4 + store.top_k * 2 * 2} B/token: the stored shards take "
-        f"{100 * store.nbytes / store.num_tokens / (4 + store.top_k * 4):.0f}% of that (the "
+        f"Decoded in numpy this is {raw / tokens:.0f} B/token: the stored shards take "
+        f"{100 * store.nbytes / store.num_tokens / (raw / tokens):.0f}% of that (the "
         "synthetic rows above: "
         f"{100 * zarr_synthetic_bpt / (4 + args_k * 4):.0f}%).",
     ]
@@ -194,8 +201,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--real-store",
-        default="artifacts/store",
-        help="also measure a store written by a real teacher (skipped when absent)",
+        nargs="*",
+        default=["artifacts/store"],
+        help="also measure stores written by a real teacher (each skipped when absent)",
     )
     args = parser.parse_args()
 
@@ -286,15 +294,11 @@ def main() -> None:
         "validation and sha256); read speed by zstd decoding, with the invariant checks (id "
         "range, rows sorted) the next cost.",
     ]
-    if args.real_store and Path(args.real_store, "manifest.json").is_file():
-        lines += real_store_lines(
-            args.real_store, args.repeats, results[0]["bytes_per_token"], args.k
-        )
-    else:
-        lines += [
-            "",
-            f"(No real teacher's store at {args.real_store}: run `make cache-teacher` first.)",
-        ]
+    for path in args.real_store:
+        if Path(path, "manifest.json").is_file():
+            lines += real_store_lines(path, args.repeats, results[0]["bytes_per_token"], args.k)
+        else:
+            lines += ["", f"(No real teacher's store at {path}: run `make cache-teacher` first.)"]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
