@@ -15,6 +15,8 @@ from tqdm import tqdm
 from kdcache.storage import Store, open_store, verify_store
 
 SAMPLE_ROWS = 65536
+# facts of a store with a loss mask; the text output leaves them out for other stores
+_MASKED_ONLY = ("trained_positions", "trained_fraction", "bytes_per_trained_position")
 
 
 @click.command()
@@ -37,9 +39,10 @@ def verify(ctx: click.Context, store: str) -> None:
         ctx.exit(1)
     reader = open_store(store)
     seconds = time.perf_counter() - started
+    trained = f" ({reader.num_trained:,} trained)" if reader.has_loss_mask else ""
     click.echo(
         f"OK: {store}: {len(reader.shards)} shards, {reader.num_sequences:,} sequences, "
-        f"{reader.num_tokens:,} tokens verified in {seconds:.1f} s "
+        f"{reader.num_tokens:,} tokens{trained} verified in {seconds:.1f} s "
         f"({reader.num_tokens / max(seconds, 1e-9):,.0f} tokens/s)"
     )
 
@@ -56,7 +59,8 @@ def _quantiles(values: npt.NDArray[Any]) -> dict[str, float]:
 
 
 def target_statistics(reader: Store, max_rows: int = SAMPLE_ROWS) -> dict[str, Any]:
-    """Statistics of up to ``max_rows`` positions spread over up to 4 shards.
+    """Statistics of up to ``max_rows`` target rows (trained positions) spread over up to 4
+    shards.
 
     Top-k stores: mean top-k mass and top-1 probability, and the exact mass outside the top-k
     (``exp(topk_tail_logprob)``; version-2 stores, None for version 1, whose tail is only
@@ -67,7 +71,7 @@ def target_statistics(reader: Store, max_rows: int = SAMPLE_ROWS) -> dict[str, A
     logprobs, tails, distinct = [], [], []
     for record in picked:
         arrays = reader.read_shard(record, check=False)
-        rows = _spread_rows(arrays.num_tokens, per)  # (r,)
+        rows = _spread_rows(arrays.num_targets, per)  # (r,) target rows
         if arrays.topk_logprobs is not None:
             logprobs.append(arrays.topk_logprobs[rows].astype(np.float64))  # (r, k)
         if arrays.topk_tail_logprob is not None:
@@ -93,8 +97,9 @@ def target_statistics(reader: Store, max_rows: int = SAMPLE_ROWS) -> dict[str, A
 
 
 def bytes_by_field(reader: Store) -> dict[str, float] | None:
-    """Bytes per token of each field, from the commit records' file sizes (Zarr: one directory
-    per field; an Arrow shard is one file, so None). Metadata files count as ``metadata``."""
+    """Bytes per token (all positions, trained or not) of each field, ``loss_mask`` included,
+    from the commit records' file sizes (Zarr: one directory per field; an Arrow shard is one
+    file, so None). Metadata files count as ``metadata``."""
     if reader.backend != "zarr" or not reader.num_tokens:
         return None
     sizes: dict[str, int] = {}
@@ -124,7 +129,8 @@ def describe(store: str) -> dict[str, Any]:
         for split in reader.splits
         for records in [reader.shards_of(split)]
     }
-    tokens = reader.num_tokens
+    tokens, trained = reader.num_tokens, reader.num_trained
+    masked = reader.has_loss_mask
     return {
         "store": reader.url,
         "format_version": m["format_version"],
@@ -133,6 +139,7 @@ def describe(store: str) -> dict[str, Any]:
         "tokenizer_sha256": tokenizer_hash,
         "corpus": m["corpus"],
         "vocab_size": reader.vocab_size,
+        "tokenizer_size": reader.tokenizer_size,
         "targets": reader.targets,
         "top_k": reader.top_k,
         "samples": reader.samples,
@@ -141,13 +148,17 @@ def describe(store: str) -> dict[str, Any]:
         "id_dtype": m["id_dtype"],
         "logprob_dtype": m["logprob_dtype"],
         "count_dtype": m["count_dtype"],
+        "loss_mask": masked,
         "finished": bool(m.get("finished", False)),
         "splits": splits,
         "shards": len(reader.shards),
         "sequences": reader.num_sequences,
         "tokens": tokens,
+        "trained_positions": trained if masked else None,
+        "trained_fraction": trained / tokens if masked and tokens else None,
         "bytes_on_disk": reader.nbytes,
         "bytes_per_token": reader.nbytes / tokens if tokens else None,
+        "bytes_per_trained_position": reader.nbytes / trained if masked and trained else None,
         "bytes_per_token_by_field": bytes_by_field(reader),
         **target_statistics(reader),
     }
@@ -172,8 +183,14 @@ def inspect(store: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(facts, indent=2, sort_keys=True))
         return
-    width = max(len(k) for k in facts)
-    for key, value in facts.items():
+    shown = {
+        key: value
+        for key, value in facts.items()
+        if not (key in _MASKED_ONLY and value is None)  # a store without a mask trains all
+        and not (key == "tokenizer_size" and value == facts["vocab_size"])
+    }
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
         if key == "splits":
             for split, counts in value.items():
                 click.echo(f"{'split ' + split:<{width}}  {_short(counts)}")

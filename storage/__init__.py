@@ -5,25 +5,30 @@ Public API (see docs/architecture.md §3 and §8)::
     from kdcache.storage import open_store
     store = open_store("/data/store")          # or "memory://s", "s3://bucket/s"
     store.targets, store.has_topk, store.has_samples   # "topk" | "sampled" | "topk+sampled"
+    store.has_loss_mask, store.tokenizer_size         # v3: targets at trained positions only
     for seq in store.iter_sequences(split="train"):
-        seq.tokens, seq.topk_ids, seq.topk_logprobs   # numpy: (L,), (L, k), (L, k)
-        seq.topk_tail_logprob                         # (L,) log of the mass outside the top-k
-        seq.sampled_distinct, seq.sampled_offsets     # (L,), (L+1,): position t owns entries
-        seq.sampled_ids, seq.sampled_counts, seq.sampled_logprobs  # (M,) [off[t]:off[t+1]]
-        # a field the store's targets kind lacks is None
+        seq.tokens, seq.loss_mask                     # (L,) int32, (L,) uint8 or None
+        seq.trained_positions                         # (T,) int64: position of each target row
+        seq.topk_ids, seq.topk_logprobs               # (T, k), (T, k); T = L without a mask
+        seq.topk_tail_logprob                         # (T,) log of the mass outside the top-k
+        seq.sampled_distinct, seq.sampled_offsets     # (T,), (T+1,): target row r owns entries
+        seq.sampled_ids, seq.sampled_counts, seq.sampled_logprobs  # (M,) [off[r]:off[r+1]]
+        # a field the store lacks is None
 
     from kdcache.storage import create_store, make_manifest
     manifest = make_manifest(backend="zarr", teacher={...}, tokenizer={...}, vocab_size=32000,
                              top_k=64, seq_len=1024, corpus={...}, shard_tokens=1 << 20,
-                             targets="topk+sampled", samples=64, sample_seed=0)
+                             targets="topk+sampled", samples=64, sample_seed=0,
+                             loss_mask=True)
     with create_store("/data/store", manifest) as writer:   # resumes if the manifest agrees
         writer.append("train", tokens, topk_ids, topk_logprobs,   # rolls over at shard_tokens
                       topk_tail_logprob=tail, sampled_distinct=distinct, sampled_ids=ids,
-                      sampled_counts=counts, sampled_logprobs=logprobs)
+                      sampled_counts=counts, sampled_logprobs=logprobs,
+                      loss_mask=mask)   # (L,) 0/1; the targets' T rows are mask's 1s, in order
 
 Layout: ``manifest.json``, ``shards/<split>-<index:05d>.zarr|.arrow`` and the commit record
 ``shards/<split>-<index:05d>.json`` (written last; only shards with a record exist for readers).
-This kdcache writes format_version 2 and reads 1 and 2 (docs/architecture.md §3).
+This kdcache writes format_version 3 and reads 1, 2 and 3 (docs/architecture.md §3).
 """
 
 from ._arrays import ShardArrays, TeacherSequence
@@ -37,7 +42,7 @@ from .errors import (
     StoreUnavailable,
     UnsupportedFormat,
 )
-from .manifest import make_manifest, manifest_differences
+from .manifest import make_manifest, manifest_differences, tokenizer_size
 from .reader import Store, open_store, verify_store
 from .writer import ShardWriter, StoreWriter, create_store
 
@@ -59,5 +64,6 @@ __all__ = [
     "make_manifest",
     "manifest_differences",
     "open_store",
+    "tokenizer_size",
     "verify_store",
 ]

@@ -1,7 +1,9 @@
 """The in-memory shard and sequence: the fields of docs/architecture.md §3 as numpy arrays.
 
-A field a store's targets kind lacks is ``None``. Sampled entries are flat: position t owns
-entries ``sampled_offsets[t]:sampled_offsets[t + 1]``, with
+A field a store lacks is ``None``. Target fields hold one row per trained position: T rows,
+with T = N without a loss mask and T = ``loss_mask.sum()`` with one; row r belongs to token
+``trained_positions[r]``. Sampled entries are flat: target row r owns entries
+``sampled_offsets[r]:sampled_offsets[r + 1]``, with
 ``sampled_offsets = [0, cumsum(sampled_distinct)]``.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -16,11 +19,13 @@ import numpy.typing as npt
 
 from .manifest import has_samples, has_topk
 
-# one entry per token: arrays of shape (N,) or (N, k)
-TOKEN_FIELDS = ("tokens", "topk_ids", "topk_logprobs", "topk_tail_logprob", "sampled_distinct")
+# one entry per token: arrays of shape (N,)
+TOKEN_FIELDS = ("tokens", "loss_mask")
+# one row per trained position (every position without a loss mask): (T,) or (T, k)
+TARGET_FIELDS = ("topk_ids", "topk_logprobs", "topk_tail_logprob", "sampled_distinct")
 # one entry per distinct sampled id: arrays of shape (M,), M = sum(sampled_distinct)
 SAMPLE_FIELDS = ("sampled_ids", "sampled_counts", "sampled_logprobs")
-FIELDS = (*TOKEN_FIELDS, *SAMPLE_FIELDS)
+FIELDS = (*TOKEN_FIELDS, *TARGET_FIELDS, *SAMPLE_FIELDS)  # file order
 LOGPROB_FIELDS = ("topk_logprobs", "sampled_logprobs")
 # numpy dtype a log-prob field has on disk, by the manifest's logprob_dtype
 RAW_LOGPROB_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
@@ -34,6 +39,7 @@ class ShardLayout:
 
     fields: tuple[str, ...]  # the stored fields, in file order (``seq_offsets`` aside)
     targets: str
+    loss_mask: bool  # True: a ``loss_mask`` field, target rows at its trained positions only
     format_version: int
     vocab_size: int
     top_k: int
@@ -44,8 +50,10 @@ class ShardLayout:
 
     @classmethod
     def of(cls, manifest: dict[str, Any]) -> ShardLayout:
-        """The layout of a validated manifest (either format version)."""
+        """The layout of a validated manifest (any readable format version)."""
         names = ["tokens"]
+        if manifest["loss_mask"]:
+            names.append("loss_mask")
         if has_topk(manifest):
             names += ["topk_ids", "topk_logprobs"]
             if manifest["format_version"] >= 2:
@@ -55,6 +63,7 @@ class ShardLayout:
         return cls(
             fields=tuple(names),
             targets=manifest["targets"],
+            loss_mask=manifest["loss_mask"],
             format_version=manifest["format_version"],
             vocab_size=manifest["vocab_size"],
             top_k=manifest["top_k"],
@@ -71,6 +80,13 @@ def offsets_of(distinct: NDArray) -> npt.NDArray[np.int64]:
     out[0] = 0
     np.cumsum(distinct, dtype=np.int64, out=out[1:])
     return out
+
+
+def trained_positions_of(mask: NDArray | None, n: int) -> npt.NDArray[np.int64]:
+    """(T,) int64 positions whose ``mask`` (n,) entry is nonzero; ``arange(n)`` without one."""
+    if mask is None:
+        return np.arange(n, dtype=np.int64)
+    return np.flatnonzero(mask).astype(np.int64, copy=False)
 
 
 def tail_from_topk(logprobs: NDArray, *, complete: bool = False) -> npt.NDArray[np.float32]:
@@ -124,15 +140,18 @@ def _cut(values: NDArray | None, a: int, b: int) -> NDArray | None:
 
 @dataclass(frozen=True)
 class TeacherSequence:
-    """One teacher input of L tokens, M_s sampled entries; a field the store lacks is None.
+    """One teacher input of L tokens, T_s trained positions, M_s sampled entries; a field the
+    store lacks is None.
 
     Attributes:
         tokens: int32 (L,).
-        topk_ids: id dtype (L, k). topk_logprobs: float16 or float32 (L, k), descending.
+        topk_ids: id dtype (T_s, k). topk_logprobs: float16 or float32 (T_s, k), descending.
         shard, index: where it came from (the index within its shard).
-        topk_tail_logprob: float32 (L,), log of the mass outside the top-k (-inf for none).
-        sampled_distinct: count dtype (L,), distinct ids drawn at each position (>= 1).
+        topk_tail_logprob: float32 (T_s,), log of the mass outside the top-k (-inf for none).
+        sampled_distinct: count dtype (T_s,), distinct ids drawn at each target row (>= 1).
         sampled_ids, sampled_counts, sampled_logprobs: (M_s,) this sequence's entries only.
+        loss_mask: uint8 (L,), 1 where position t is trained; None in a store without a mask
+            (then T_s = L). Target row r is position ``trained_positions[r]``'s.
     """
 
     tokens: NDArray
@@ -145,29 +164,41 @@ class TeacherSequence:
     sampled_ids: NDArray | None = None
     sampled_counts: NDArray | None = None
     sampled_logprobs: NDArray | None = None
+    loss_mask: NDArray | None = None
 
     @property
     def sampled_offsets(self) -> npt.NDArray[np.int64] | None:
-        """(L+1,) int64: position t owns sampled entries off[t]:off[t+1]; None without samples."""
+        """(T_s+1,) int64: target row r owns sampled entries off[r]:off[r+1]; None without
+        samples."""
         return None if self.sampled_distinct is None else offsets_of(self.sampled_distinct)
+
+    @cached_property
+    def trained_positions(self) -> npt.NDArray[np.int64]:
+        """(T_s,) int64: the position each target row belongs to (``arange(L)`` without a mask)."""
+        return trained_positions_of(self.loss_mask, int(self.tokens.shape[0]))
 
 
 @dataclass
 class ShardArrays:
-    """A decoded shard: N tokens in S sequences; sequence i is rows seq_offsets[i]:seq_offsets[i+1].
+    """A decoded shard: N tokens in S sequences, T target rows.
+
+    Sequence i is tokens ``seq_offsets[i]:seq_offsets[i+1]`` and target rows
+    ``target_offsets[i]:target_offsets[i+1]`` (the same without a loss mask).
 
     Attributes:
         tokens: int32 (N,).
-        topk_ids: uint16 or uint32 (N, k); None without top-k targets.
-        topk_logprobs: float16 or float32 (N, k); bfloat16 stores are returned as float32.
+        topk_ids: uint16 or uint32 (T, k); None without top-k targets.
+        topk_logprobs: float16 or float32 (T, k); bfloat16 stores are returned as float32.
         seq_offsets: int64 (S+1,), starts at 0, ends at N.
         shard: name of the shard these came from.
-        topk_tail_logprob: float32 (N,); for version-1 stores computed from ``topk_logprobs``
+        topk_tail_logprob: float32 (T,); for version-1 stores computed from ``topk_logprobs``
             as log(1 - sum(exp(row))), which is inexact for a small tail in float16.
-        sampled_distinct: uint8 or uint16 (N,); None without sampled targets.
-        sampled_ids: id dtype (M,), ascending within a position.
-        sampled_counts: uint8 or uint16 (M,), each position's sum to the store's ``samples``.
+        sampled_distinct: uint8 or uint16 (T,); None without sampled targets.
+        sampled_ids: id dtype (M,), ascending within a target row.
+        sampled_counts: uint8 or uint16 (M,), each row's sum to the store's ``samples``.
         sampled_logprobs: as ``topk_logprobs`` (M,), the teacher's log-prob of each id.
+        loss_mask: uint8 (N,), 1 where a position is trained (T = its sum); None in a store
+            without a mask (T = N).
     """
 
     tokens: NDArray
@@ -180,7 +211,16 @@ class ShardArrays:
     sampled_ids: NDArray | None = None
     sampled_counts: NDArray | None = None
     sampled_logprobs: NDArray | None = None
+    loss_mask: NDArray | None = None
+    # caches, keyed by the arrays they were computed from (replaced arrays are seen, in-place
+    # edits are not)
     _offsets: tuple[NDArray, npt.NDArray[np.int64]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _trained: tuple[NDArray, npt.NDArray[np.int64]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _target_offsets: tuple[NDArray, NDArray, npt.NDArray[np.int64]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -200,6 +240,7 @@ class ShardArrays:
             sampled_ids=fields.get("sampled_ids"),
             sampled_counts=fields.get("sampled_counts"),
             sampled_logprobs=fields.get("sampled_logprobs"),
+            loss_mask=fields.get("loss_mask"),
         )
 
     def fields(self) -> dict[str, NDArray]:
@@ -208,7 +249,7 @@ class ShardArrays:
 
     @property
     def sampled_offsets(self) -> npt.NDArray[np.int64] | None:
-        """(N+1,) int64: token t owns sampled entries off[t]:off[t+1]; None without samples.
+        """(T+1,) int64: target row r owns sampled entries off[r]:off[r+1]; None without samples.
 
         Cached until ``sampled_distinct`` is replaced by another array (in-place edits of it
         are not seen).
@@ -221,6 +262,29 @@ class ShardArrays:
         return self._offsets[1]
 
     @property
+    def trained_positions(self) -> npt.NDArray[np.int64]:
+        """(T,) int64: the token position of each target row, ascending (``arange(N)`` without a
+        loss mask). Cached like ``sampled_offsets``."""
+        key = self.tokens if self.loss_mask is None else self.loss_mask
+        if self._trained is None or self._trained[0] is not key:
+            self._trained = (key, trained_positions_of(self.loss_mask, self.num_tokens))
+        return self._trained[1]
+
+    @property
+    def target_offsets(self) -> npt.NDArray[np.int64]:
+        """(S+1,) int64: sequence i owns target rows off[i]:off[i+1] (``seq_offsets`` without a
+        loss mask, else the mask's running sum at the sequence boundaries). Cached like
+        ``sampled_offsets``."""
+        mask = self.loss_mask
+        if mask is None:
+            return self.seq_offsets
+        cached = self._target_offsets
+        if cached is None or cached[0] is not mask or cached[1] is not self.seq_offsets:
+            cached = (mask, self.seq_offsets, offsets_of(mask)[self.seq_offsets])
+            self._target_offsets = cached
+        return cached[2]
+
+    @property
     def num_sequences(self) -> int:
         return int(self.seq_offsets.shape[0]) - 1
 
@@ -228,25 +292,33 @@ class ShardArrays:
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
+    @property
+    def num_targets(self) -> int:
+        """T: target rows (trained positions) of the shard."""
+        return self.num_tokens if self.loss_mask is None else int(self.target_offsets[-1])
+
     def sequence(self, i: int) -> TeacherSequence:
         """Sequence ``i`` as views into the shard arrays."""
         if not -self.num_sequences <= i < self.num_sequences:
             raise IndexError(f"sequence index out of range, {i}, shard has {self.num_sequences}")
         i %= self.num_sequences
         a, b = int(self.seq_offsets[i]), int(self.seq_offsets[i + 1])
+        rows = self.target_offsets
+        ra, rb = int(rows[i]), int(rows[i + 1])
         off = self.sampled_offsets
-        sa, sb = (int(off[a]), int(off[b])) if off is not None else (0, 0)
+        sa, sb = (int(off[ra]), int(off[rb])) if off is not None else (0, 0)
         return TeacherSequence(
             self.tokens[a:b],
-            _cut(self.topk_ids, a, b),
-            _cut(self.topk_logprobs, a, b),
+            _cut(self.topk_ids, ra, rb),
+            _cut(self.topk_logprobs, ra, rb),
             self.shard,
             i,
-            topk_tail_logprob=_cut(self.topk_tail_logprob, a, b),
-            sampled_distinct=_cut(self.sampled_distinct, a, b),
+            topk_tail_logprob=_cut(self.topk_tail_logprob, ra, rb),
+            sampled_distinct=_cut(self.sampled_distinct, ra, rb),
             sampled_ids=_cut(self.sampled_ids, sa, sb),
             sampled_counts=_cut(self.sampled_counts, sa, sb),
             sampled_logprobs=_cut(self.sampled_logprobs, sa, sb),
+            loss_mask=_cut(self.loss_mask, a, b),
         )
 
     def __len__(self) -> int:

@@ -1,20 +1,22 @@
 """Arrow backend: one IPC file per shard, one row per sequence.
 
-Schema (zstd-compressed buffers; a column exists only when the store's targets kind has it)::
+Schema (zstd-compressed buffers; a column exists only when the store has the field)::
 
     tokens:            list<int32>                                 # (L,) per row
-    topk_ids:          list<fixed_size_list<uint16|uint32>[k]>     # (L, k) per row
+    loss_mask:         list<uint8>                                 # (L,) per row, 0/1
+    topk_ids:          list<fixed_size_list<uint16|uint32>[k]>     # (T_s, k) per row
     topk_logprobs:     list<fixed_size_list<float16|float32|uint16>[k]>
-    topk_tail_logprob: list<float32>                               # (L,) per row
-    sampled_distinct:  list<uint8|uint16>                          # (L,) per row
+    topk_tail_logprob: list<float32>                               # (T_s,) per row
+    sampled_distinct:  list<uint8|uint16>                          # (T_s,) per row
     sampled_ids:       list<uint16|uint32>                         # (M_s,) per row
     sampled_counts:    list<uint8|uint16>                          # (M_s,) per row
     sampled_logprobs:  list<float16|float32|uint16>                # (M_s,) per row
 
+T_s = sum of the row's ``loss_mask`` (its trained positions, in order), or L without a mask.
 Log-prob columns carry field metadata {"dtype": "bfloat16"} when the values are raw bfloat16
 bits. Readable without kdcache: ``pyarrow.ipc.open_file(path).read_all()``. The list offsets
 of a per-token column are the sequence boundaries (``seq_offsets`` of the Zarr backend); a
-row's M_s sampled entries belong to its positions in order, ``sampled_distinct[t]`` each.
+row's M_s sampled entries belong to its target rows in order, ``sampled_distinct[r]`` each.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from ._arrays import LOGPROB_FIELDS, SAMPLE_FIELDS, ShardArrays, offsets_of, stored_logprobs
+from ._arrays import (
+    LOGPROB_FIELDS,
+    SAMPLE_FIELDS,
+    TARGET_FIELDS,
+    ShardArrays,
+    offsets_of,
+    stored_logprobs,
+)
 from ._base import ShardCodec
 from .errors import StoreCorrupt
 from .manifest import FORMAT_VERSION
@@ -45,6 +54,13 @@ def _column(flat: npt.NDArray[Any], offsets: npt.NDArray[np.int32]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
+def _unit(name: str) -> str:
+    """What one list entry of column ``name`` is: a "token", a "target" row or a "sample"."""
+    if name in SAMPLE_FIELDS:
+        return "sample"
+    return "target" if name in TARGET_FIELDS else "token"
+
+
 def _cuts(boundaries: npt.NDArray[np.int64], step: int) -> npt.NDArray[np.int64]:
     """Sequence indices where a batch starts so that each holds about ``step`` units."""
     return np.searchsorted(boundaries, np.arange(0, boundaries[-1], step)).astype(np.int64)
@@ -60,9 +76,10 @@ class ArrowCodec(ShardCodec):
         for name in LOGPROB_FIELDS:
             if name in fields:
                 fields[name] = stored_logprobs(fields[name], logprob_dtype)
-        offsets = arrays.seq_offsets  # (S+1,)
+        offsets = arrays.seq_offsets  # (S+1,) token boundaries
+        rows = arrays.target_offsets  # (S+1,) target-row boundaries (= offsets without a mask)
         sampled = arrays.sampled_offsets
-        entries = sampled[offsets] if sampled is not None else None  # (S+1,) entry boundaries
+        entries = sampled[rows] if sampled is not None else None  # (S+1,) entry boundaries
         cuts = _cuts(offsets, BATCH_TOKENS)
         if entries is not None:
             cuts = np.concatenate([cuts, _cuts(entries, BATCH_ENTRIES)])
@@ -75,7 +92,7 @@ class ArrowCodec(ShardCodec):
                 continue
             columns = []
             for name, data in fields.items():
-                edges = entries if name in SAMPLE_FIELDS else offsets
+                edges = {"token": offsets, "target": rows, "sample": entries}[_unit(name)]
                 assert edges is not None
                 a, b = int(edges[s0]), int(edges[s1])
                 columns.append(_column(data[a:b], (edges[s0 : s1 + 1] - a).astype(np.int32)))
@@ -120,12 +137,12 @@ class ArrowCodec(ShardCodec):
             start = 0
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
-                edges: dict[str, npt.NDArray[np.int64]] = {}  # "token"/"sample" -> offsets
+                edges: dict[str, npt.NDArray[np.int64]] = {}  # unit -> (rows+1,) offsets
                 for key in names:
                     column = batch.column(key)
                     col_offsets = np.asarray(column.offsets, dtype=np.int64)
                     col_offsets = col_offsets - col_offsets[0]
-                    unit = "sample" if key in SAMPLE_FIELDS else "token"
+                    unit = _unit(key)
                     if unit not in edges:
                         edges[unit] = col_offsets
                     elif not np.array_equal(edges[unit], col_offsets):
@@ -136,11 +153,7 @@ class ArrowCodec(ShardCodec):
                         parts[key].append(values.flatten().to_numpy().reshape(-1, k))
                     else:
                         parts[key].append(values.to_numpy())
-                if "sampled_distinct" in names and "sample" in edges:
-                    # a row's sampled entries are its positions' entries, in order
-                    per_row = offsets_of(parts["sampled_distinct"][-1])[edges["token"]]
-                    if not np.array_equal(per_row, edges["sample"]):
-                        raise ValueError("a row's sampled entries disagree with sampled_distinct")
+                _check_units(edges, {key: parts[key][-1] for key in names})
                 offsets = edges["token"]
                 parts["offsets"].append(offsets[1:] + start if parts["offsets"] else offsets)
                 start += int(offsets[-1])
@@ -159,3 +172,22 @@ class ArrowCodec(ShardCodec):
         fields = {key: joined(parts[key]) for key in names}
         fields["seq_offsets"] = joined(parts["offsets"])
         return fields, labels
+
+
+def _check_units(
+    edges: dict[str, npt.NDArray[np.int64]], batch: dict[str, npt.NDArray[Any]]
+) -> None:
+    """A record batch's row lengths agree across units: each row's target rows are its trained
+    positions (the sum of its ``loss_mask``, else its tokens), its sampled entries its target
+    rows' ``sampled_distinct``. ``edges``: unit -> (rows+1,) list offsets of the batch;
+    ``batch``: its flat columns. Raises ``ValueError``."""
+    if "target" in edges:
+        mask = batch.get("loss_mask")
+        per_row = edges["token"] if mask is None else offsets_of(mask)[edges["token"]]
+        if not np.array_equal(per_row, edges["target"]):
+            what = "the sum of its loss_mask" if mask is not None else "its tokens"
+            raise ValueError(f"a row's target rows disagree with {what}")
+    if "sample" in edges and "sampled_distinct" in batch:
+        per_row = offsets_of(batch["sampled_distinct"])[edges["target"]]
+        if not np.array_equal(per_row, edges["sample"]):
+            raise ValueError("a row's sampled entries disagree with sampled_distinct")

@@ -33,6 +33,8 @@ class ShardRecord:
     ``path`` and the keys of ``files`` are relative to the store root
     (``shards/train-00003.zarr``, ``shards/train-00003.zarr/topk_ids/c/0/0``); each file maps
     to ``{"size": bytes, "sha256": hex}``. On disk the record also carries its own sha256.
+    ``num_trained`` is the shard's trained positions (``loss_mask.sum()``) in a store with a
+    loss mask, None (and absent on disk) otherwise.
     """
 
     name: str
@@ -46,6 +48,7 @@ class ShardRecord:
     nbytes: int
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     created_at: str = ""
+    num_trained: int | None = None
 
     @property
     def record_path(self) -> str:
@@ -54,6 +57,8 @@ class ShardRecord:
     def to_bytes(self) -> bytes:
         """Canonical JSON with a checksum of its own content, so any flipped byte is caught."""
         body = asdict(self)
+        if body["num_trained"] is None:  # stores without a mask: records as before version 3
+            del body["num_trained"]
         body["record_version"] = RECORD_VERSION
         body["record_sha256"] = sha256(dumps(body))
         return dumps(body)
@@ -101,6 +106,16 @@ class ShardRecord:
                 raise bad(f"{key} is {value!r}")
         if self.num_tokens < self.num_sequences:
             raise bad(f"{self.num_tokens} tokens in {self.num_sequences} sequences")
+        trained = self.num_trained
+        if trained is not None and (
+            not isinstance(trained, int)
+            or isinstance(trained, bool)
+            or not self.num_sequences <= trained <= self.num_tokens
+        ):
+            raise bad(
+                f"num_trained is {trained!r} for {self.num_tokens} tokens in "
+                f"{self.num_sequences} sequences"
+            )
         if not isinstance(self.files, dict) or not self.files:
             raise bad("lists no files")
         total = 0

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._arrays import (
+    TOKEN_FIELDS,
     NDArray,
     ShardArrays,
     ShardLayout,
@@ -62,16 +63,35 @@ def _id_problem(label: str, ids: NDArray, vocab: int) -> str | None:
     return None
 
 
+def mask_problem(n: int, mask: NDArray, seq_offsets: NDArray | None = None) -> str | None:
+    """loss_mask: (N,) of 0/1 (bool or integers) with at least one 1 per sequence
+    (``seq_offsets`` (S+1,), valid and spanning N; None: the N tokens are one sequence)."""
+    if mask.shape != (n,):
+        return f"loss_mask shape must be ({n},) like tokens, got {mask.shape}"
+    if mask.dtype.kind not in "biu":
+        return f"loss_mask must be bools or 0/1 integers, got dtype {mask.dtype}"
+    if n and mask.dtype.kind != "b" and (int(mask.min()) < 0 or int(mask.max()) > 1):
+        return f"loss_mask values must be 0 or 1, found {int(mask.min())}..{int(mask.max())}"
+    starts = np.zeros(1, np.int64) if seq_offsets is None else seq_offsets[:-1]
+    trained = np.add.reduceat(mask, starts, dtype=np.int64) if n else np.zeros(1, np.int64)
+    if (trained < 1).any():
+        return (
+            "a sequence with no trained position stores nothing a student can use, its "
+            "loss_mask is all 0"
+        )
+    return None
+
+
 def topk_problem(
     n: int, k: int, ids: NDArray, raw: NDArray, logprobs: NDArray, vocab: int
 ) -> str | None:
-    """Top-k rows: ids (N, k) in the vocabulary; log-probs (N, k) descending, <= 0, not NaN.
+    """Top-k rows: ids (T, k) in the vocabulary; log-probs (T, k) descending, <= 0, not NaN.
 
     ``raw`` is ``logprobs`` as stored (bfloat16 as uint16 bits), for the integer sort check.
     """
     if ids.shape != (n, k) or raw.shape != (n, k) or logprobs.shape != (n, k):
         return (
-            f"top-k shapes must be ({n}, {k}) for {n} tokens at k={k}, got topk_ids "
+            f"top-k shapes must be ({n}, {k}) for {n} target rows at k={k}, got topk_ids "
             f"{ids.shape}, topk_logprobs {logprobs.shape}"
         )
     if n == 0:
@@ -88,7 +108,7 @@ def topk_problem(
 
 
 def tail_problem(n: int, tail: NDArray) -> str | None:
-    """topk_tail_logprob: (N,) floats, each <= 0 or -inf (never NaN)."""
+    """topk_tail_logprob: (T,) floats, each <= 0 or -inf (never NaN)."""
     if tail.shape != (n,):
         return f"topk_tail_logprob shape must be ({n},), got {tail.shape}"
     if not (tail <= 0).all():  # False for NaN too
@@ -106,9 +126,9 @@ def sampled_problem(
     samples: int,
     vocab: int,
 ) -> str | None:
-    """Sampled entries of N positions: distinct (N,) >= 1; ids, counts, logprobs (M,) with
-    M = sum(distinct); ids in the vocabulary and strictly ascending within a position; counts
-    >= 1 summing to ``samples`` per position; log-probs <= 0, not NaN."""
+    """Sampled entries of T target rows: distinct (T,) >= 1; ids, counts, logprobs (M,) with
+    M = sum(distinct); ids in the vocabulary and strictly ascending within a row; counts
+    >= 1 summing to ``samples`` per row; log-probs <= 0, not NaN."""
     if distinct.shape != (n,):
         return f"sampled_distinct shape must be ({n},), got {distinct.shape}"
     if n == 0:
@@ -119,7 +139,7 @@ def sampled_problem(
             f"sampled_distinct outside 1..{most}, found {int(distinct.min())}.."
             f"{int(distinct.max())}"
         )
-    off = offsets_of(distinct)  # (N+1,)
+    off = offsets_of(distinct)  # (T+1,)
     m = int(off[-1])
     for label, values in (("ids", ids), ("counts", counts), ("logprobs", logprobs)):
         if values.shape != (m,):
@@ -133,7 +153,7 @@ def sampled_problem(
         return "sampled ids are not strictly ascending within a position"
     if int(counts.min()) < 1:
         return f"a sampled count is {int(counts.min())}, counts must be >= 1"
-    sums = np.add.reduceat(counts, off[:-1], dtype=np.int64)  # (N,)
+    sums = np.add.reduceat(counts, off[:-1], dtype=np.int64)  # (T,)
     if (sums != samples).any():
         bad = int(sums[sums != samples][0])
         return f"sampled counts of a position sum to {bad}, not samples={samples}"
@@ -155,13 +175,19 @@ def _floats(label: str, values: NDArray) -> NDArray:
 
 
 def prepare_sequence(
-    layout: ShardLayout, tokens: NDArray, given: dict[str, NDArray], where: str
+    layout: ShardLayout,
+    tokens: NDArray,
+    given: dict[str, NDArray],
+    where: str,
+    loss_mask: NDArray | None = None,
 ) -> dict[str, NDArray]:
     """Check one appended sequence and return its fields in their stored dtypes.
 
-    ``given`` holds the target arrays the caller passed (by ``append``'s keyword names). Arrays
-    the store's kind needs are required (except ``topk_tail_logprob``, computed from the
-    top-k log-probs when absent); others are refused.
+    ``tokens`` (L,); ``loss_mask`` (L,) 0/1, required exactly when the store has a loss mask;
+    ``given`` holds the target arrays the caller passed (by ``append``'s keyword names), with
+    T rows: T = ``loss_mask.sum()`` (>= 1), or L without a mask. Arrays the store's kind needs
+    are required (except ``topk_tail_logprob``, computed from the top-k log-probs when
+    absent); others are refused.
 
     Raises:
         ValueError: a missing or extra array, wrong shapes or dtypes, a broken rule.
@@ -173,7 +199,15 @@ def prepare_sequence(
                 f"{layout.format_version}) has no such field, drop it or create the store with "
                 "other targets"
             )
-    missing = [n for n in layout.fields[1:] if n not in given and n != "topk_tail_logprob"]
+    if (loss_mask is None) == layout.loss_mask:
+        raise ValueError(
+            "a store with a loss mask needs loss_mask (L,) for every sequence, got none, pass it"
+            if layout.loss_mask
+            else f"loss_mask given, but this store (format_version {layout.format_version}) "
+            "has no loss mask, drop it or create the store with make_manifest(loss_mask=True)"
+        )
+    wanted = [n for n in layout.fields if n not in TOKEN_FIELDS]
+    missing = [n for n in wanted if n not in given and n != "topk_tail_logprob"]
     if missing:
         raise ValueError(
             f"a {layout.targets} store needs {', '.join(missing)} for every sequence, "
@@ -183,26 +217,34 @@ def prepare_sequence(
     if n < 1:
         raise ValueError(f"sequence shapes must be tokens (L,) with L >= 1, got {tokens.shape}")
     _integers("tokens", tokens)
-    problem = _id_problem("token", tokens, layout.vocab_size)
     out = {"tokens": tokens.astype(np.int32)}
+    rows, label = n, "L"
+    if loss_mask is not None:
+        problem = mask_problem(n, loss_mask)
+        if problem is not None:
+            raise ValueError(f"{problem} ({where})")
+        out["loss_mask"] = loss_mask.astype(np.uint8)
+        rows, label = int(out["loss_mask"].sum(dtype=np.int64)), "T"
+    problem = _id_problem("token", tokens, layout.vocab_size)
     if "topk_ids" in layout.fields:
-        problem = problem or _prepare_topk(layout, n, given, out)
+        problem = problem or _prepare_topk(layout, rows, label, given, out)
     if "sampled_distinct" in layout.fields:
-        problem = problem or _prepare_sampled(layout, n, given, out)
+        problem = problem or _prepare_sampled(layout, rows, given, out)
     if problem is not None:
         raise ValueError(f"{problem} ({where})")
     return out
 
 
 def _prepare_topk(
-    layout: ShardLayout, n: int, given: dict[str, NDArray], out: dict[str, NDArray]
+    layout: ShardLayout, n: int, label: str, given: dict[str, NDArray], out: dict[str, NDArray]
 ) -> str | None:
     k, vocab = layout.top_k, layout.vocab_size
     ids, lps = given["topk_ids"], given["topk_logprobs"]
     if ids.shape != (n, k) or lps.shape != (n, k):
+        rows = f" with T = loss_mask.sum() = {n}" if label == "T" else ""
         raise ValueError(
-            f"sequence shapes must be tokens (L,), topk_ids (L, {k}), topk_logprobs (L, {k}), "
-            f"got ({n},), {ids.shape}, {lps.shape}"
+            f"sequence shapes must be tokens (L,), topk_ids ({label}, {k}), topk_logprobs "
+            f"({label}, {k}){rows}, got ({out['tokens'].shape[0]},), {ids.shape}, {lps.shape}"
         )
     _integers("top-k ids", ids)
     raw = stored_logprobs(_floats("top-k log-probs", lps), layout.logprob_dtype)
@@ -246,33 +288,25 @@ def check_invariants(
     raw_topk_logprobs: NDArray | None,
     record: ShardRecord | None = None,
 ) -> None:
-    """Whole-shard checks: shapes, offsets, id ranges, sorted rows, sampled entries' rules.
+    """Whole-shard checks: shapes, offsets, id ranges, the loss mask (0/1, >= 1 trained position
+    per sequence, T = its sum target rows), sorted rows, sampled entries' rules.
 
     ``raw_topk_logprobs`` is the top-k array as stored (bfloat16 still as uint16) so the sort
     check needs no conversion. Raises ``StoreCorrupt`` naming the shard.
     """
     name = arrays.shard
     n = arrays.tokens.shape[0] if arrays.tokens.ndim == 1 else -1
-    offsets = arrays.seq_offsets
-    problem: str | None = None
-    if offsets.ndim != 1 or offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != n:
-        problem = f"seq_offsets do not span the {n} tokens"
-    elif (np.diff(offsets) < 1).any():
-        problem = "a sequence is empty or offsets decrease"
-    elif record is not None and (record.num_tokens, record.num_sequences) != (
-        n,
-        arrays.num_sequences,
-    ):
-        problem = (
-            f"{n} tokens/{arrays.num_sequences} sequences, "
-            f"record says {record.num_tokens}/{record.num_sequences}"
-        )
-    else:
-        problem = _id_problem("token", arrays.tokens, layout.vocab_size)
+    problem = _layout_problem(arrays, n, layout, record)
+    t = n
+    if problem is None and arrays.loss_mask is not None:
+        problem = mask_problem(n, arrays.loss_mask, arrays.seq_offsets)
+        t = arrays.num_targets if problem is None else n
+        if problem is None and record is not None and record.num_trained != t:
+            problem = f"{t} trained positions, record says {record.num_trained}"
     if problem is None and arrays.topk_ids is not None:
         assert arrays.topk_logprobs is not None and raw_topk_logprobs is not None
         problem = topk_problem(
-            n,
+            t,
             layout.top_k,
             arrays.topk_ids,
             raw_topk_logprobs,
@@ -280,12 +314,12 @@ def check_invariants(
             layout.vocab_size,
         )
     if problem is None and arrays.topk_tail_logprob is not None:
-        problem = tail_problem(n, arrays.topk_tail_logprob)
+        problem = tail_problem(t, arrays.topk_tail_logprob)
     if problem is None and arrays.sampled_distinct is not None:
         assert arrays.sampled_ids is not None and arrays.sampled_counts is not None
         assert arrays.sampled_logprobs is not None
         problem = sampled_problem(
-            n,
+            t,
             arrays.sampled_distinct,
             arrays.sampled_ids,
             arrays.sampled_counts,
@@ -295,3 +329,28 @@ def check_invariants(
         )
     if problem is not None:
         raise StoreCorrupt(f"shard {name} is corrupt: {problem}, run `kdcache verify`", shard=name)
+
+
+def _layout_problem(
+    arrays: ShardArrays, n: int, layout: ShardLayout, record: ShardRecord | None
+) -> str | None:
+    """Sequence offsets, the record's counts, token ids and the mask's presence."""
+    offsets = arrays.seq_offsets
+    if offsets.ndim != 1 or offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != n:
+        return f"seq_offsets do not span the {n} tokens"
+    if (np.diff(offsets) < 1).any():
+        return "a sequence is empty or offsets decrease"
+    if record is not None and (record.num_tokens, record.num_sequences) != (
+        n,
+        arrays.num_sequences,
+    ):
+        return (
+            f"{n} tokens/{arrays.num_sequences} sequences, "
+            f"record says {record.num_tokens}/{record.num_sequences}"
+        )
+    if (arrays.loss_mask is not None) != layout.loss_mask:
+        where = "missing, the manifest has" if layout.loss_mask else "present, the manifest has no"
+        return f"loss_mask {where} loss_mask"
+    if record is not None and arrays.loss_mask is None and record.num_trained is not None:
+        return f"record counts {record.num_trained} trained positions in a store without a mask"
+    return _id_problem("token", arrays.tokens, layout.vocab_size)

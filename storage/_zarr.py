@@ -4,10 +4,13 @@
 Readable without kdcache::
 
     g = zarr.open_group("STORE/shards/train-00000.zarr", mode="r")
-    g["topk_logprobs"][:]        # (N, k); if g["topk_logprobs"].attrs["dtype"] == "bfloat16",
+    g["topk_logprobs"][:]        # (T, k); if g["topk_logprobs"].attrs["dtype"] == "bfloat16",
                                  # the values are raw bfloat16 bit patterns stored as uint16
-    d = g["sampled_distinct"][:] # (N,); token t owns sampled_ids/counts/logprobs entries
-                                 # off[t]:off[t+1] with off = [0, cumsum(d)]
+    d = g["sampled_distinct"][:] # (T,); target row r owns sampled_ids/counts/logprobs entries
+                                 # off[r]:off[r+1] with off = [0, cumsum(d)]
+    m = g["loss_mask"][:].astype(bool)  # (N,), only in a store with a loss mask; rows of
+                                 # topk_* and sampled_distinct belong to np.flatnonzero(m)
+                                 # (T = m.sum()); without a mask T = N, row t is token t's
 
 Compression: blosc(zstd) with byte-shuffle, so the high and low bytes of the 16-bit ids and
 log-probs are compressed as separate streams (see bench/results/store.md for the effect).

@@ -8,8 +8,8 @@ from typing import Any
 
 from .errors import StoreCorrupt, UnsupportedFormat
 
-FORMAT_VERSION = 2  # what this kdcache writes
-READABLE_VERSIONS = (1, 2)  # what it opens (docs/architecture.md §3, "Format versions")
+FORMAT_VERSION = 3  # what this kdcache writes
+READABLE_VERSIONS = (1, 2, 3)  # what it opens (docs/architecture.md §3, "Format versions")
 BACKENDS = ("zarr", "arrow")
 TARGETS = ("topk", "sampled", "topk+sampled")
 MAX_SAMPLES = 65535
@@ -22,6 +22,10 @@ V2_DEFAULTS: dict[str, Any] = {
     "sample_seed": None,
     "count_dtype": None,
 }
+# version-3 facts and what a version-1 or version-2 manifest means by them
+V3_DEFAULTS: dict[str, Any] = {"loss_mask": False}
+# the facts each format version added, by version
+ADDED_FACTS: dict[int, dict[str, Any]] = {2: V2_DEFAULTS, 3: V3_DEFAULTS}
 # facts that may differ between runs writing the same store
 IGNORED_FACTS = frozenset({"created_at", "kdcache_version", "finished", "stats"})
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -39,6 +43,7 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "seq_len": int,
     "corpus": dict,
     "shard_tokens": int,
+    "loss_mask": bool,
 }
 
 
@@ -69,6 +74,19 @@ def count_dtype_for(samples: int) -> str | None:
     return "uint8" if samples <= 255 else "uint16"
 
 
+def later_defaults(version: Any) -> dict[str, Any]:
+    """The facts format versions after ``version`` added, with what a manifest of ``version``
+    means by them (version 1: the v2 and v3 facts; the current version: none)."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        return {}
+    return {
+        key: value
+        for added, facts in sorted(ADDED_FACTS.items())
+        if added > version
+        for key, value in facts.items()
+    }
+
+
 def has_topk(manifest: dict[str, Any]) -> bool:
     """True when the store holds top-k targets (``topk`` or ``topk+sampled``)."""
     return "topk" in str(manifest.get("targets", "topk")).split("+")
@@ -77,6 +95,37 @@ def has_topk(manifest: dict[str, Any]) -> bool:
 def has_samples(manifest: dict[str, Any]) -> bool:
     """True when the store holds sampled targets (``sampled`` or ``topk+sampled``)."""
     return "sampled" in str(manifest.get("targets", "topk")).split("+")
+
+
+def _tokenizer_size_problem(manifest: dict[str, Any]) -> str | None:
+    tokenizer, vocab = manifest.get("tokenizer"), manifest.get("vocab_size")
+    if not isinstance(tokenizer, dict) or "size" not in tokenizer:
+        return None
+    size = tokenizer["size"]
+    if not isinstance(size, int) or isinstance(size, bool):
+        return f"tokenizer size must be an integer, {size!r}, pass len(tokenizer)"
+    if isinstance(vocab, int) and not 1 <= size <= vocab:
+        return (
+            f"tokenizer size must be in 1..vocab_size ({vocab}), {size}, pass len(tokenizer) "
+            "and the teacher's embedding rows as vocab_size"
+        )
+    return None
+
+
+def tokenizer_size(manifest: dict[str, Any]) -> int:
+    """How many ids the store's tokenizer can produce: ``tokenizer["size"]`` when the manifest
+    records it, else ``vocab_size``. It may be below ``vocab_size`` (the teacher's embedding
+    rows, e.g. a vocabulary padded to a multiple of 64); ids in ``size..vocab_size-1`` are
+    never tokens but may still appear in the teacher's targets.
+
+    Raises:
+        ValueError: the recorded size is not an integer in 1..vocab_size.
+    """
+    problem = _tokenizer_size_problem(manifest)
+    if problem is not None:
+        raise ValueError(problem)
+    size: int = manifest["tokenizer"].get("size", manifest["vocab_size"])
+    return size
 
 
 def make_manifest(
@@ -93,15 +142,20 @@ def make_manifest(
     targets: str = "topk",
     samples: int = 0,
     sample_seed: int | None = None,
+    loss_mask: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build and validate the manifest of a new store (format version 2).
+    """Build and validate the manifest of a new store (format version 3).
 
     Args:
+        tokenizer: its fingerprint; ``tokenizer["size"]`` (optional, 1..vocab_size) is the
+            number of ids it can produce when that is below ``vocab_size``.
         targets: "topk", "sampled" or "topk+sampled" (docs/architecture.md §3, "Targets").
         top_k: k of the top-k targets; 0 when ``targets`` is "sampled".
         samples: draws N per position (1..65535) for sampled targets; 0 otherwise.
         sample_seed: the seed of the draws; required for sampled targets, else None.
+        loss_mask: True: every sequence carries a per-position ``loss_mask`` and targets are
+            stored only at its trained positions (docs/architecture.md §3, "Loss mask").
 
     Raises:
         ValueError: a value is out of range or of the wrong type.
@@ -127,6 +181,7 @@ def make_manifest(
         "seq_len": seq_len,
         "corpus": dict(corpus),
         "shard_tokens": shard_tokens,
+        "loss_mask": loss_mask,
     }
     for key, value in (extra or {}).items():
         if key in manifest:
@@ -147,7 +202,8 @@ def make_manifest(
 def validate_manifest(
     manifest: Any, *, where: str = "manifest", error: type[Exception] = StoreCorrupt
 ) -> dict[str, Any]:
-    """Check types and ranges; return a copy in the current shape (version 1 gains the v2 keys).
+    """Check types and ranges; return a copy in the current shape (an older version gains the
+    facts later versions added, with their defaults: ``later_defaults``).
 
     An unknown ``format_version`` or backend raises ``UnsupportedFormat``; anything else wrong
     raises ``error``.
@@ -172,22 +228,27 @@ def validate_manifest(
         )
     checked: dict[str, Any] = dict(manifest)  # returned; "manifest" names it from here on
     manifest = checked
-    if version == 1:  # version 1 knew top-k targets only; a v2 key in it must say just that
-        for key, default in V2_DEFAULTS.items():
-            if manifest.setdefault(key, default) != default:
-                raise error(
-                    f"{where} is format_version 1 but sets {key} = {manifest[key]!r}, "
-                    "recreate the store"
-                )
+    # an older version knew less (v1: top-k targets only; v2: no loss mask); a later version's
+    # fact in it must say just that
+    for key, default in later_defaults(version).items():
+        value = manifest.setdefault(key, default)
+        if value != default or type(value) is not type(default):
+            raise error(
+                f"{where} is format_version {version} but sets {key} = {value!r}, "
+                "recreate the store"
+            )
     for key, kind in _REQUIRED.items():
         if key not in manifest:
             raise error(f"{where} lacks {key!r}, keys are {sorted(manifest)}, recreate the store")
         value = manifest[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise error(f"{where} {key} has the wrong type, {value!r}, recreate the store")
     for key in ("vocab_size", "seq_len", "shard_tokens"):
         if manifest[key] < 1:
             raise error(f"{where} {key} must be >= 1, {manifest[key]}, fix the value")
+    problem = _tokenizer_size_problem(manifest)
+    if problem is not None:
+        raise error(f"{where} {problem}")
     _validate_targets(manifest, where, error)
     if manifest["logprob_dtype"] not in LOGPROB_DTYPES:
         raise error(
@@ -266,8 +327,8 @@ def manifest_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> li
     a: dict[str, Any] = {}
     b: dict[str, Any] = {}
     for manifest, out in ((existing, a), (wanted, b)):
-        if manifest.get("format_version") == 1:  # compared as read: with the v2 keys filled in
-            manifest = {**V2_DEFAULTS, **manifest}
+        # compared as read: an older version with the later versions' facts filled in
+        manifest = {**later_defaults(manifest.get("format_version")), **manifest}
         _flatten({k: v for k, v in manifest.items() if k not in IGNORED_FACTS}, "", out)
     lines = []
     for key in sorted(set(a) | set(b)):

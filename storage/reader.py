@@ -30,7 +30,7 @@ from ._base import (
 from ._fs import StoreFS
 from ._validate import check_invariants
 from .errors import StoreCorrupt, StoreError, StoreNotFound
-from .manifest import has_samples, has_topk, parse_manifest
+from .manifest import has_samples, has_topk, parse_manifest, tokenizer_size
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -119,6 +119,7 @@ def decode_shard(
     lp = layout.logprob_dtype
     wanted = {
         "tokens": "int32",
+        "loss_mask": "uint8",
         "topk_ids": layout.id_dtype,
         "topk_logprobs": f"{lp}/{RAW_LOGPROB_DTYPE[lp]}",
         "topk_tail_logprob": "float32",
@@ -208,6 +209,16 @@ class Store:
         return has_samples(self.manifest)
 
     @property
+    def has_loss_mask(self) -> bool:
+        """True when shards carry a ``loss_mask`` and targets only at trained positions (v3)."""
+        return bool(self.manifest["loss_mask"])
+
+    @property
+    def tokenizer_size(self) -> int:
+        """Ids the tokenizer can produce (manifest ``tokenizer.size``, else ``vocab_size``)."""
+        return tokenizer_size(self.manifest)
+
+    @property
     def splits(self) -> list[str]:
         return sorted({r.split for r in self.shards})
 
@@ -218,6 +229,12 @@ class Store:
     @property
     def num_sequences(self) -> int:
         return sum(r.num_sequences for r in self.shards)
+
+    @property
+    def num_trained(self) -> int:
+        """Trained positions (target rows) of all committed shards; ``num_tokens`` without a
+        loss mask."""
+        return sum(r.num_tokens if r.num_trained is None else r.num_trained for r in self.shards)
 
     @property
     def nbytes(self) -> int:
@@ -285,10 +302,11 @@ class Store:
         return np.concatenate(rows)
 
     def __repr__(self) -> str:
+        mask = f", trained={self.num_trained}" if self.has_loss_mask else ""
         return (
             f"Store({self.url!r}, backend={self.backend}, targets={self.targets}, "
             f"k={self.top_k}, samples={self.samples}, "
-            f"shards={len(self.shards)}, tokens={self.num_tokens})"
+            f"shards={len(self.shards)}, tokens={self.num_tokens}{mask})"
         )
 
 

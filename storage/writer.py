@@ -38,9 +38,7 @@ _STORE_ENTRIES = {MANIFEST, SHARDS_DIR, TOKENIZER_DIR}
 
 def _numpy(values: Any) -> npt.NDArray[Any]:
     """numpy view of an array-like; torch tensors (any device, bfloat16 too) are moved to CPU."""
-    if hasattr(values, "detach") and hasattr(
-        values, "cpu"
-    ):  # a torch.Tensor, without importing torch
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch.Tensor, not imported
         values = values.detach().cpu()
         if str(values.dtype) == "torch.bfloat16":
             values = values.float()
@@ -76,25 +74,32 @@ class ShardWriter:
         sampled_ids: Any = None,
         sampled_counts: Any = None,
         sampled_logprobs: Any = None,
+        loss_mask: Any = None,
     ) -> None:
         """Add one sequence of L >= 1 tokens (numpy arrays or torch tensors on any device).
 
+        Target arrays have one row per trained position: T = L, or T = loss_mask.sum().
+
         Args:
             tokens: (L,) ints, the teacher's input ids.
-            topk_ids: (L, k) ints; topk_logprobs: (L, k) floats, each row descending.
-            topk_tail_logprob: (L,) floats <= 0 (-inf: no mass outside the top-k), the
+            topk_ids: (T, k) ints; topk_logprobs: (T, k) floats, each row descending.
+            topk_tail_logprob: (T,) floats <= 0 (-inf: no mass outside the top-k), the
                 teacher's logsumexp over the other ids; when omitted it is computed as
                 log(1 - sum(exp(row))) in float64 (inexact for a tiny tail).
-            sampled_distinct: (L,) ints >= 1, distinct ids drawn at each position.
-            sampled_ids: (M,) ints, M = sum(sampled_distinct), ascending within a position.
-            sampled_counts: (M,) ints >= 1, summing to the store's ``samples`` per position.
+            sampled_distinct: (T,) ints >= 1, distinct ids drawn at each target row.
+            sampled_ids: (M,) ints, M = sum(sampled_distinct), ascending within a row.
+            sampled_counts: (M,) ints >= 1, summing to the store's ``samples`` per row.
             sampled_logprobs: (M,) floats <= 0, the teacher's log-prob of each drawn id.
+            loss_mask: (L,) bools or 0/1 ints, 1 where position t is trained (its target rows
+                are given, in order); required in a store with a loss mask (at least one 1:
+                skip sequences with none), refused in one without.
 
-        The store's targets kind decides which are required; the others must be None.
+        The store's targets kind decides which targets are required; the others must be None.
 
         Raises:
             ValueError: a missing or extra array, wrong shapes, ids outside the vocabulary,
-                rows not sorted descending, counts that do not sum to ``samples``.
+                rows not sorted descending, counts that do not sum to ``samples``, a mask that
+                is not 0/1 or trains no position.
         """
         if self._done:
             raise ValueError(f"shard {self.name} is already committed or aborted, open a new one")
@@ -111,7 +116,8 @@ class ShardWriter:
             )
             if value is not None
         }
-        part = prepare_sequence(self._layout, _numpy(tokens), given, self.name)
+        mask = None if loss_mask is None else _numpy(loss_mask)
+        part = prepare_sequence(self._layout, _numpy(tokens), given, self.name, mask)
         self._parts.append(part)
         self.num_sequences += 1
         self.num_tokens += part["tokens"].shape[0]
@@ -151,6 +157,7 @@ class ShardWriter:
             nbytes=sum(f["size"] for f in files.values()),
             files=files,
             created_at=utc_now(),
+            num_trained=arrays.num_targets if self._layout.loss_mask else None,
         )
         fs = store._fs
         try:
@@ -234,8 +241,10 @@ class StoreWriter:
         sampled_ids: Any = None,
         sampled_counts: Any = None,
         sampled_logprobs: Any = None,
+        loss_mask: Any = None,
     ) -> ShardRecord | None:
-        """Add a sequence to ``split``'s rollover shard; returns its record when it filled up.
+        """Add a sequence to ``split``'s rollover shard; returns its record when it filled up
+        (at ``shard_tokens`` tokens, trained or not).
 
         The arrays are those of ``ShardWriter.append``.
         """
@@ -254,6 +263,7 @@ class StoreWriter:
             sampled_ids=sampled_ids,
             sampled_counts=sampled_counts,
             sampled_logprobs=sampled_logprobs,
+            loss_mask=loss_mask,
         )
         if writer.num_tokens < self.manifest["shard_tokens"]:
             return None
@@ -262,10 +272,13 @@ class StoreWriter:
         return writer.commit()
 
     def flush(self) -> list[ShardRecord]:
-        """Commit every partly filled rollover shard."""
+        """Commit every partly filled rollover shard (one whose every append failed: dropped)."""
         records = []
         for split in sorted(self._open):
             writer = self._open.pop(split)
+            if writer.num_sequences == 0:  # its index stays free for the next shard
+                writer.abort()
+                continue
             self._next[split] = writer.index + 1
             records.append(writer.commit())
         return records
@@ -357,7 +370,7 @@ def create_store(
         StoreIncompatible: the existing store's manifest differs (``.differences`` lists all).
         StoreError: the location holds something that is not a store.
     """
-    wanted = validate_manifest(manifest, error=ValueError)  # version 1 with the v2 keys filled
+    wanted = validate_manifest(manifest, error=ValueError)  # older versions: later keys filled
     fs = StoreFS(url, storage_options)
     if fs.exists(MANIFEST):
         existing = load_manifest(fs)

@@ -314,9 +314,10 @@ class StoreTests:
         [
             (b"{not json", StoreCorrupt),
             (b"[1, 2]", StoreCorrupt),
-            (b'{"format_version": 3}', UnsupportedFormat),
+            (b'{"format_version": 4}', UnsupportedFormat),
             (b'{"format_version": true}', UnsupportedFormat),
             (b'{"format_version": 2}', StoreCorrupt),
+            (b'{"format_version": 3}', StoreCorrupt),
             (b'{"format_version": 1, "backend": "hdf5"}', UnsupportedFormat),
             (b'{"format_version": 1, "backend": "zarr"}', StoreCorrupt),
         ],

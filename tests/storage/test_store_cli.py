@@ -212,7 +212,7 @@ def test_inspect_reports_the_targets(
     store = build_kind(tmp_path / "s", targets, backend)
     code, out, _ = run(["inspect", store, "--json"], capsys)
     facts = json.loads(out)
-    assert code == 0 and facts["format_version"] == 2 and facts["targets"] == targets
+    assert code == 0 and facts["format_version"] == 3 and facts["targets"] == targets
     sampled, topk = "sampled" in targets, "topk" in targets
     assert facts["samples"] == (24 if sampled else 0) and facts["top_k"] == (8 if topk else 0)
     assert facts["sample_seed"] == (3 if sampled else None)
@@ -260,8 +260,8 @@ def test_inspect_version_1_store(tmp_path: Path, capsys: pytest.CaptureFixture[s
         corpus={"spec": "stdlib"},
         shard_tokens=40,
     )
-    v1 = {k: v for k, v in manifest.items() if k not in ("targets", "samples", "sample_seed")}
-    v1 = {**{k: v for k, v in v1.items() if k != "count_dtype"}, "format_version": 1}
+    later = ("targets", "samples", "sample_seed", "count_dtype", "loss_mask")  # v2 and v3 facts
+    v1 = {**{k: v for k, v in manifest.items() if k not in later}, "format_version": 1}
     rng = np.random.default_rng(0)
     with create_store(tmp_path / "s", v1) as writer:
         lp = -np.sort(rng.exponential(size=(16, 4)), axis=1) - 1

@@ -28,7 +28,8 @@ from kdcache.storage._fs import StoreFS
 
 K = 8
 KINDS = ("topk", "sampled", "topk+sampled")
-V2_KEYS = ("targets", "samples", "sample_seed", "count_dtype")
+# facts versions 2 and 3 added (a version-1 manifest has none of them)
+LATER_KEYS = ("targets", "samples", "sample_seed", "count_dtype", "loss_mask")
 
 
 def make_targets(
@@ -66,18 +67,23 @@ def make_targets(
     return tokens, out
 
 
-def rewrite_shard(url: str, record: ShardRecord, arrays: Any, dtype: str = "float16") -> None:
-    """Re-encode ``arrays`` in place of ``record``'s shard with valid checksums, so only the
-    invariant checks can tell that something is wrong."""
+def rewrite(url: str, record: ShardRecord, blobs: dict[str, bytes], **changes: Any) -> None:
+    """Put ``blobs`` (keyed relative to the shard) in place of the shard with valid checksums
+    and a record changed by ``changes``: only the invariant checks can tell what is wrong."""
     fs = StoreFS(url)
     files = {}
-    for key, data in get_codec(record.backend).encode(arrays, dtype).items():
+    for key, data in blobs.items():
         rel = f"{record.path}/{key}" if key else record.path
         fs.write_atomic(rel, data)
         files[rel] = {"size": len(data), "sha256": sha256(data)}
     nbytes = sum(f["size"] for f in files.values())
-    fixed = ShardRecord(**{**record.__dict__, "files": files, "nbytes": nbytes})
+    fixed = ShardRecord(**{**record.__dict__, "files": files, "nbytes": nbytes, **changes})
     fs.write_atomic(record.record_path, fixed.to_bytes())
+
+
+def rewrite_shard(url: str, record: ShardRecord, arrays: Any, dtype: str = "float16") -> None:
+    """Re-encode ``arrays`` in place of ``record``'s shard with valid checksums."""
+    rewrite(url, record, get_codec(record.backend).encode(arrays, dtype))
 
 
 class TargetTests:
@@ -212,7 +218,7 @@ class TargetTests:
             group = zarr.open_group(shard_url, mode="r")
             assert sorted(group.array_keys()) == sorted([*names, "seq_offsets"])
             got = {name: group[name][:] for name in names}
-            assert group.attrs["kdcache"]["format_version"] == 2
+            assert group.attrs["kdcache"]["format_version"] == 3
         else:
             table = pa.ipc.open_file(pa.BufferReader(StoreFS(shard_url).read(""))).read_all()
             assert table.column_names == names and table.num_rows == 2
@@ -357,7 +363,7 @@ class TargetTests:
         assert self.manifest("sampled", samples=65535)["count_dtype"] == "uint16"
         topk = self.manifest("topk")
         assert (topk["samples"], topk["sample_seed"], topk["count_dtype"]) == (0, None, None)
-        assert topk["format_version"] == 2
+        assert topk["format_version"] == 3 and topk["loss_mask"] is False
         for overrides, message in [
             ({"targets": "logits"}, "targets unknown"),
             ({"targets": "sampled", "top_k": 8}, "top_k must be 0 for sampled"),
@@ -390,10 +396,10 @@ class TargetTests:
     # -- version 1 ------------------------------------------------------------------------
 
     def v1_manifest(self, **overrides: Any) -> dict[str, Any]:
-        """A version-1 manifest, as version 1 of kdcache wrote it: no v2 keys at all."""
+        """A version-1 manifest, as version 1 of kdcache wrote it: no v2 or v3 keys at all."""
         manifest = self.manifest("topk", **overrides)
         return {
-            **{k: v for k, v in manifest.items() if k not in V2_KEYS},
+            **{k: v for k, v in manifest.items() if k not in LATER_KEYS},
             "format_version": 1,
         }
 
@@ -411,7 +417,7 @@ class TargetTests:
         fs = StoreFS(url)
         raw = json.loads(fs.read("manifest.json"))
         assert raw["format_version"] == 1 and raw["finished"] is True
-        assert not set(V2_KEYS) & set(raw)  # still a genuine version-1 manifest
+        assert not set(LATER_KEYS) & set(raw)  # still a genuine version-1 manifest
         store = open_store(url)
         (record,) = store.shards
         if self.backend == "zarr":
@@ -441,10 +447,10 @@ class TargetTests:
             assert seq.topk_tail_logprob.dtype == np.float32 and seq.sampled_ids is None
             np.testing.assert_array_equal(seq.topk_tail_logprob, expected)
         assert verify_store(url) == []
-        # this kdcache writes version 2: resuming a version-1 store is refused, by that fact only
+        # this kdcache writes version 3: resuming a version-1 store is refused, by that fact only
         with pytest.raises(StoreIncompatible) as info:
             create_store(url, self.manifest("topk", logprob_dtype="float16"))
-        assert info.value.differences == ["format_version: store has 1, this run asks 2"]
+        assert info.value.differences == ["format_version: store has 1, this run asks 3"]
         assert create_store(url, self.v1_manifest()).manifest["format_version"] == 1
 
     def test_version_1_manifest_cannot_claim_samples(self) -> None:
