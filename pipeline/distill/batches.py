@@ -1,7 +1,8 @@
 """Loader batches: compact dtypes, collation, a shared-memory ring for workers, device transfer.
 
 A batch holds ``input_ids`` (B, L) int64, ``labels`` (B, L) int64, ``attention_mask`` (B, L)
-int64, and the store's targets in its compact dtypes — a field the store lacks is absent:
+int64, ``loss_mask`` (B, L) int64, and the store's targets in its compact dtypes — a field the
+store lacks is absent:
 
 - top-k: ``topk_logprobs`` (B, L, k) float16 (float32 for float32/bfloat16 stores), ``topk_ids``
   (B, L, k) uint16 (int32 for stores with more than 65 536 ids) and ``topk_tail_logprob``
@@ -10,6 +11,14 @@ int64, and the store's targets in its compact dtypes — a field the store lacks
   ``topk_ids`` and ``sampled_counts`` (B, L, m) uint8 or uint16 (the store's count dtype), with
   m the most distinct ids any position of the batch drew; a position's entries come first, in
   ascending id order, and the rest is padding (id 0, count 0, log-prob 0).
+
+The loss mask (docs/architecture.md §5). ``loss_mask`` marks the positions that are trained:
+every real position (= ``attention_mask``) for a store without a mask, else the real positions
+the store's per-token ``loss_mask`` marks. A masked store keeps target rows for its trained
+positions only (T = mask.sum() rows per sequence, in token order); ``collate`` scatters them to
+their positions and leaves zeros (no draws) everywhere else. ``labels[t]`` is -100 where
+position t is not trained, so CE counts the trained positions that have a next token, and every
+KD term and metric counts ``loss_mask`` positions.
 
 ``batch_to_device`` moves a batch and widens ids and counts to int64 on the device.
 
@@ -28,10 +37,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, widen_ids
 
+# every field a batch can hold, in buffer order; the first four are in every batch
 FIELDS = (
     "input_ids",
     "labels",
     "attention_mask",
+    "loss_mask",
     "topk_logprobs",
     "topk_ids",
     "topk_tail_logprob",
@@ -39,9 +50,11 @@ FIELDS = (
     "sampled_ids",
     "sampled_counts",
 )
-# a sequence as the loader holds it: these store fields, those the store has, as numpy arrays
+# a sequence as the loader holds it: these store fields, those the store has, as numpy arrays;
+# ``loss_mask`` (L,) uint8 only in masked stores, whose target fields then have T rows (T = its sum)
 SEQUENCE_FIELDS = (
     "tokens",
+    "loss_mask",
     "topk_ids",
     "topk_logprobs",
     "topk_tail_logprob",
@@ -50,7 +63,9 @@ SEQUENCE_FIELDS = (
     "sampled_counts",
     "sampled_logprobs",
 )
+BASE_FIELDS = FIELDS[:4]  # input_ids, labels, attention_mask, loss_mask: (B, L) int64
 WIDENED = ("topk_ids", "sampled_ids", "sampled_counts")  # int64 on the device
+TARGET_ROWS = ("topk_ids", "topk_logprobs", "topk_tail_logprob")  # one row per trained position
 _ALIGN = 64  # byte alignment of each field inside a batch buffer
 Sequence = dict[str, np.ndarray]
 
@@ -94,7 +109,7 @@ def batch_layout(layout: Layout) -> tuple[list[tuple[str, torch.dtype, tuple[int
     b, length, k, m = layout.batch, layout.length, layout.top_k, layout.samples
     ids, logprobs = getattr(torch, layout.ids), getattr(torch, layout.logprobs)
     present: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
-        name: (torch.int64, (b, length)) for name in FIELDS[:3]
+        name: (torch.int64, (b, length)) for name in BASE_FIELDS
     }
     if k:
         present |= {"topk_logprobs": (logprobs, (b, length, k)), "topk_ids": (ids, (b, length, k))}
@@ -138,20 +153,49 @@ def layout_of(sequences: list[Sequence]) -> Layout:
         length=max(s["tokens"].shape[0] for s in sequences),
         top_k=first["topk_ids"].shape[1] if "topk_ids" in first else 0,
         tail="topk_tail_logprob" in first,
-        samples=max(int(s["sampled_distinct"].max()) for s in sequences) if sampled else 0,
+        # initial=0: a masked sequence without trained positions (which writers refuse) adds none
+        samples=max(int(s["sampled_distinct"].max(initial=0)) for s in sequences) if sampled else 0,
         ids=id_dtype,
         logprobs=logprob_dtype,
         counts=str(first["sampled_counts"].dtype) if sampled else "",
     )
 
 
-def _place_samples(a: dict[str, np.ndarray], i: int, sequence: Sequence) -> None:
-    """Spread a sequence's flat sampled entries (M_s,) over batch row i: (L, m), padding 0."""
-    distinct = sequence["sampled_distinct"].astype(np.int64)  # (n,)
-    n, total = distinct.shape[0], int(distinct.sum())
-    position = np.repeat(np.arange(n), distinct)  # (M_s,) the position of each entry
-    starts = np.cumsum(distinct) - distinct  # (n,) first entry of each position
-    column = np.arange(total) - np.repeat(starts, distinct)  # (M_s,) its place in the row
+def trained_positions(sequence: Sequence) -> np.ndarray | None:
+    """(T,) int64 positions a masked sequence trains (its target rows, in order); None: all.
+
+    Raises:
+        ValueError: the mask does not fit the tokens, or a target field has not T rows.
+    """
+    mask = sequence.get("loss_mask")
+    if mask is None:
+        return None
+    n = sequence["tokens"].shape[0]
+    if mask.shape != (n,):
+        raise ValueError(f"a loss mask of shape {mask.shape} for a sequence of {n} tokens")
+    positions = np.flatnonzero(mask)  # (T,)
+    for name in (*TARGET_ROWS, "sampled_distinct"):
+        if name in sequence and sequence[name].shape[0] != positions.shape[0]:
+            raise ValueError(
+                f"a sequence trains {positions.shape[0]} positions but has "
+                f"{sequence[name].shape[0]} rows of {name}"
+            )
+    return positions
+
+
+def _place_samples(
+    a: dict[str, np.ndarray], i: int, sequence: Sequence, positions: np.ndarray | None
+) -> None:
+    """Spread a sequence's flat sampled entries (M_s,) over batch row i: (L, m), padding 0.
+
+    Row r of ``sampled_distinct`` belongs to position ``positions[r]`` (r itself without a mask).
+    """
+    distinct = sequence["sampled_distinct"].astype(np.int64)  # (R,) one row per target row
+    total = int(distinct.sum())
+    row = np.repeat(np.arange(distinct.shape[0]), distinct)  # (M_s,) the row of each entry
+    position = row if positions is None else positions[row]  # (M_s,) its position
+    starts = np.cumsum(distinct) - distinct  # (R,) first entry of each row
+    column = np.arange(total) - starts[row]  # (M_s,) its place in the row
     for name in ("sampled_ids", "sampled_counts", "sampled_logprobs"):
         a[name][i] = 0
         a[name][i, position, column] = sequence[name]
@@ -164,6 +208,9 @@ def collate(
     out: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pad and stack sequences (``SEQUENCE_FIELDS`` dicts, tokens (L,), ...) into a batch.
+
+    A masked sequence's T target rows go to its trained positions (zeros elsewhere), its
+    untrained positions get label -100 and ``loss_mask`` 0 (see the module docstring).
 
     Args:
         sequences: per sequence, numpy arrays in the store's dtypes.
@@ -180,18 +227,29 @@ def collate(
     for i, sequence in enumerate(sequences):
         tokens = sequence["tokens"]
         n = tokens.shape[0]
+        positions = trained_positions(sequence)  # (T,), or None: every position 0..n-1
         a["input_ids"][i, :n] = tokens  # (n,) int32 → int64
         a["input_ids"][i, n:] = pad_id
         a["labels"][i, : n - 1] = tokens[1:]  # row t predicts the token after tokens[t]
         a["labels"][i, n - 1 :] = IGNORE_INDEX
         a["attention_mask"][i, :n] = 1
         a["attention_mask"][i, n:] = 0
-        for name in ("topk_ids", "topk_logprobs", "topk_tail_logprob"):
-            if name in a:
-                a[name][i, :n] = sequence[name]  # (n, k) or (n,), same width: a plain copy
-                a[name][i, n:] = 0
+        if positions is None:
+            a["loss_mask"][i] = a["attention_mask"][i]
+            for name in TARGET_ROWS:
+                if name in a:
+                    a[name][i, :n] = sequence[name]  # (n, k) or (n,), same width: a plain copy
+                    a[name][i, n:] = 0
+        else:
+            a["labels"][i, :n][sequence["loss_mask"] == 0] = IGNORE_INDEX
+            a["loss_mask"][i] = 0
+            a["loss_mask"][i, positions] = 1
+            for name in TARGET_ROWS:
+                if name in a:
+                    a[name][i] = 0
+                    a[name][i, positions] = sequence[name]  # (T, k) or (T,) rows → positions
         if layout.counts:
-            _place_samples(a, i, sequence)
+            _place_samples(a, i, sequence, positions)
     return batch
 
 

@@ -6,6 +6,10 @@ row measures the same thing on the same tokens, including the exact full-vocabul
 ``kl_to_teacher`` (0 for the teacher). Students are train-student output directories (the saved
 model; its ``metrics.json`` gives the eval batch size and cap): ``--kd`` and ``--ce`` (the pair
 the verdict line compares) and any number of ``--student NAME=DIR``.
+
+Every row counts the store's trained positions only (``loss_mask``; all of them in a store
+without a loss mask) over the tokenizer's ids only: a student or teacher embedding at least the
+tokenizer's size is fine, padded rows get no probability (``vocabulary.py``).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def evaluate_models(
     from kdcache.pipeline.distill.evaluation import evaluate
     from kdcache.pipeline.distill.live_teacher import load_live_teacher
     from kdcache.pipeline.distill.loader import eval_batches
+    from kdcache.pipeline.distill.vocabulary import check_embedding, embedding_rows
     from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.storage import open_store
 
@@ -86,7 +91,9 @@ def evaluate_models(
     def measure(model: Any) -> dict[str, float]:
         # the same pass train-student evaluates on: the eval split in stored order, one epoch
         batches = eval_batches(store, batch_size, pad_id, pin_memory=device.type == "cuda")
-        return evaluate(model, batches, device=device, max_batches=max_batches, teacher=live)
+        return evaluate(
+            model, batches, device=device, max_batches=max_batches, teacher=live, vocab=live.vocab
+        )
 
     rows = [("teacher", measure(live.model))]
     hf_logging.disable_progress_bar()
@@ -95,12 +102,12 @@ def evaluate_models(
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the student {name}, {directory}, ({e})") from e
-        vocab = model.get_output_embeddings().weight.shape[0]
-        if vocab != store.vocab_size:
-            raise UserError(
-                f"the student {name} has another vocabulary, {directory} has {vocab} and "
-                f"{store_url} has {store.vocab_size}, compare students trained from this store"
-            )
+        embedded = embedding_rows(model)
+        check_embedding(
+            embedded if embedded is not None else model.config.vocab_size,
+            store.tokenizer_size,
+            f"the student {name} ({directory})",
+        )
         rows.append((name, measure(model.to(device).eval())))
         del model
     return rows

@@ -20,7 +20,8 @@ teacher, their counts (summing to N) and the teacher's log-probs ``lp`` at those
   estimate the tempered teacher ``p^{1/T}`` with a bias of order 1/N.
 
 Padding entries of a sampled row have count 0 and contribute nothing. Rows the loss masks out
-(padding positions) must still be finite, so no term here is ever ``0 · ∞``.
+(padding, and positions a store's loss mask leaves untrained: all-zero target rows) must still
+be finite, so no term here is ever ``0 · ∞``.
 """
 
 from __future__ import annotations

@@ -1,29 +1,36 @@
 """How good is a causal LM on stored teacher data: the numbers `train-student` and `compare` report.
 
-Every metric is computed from loader batches (``input_ids``, ``labels``, ``attention_mask`` and
-the store's targets), so the teacher itself can be evaluated the same way. Which distance to the
+Every metric is computed from loader batches (``input_ids``, ``labels``, ``loss_mask`` and the
+store's targets), so the teacher itself can be evaluated the same way. Which distance to the
 teacher is reported depends on the targets the store holds, and each is named for what it is
-(docs/architecture.md §5):
+(docs/architecture.md §5).
+
+Positions: every metric counts the trained positions only (``loss_mask``: every real position
+of a store without a loss mask); those with a label are the trained positions that have a next
+token (``labels`` is -100 elsewhere). The model's logits, and the teacher's, are over the
+store's tokenizer ids only (``vocab``; ``vocabulary.student_logits``).
 
 - ``cross_entropy``: mean ``−log s[label]`` in nats over positions with a label (the true next
   token; ``labels != -100``); ``perplexity = exp(cross_entropy)``.
-- ``ghost_kl_to_teacher`` (top-k stores): mean over real positions (``attention_mask``) of the
+- ``ghost_kl_to_teacher`` (top-k stores): mean over trained positions (``loss_mask``) of the
   KL over k + 1 categories — the teacher's k ids and one bucket for the rest — with the stored
   tail mass (``topk_tail_logprob``; ``1 − Σ exp(l)`` for version-1 stores). The ``ghost`` loss at
   T = 1. Merging categories never increases a KL, so it is a lower bound on the full KL; 0 for
   the teacher itself (up to the rounding of the stored log-probs).
-- ``sampled_kl_to_teacher`` (sampled stores): mean over real positions of
+- ``sampled_kl_to_teacher`` (sampled stores): mean over trained positions of
   ``Σ counts/N · (lp − s[ids])``, an unbiased estimate of the full KL(teacher ‖ model); exactly
   0 for a model whose log-probs at the drawn ids are the stored ones.
-- ``top1_agreement`` (top-k stores): fraction of real positions where the model's argmax is the
-  teacher's top-1 id (``topk_ids[..., 0]``; rows are sorted descending).
+- ``top1_agreement`` (top-k stores): fraction of trained positions where the model's argmax is
+  the teacher's top-1 id (``topk_ids[..., 0]``; rows are sorted descending).
 - ``ece``: expected calibration error of the model's top-1 prediction against the true next
-  token, ``Σ_b (n_b / n) · |accuracy_b − confidence_b|`` over 15 equal-width confidence bins.
-- ``tokens``: number of positions with a label (the denominator of ``cross_entropy``).
+  token over the positions with a label, ``Σ_b (n_b / n) · |accuracy_b − confidence_b|`` over
+  15 equal-width confidence bins.
+- ``tokens``: number of positions with a label (the denominator of ``cross_entropy``): in a
+  masked store, the trained positions that have a next token.
 
-- ``kl_to_teacher`` (only with the teacher at hand, ``teacher=``): mean over real positions of
-  the exact full-vocabulary KL(teacher ‖ model) at T = 1, the teacher's log-softmax computed per
-  chunk from its hidden states; exactly 0 for the teacher itself.
+- ``kl_to_teacher`` (only with the teacher at hand, ``teacher=``): mean over trained positions
+  of the exact full-vocabulary KL(teacher ‖ model) at T = 1, the teacher's log-softmax computed
+  per chunk from its hidden states; exactly 0 for the teacher itself.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ from kdcache.pipeline.distill.losses import (
     IGNORE_INDEX,
     SAMPLED_FIELDS,
     TOPK_FIELDS,
+    trained_mask,
 )
+from kdcache.pipeline.distill.vocabulary import student_logits
 
 ECE_BINS = 15
 # every metric evaluate() may report, in table order; a store's targets decide which it does
@@ -90,8 +99,8 @@ class _Totals:
         nll = -log_s.gather(-1, safe_labels[:, None])[:, 0]  # (n,)
         self.ce += float(nll[has_label].double().sum())
         self.ce_tokens += int(has_label.sum())
-        real = mask.bool()
-        self.kd_tokens += int(real.sum())
+        trained = mask.bool()  # (n,)
+        self.kd_tokens += int(trained.sum())
         if "topk_ids" in targets:
             ids = targets["topk_ids"]  # (n, k) int64
             ghost = topk_kd(
@@ -102,15 +111,15 @@ class _Totals:
                 1.0,
                 tail_logprob=targets.get("topk_tail_logprob"),
             )  # (n,)
-            self.ghost = (self.ghost or 0.0) + float(ghost[real].double().sum())
-            self.agree += int((prediction == ids[:, 0])[real].sum())
+            self.ghost = (self.ghost or 0.0) + float(ghost[trained].double().sum())
+            self.agree += int((prediction == ids[:, 0])[trained].sum())
         if "teacher_logprobs" in targets:
             exact = exact_kl(logits, targets["teacher_logprobs"])  # (n,)
-            self.exact = (self.exact or 0.0) + float(exact[real].double().sum())
+            self.exact = (self.exact or 0.0) + float(exact[trained].double().sum())
         if "sampled_ids" in targets:
             fields = (targets[name] for name in SAMPLED_FIELDS)
             sampled = sampled_kl_to_teacher(logits, *fields)  # (n,)
-            self.sampled = (self.sampled or 0.0) + float(sampled[real].double().sum())
+            self.sampled = (self.sampled or 0.0) + float(sampled[trained].double().sum())
         # calibration of the top-1 prediction against the true next token
         bins = self.bin_count.shape[0]
         conf = confidence[has_label].exp().double().cpu()  # (m,)
@@ -151,16 +160,19 @@ def evaluate(
     max_batches: int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     teacher: LiveTeacher | None = None,
+    vocab: int | None = None,
 ) -> dict[str, float]:
     """Evaluate a causal LM on loader batches; see the module docstring for the definitions.
 
     Args:
-        model: an HF causal LM whose vocabulary is the store's.
+        model: an HF causal LM on the store's tokenizer (embedding >= its size).
         batches: loader batches (CPU or device tensors).
         device: where to run; defaults to the model's device.
         max_batches: evaluate at most this many batches.
         chunk_tokens: rows per float32 log-softmax chunk (bounds memory).
-        teacher: the teacher itself, on ``device``: adds the exact ``kl_to_teacher``.
+        teacher: the teacher itself, on ``device``: adds the exact ``kl_to_teacher``; its
+            ``vocab`` must be this one.
+        vocab: the store's tokenizer size: the model's logits are sliced to it (None: all).
 
     Returns:
         The ``METRICS`` the batches' targets allow, in that order: always ``cross_entropy``,
@@ -170,6 +182,7 @@ def evaluate(
 
     Raises:
         ValueError: the batches hold no labelled token.
+        UserError: a batch holds an id the model has no row for.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -178,18 +191,18 @@ def evaluate(
     try:
         for batch in islice(batches, max_batches):
             b = batch_to_device(batch, device)  # compact dtypes cross, ids widened on the device
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = student_logits(model, b, vocab)  # (B, L, V), V ≤ vocab: a view
             rows = logits.shape[0] * logits.shape[1]
-            flat = logits.reshape(rows, -1)  # (B·L, V)
+            flat = logits.reshape(rows, -1)  # (B·L, V), still a view
             labels = b["labels"].reshape(-1)  # (B·L,)
-            mask = b["attention_mask"].reshape(-1)  # (B·L,)
+            mask = trained_mask(b).reshape(-1)  # (B·L,)
             targets = {
                 name: b[name].reshape(rows, *b[name].shape[2:])  # (B·L,) or (B·L, k|m)
                 for name in (*TOPK_FIELDS, *SAMPLED_FIELDS)
                 if name in b
             }
             hidden = None
-            if teacher is not None:  # (B·L, H), or (B·L, V) logits in its fallback mode
+            if teacher is not None:  # (B·L, H), or (B·L, V_t) logits in its fallback mode
                 hidden = teacher.hidden(b["input_ids"], b["attention_mask"]).reshape(rows, -1)
             for start in range(0, rows, chunk_tokens):
                 chunk = slice(start, start + chunk_tokens)

@@ -4,6 +4,10 @@ Offline distillation is measured against this (docs/architecture.md §5): ``trai
 --teacher`` distills from the teacher's full-vocabulary distribution computed live for every
 batch, and wherever the teacher is at hand the eval reports the exact ``kl_to_teacher``.
 
+Vocabulary (``vocabulary.py``): the teacher must have the store's tokenizer (by hash) and embed
+at least its ``tokenizer_size`` ids; its log-softmax is over the tokenizer's ids only
+(``vocab``), whatever padding its embedding has, so it lines up with the student's logits.
+
 Memory: the teacher's decoder body runs once per batch and keeps only its final hidden states
 (B, L, H); its vocab-wide float32 log-softmax is computed per chunk of token rows, beside the
 student's chunk, and never for the whole batch.
@@ -15,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kdcache.pipeline.distill.vocabulary import check_embedding
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.logit_head import logit_head, split_verdict
 
@@ -28,17 +33,29 @@ class LiveTeacher:
     the full-vocabulary log-softmax. When the model cannot be split into body and head, or the
     split disagrees with its own forward (``self_check``), ``hidden`` returns the model's logits
     and ``logprobs`` only normalizes them.
+
+    Args:
+        model: the teacher, in eval mode.
+        name: how messages name it.
+        vocab: the store's tokenizer size: log-probs cover ids below it only (the rows of a
+            padded embedding beyond it get no probability); None: every row of the head.
     """
 
-    def __init__(self, model: Any, name: str = "teacher") -> None:
+    def __init__(self, model: Any, name: str = "teacher", vocab: int | None = None) -> None:
         self.model = model
         self.name = name
         self.head = logit_head(model)
         self.use_model_forward = False
+        self.vocab = vocab
 
     @property
     def vocab_size(self) -> int:
+        """Rows of the teacher's head (its embedding, padding included)."""
         return int(self.head.lm_head.weight.shape[0])
+
+    def _columns(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits → (..., V') over the tokenizer's ids (a view)."""
+        return logits if self.vocab is None else logits[..., : self.vocab]
 
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -51,9 +68,10 @@ class LiveTeacher:
 
     @torch.no_grad()
     def logprobs(self, rows: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """(C, H) hidden rows (or (C, V) logits in the fallback) → (C, V) float32 log_softmax(logits / T)."""
+        """(C, H) hidden rows (or (C, V) logits in the fallback) → (C, V') float32
+        log_softmax(logits / T), V' = min(V, ``vocab``)."""
         logits = rows if self.use_model_forward else self.head(rows)  # (C, V)
-        logits = logits.float()
+        logits = self._columns(logits).float()  # (C, V')
         if temperature != 1.0:
             logits = logits / temperature
         return torch.log_softmax(logits, dim=-1)
@@ -61,7 +79,7 @@ class LiveTeacher:
     @torch.no_grad()
     def self_check(self, input_ids: torch.Tensor) -> str | None:
         """Compare the chunked head with the model's own forward on (1, P) ids; fall back if needed."""
-        logits = self.model(input_ids=input_ids).logits[0].float()  # (P, V)
+        logits = self._columns(self.model(input_ids=input_ids).logits[0]).float()  # (P, V')
         reference = torch.log_softmax(logits, dim=-1)
         mask = torch.ones_like(input_ids)
 
@@ -108,10 +126,12 @@ def exact_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> to
 def load_live_teacher(
     teacher: str, store: Any, device: torch.device, dtype_name: str
 ) -> LiveTeacher:
-    """Load ``teacher`` for online use with ``store``'s data: its tokenizer must be the store's.
+    """Load ``teacher`` for online use with ``store``'s data: its tokenizer must be the store's
+    and its embedding at least the tokenizer's size (larger, padded, is fine).
 
     Raises:
-        UserError: the teacher cannot be loaded, or it tokenizes differently from the store.
+        UserError: the teacher cannot be loaded, tokenizes differently from the store, or embeds
+            fewer ids than the store's tokenizer has.
     """
     from kdcache.pipeline.teacher import (
         load_model,
@@ -130,12 +150,8 @@ def load_live_teacher(
             f"{store.url} has {theirs}, pass the teacher (or one with its tokenizer) the store "
             "was cached from"
         )
-    if source.vocab_size != store.vocab_size:
-        raise UserError(
-            f"the teacher's vocabulary does not match the store's, {teacher} has "
-            f"{source.vocab_size} and {store.url} has {store.vocab_size}, pass the teacher the "
-            "store was cached from"
-        )
+    vocab = store.tokenizer_size
+    check_embedding(source.vocab_size, vocab, teacher, who="teacher")
     model = load_model(source, resolve_dtype(dtype_name, source.config, device), device,
                        trust_remote_code=False)  # fmt: skip
-    return LiveTeacher(model, name=teacher)
+    return LiveTeacher(model, name=teacher, vocab=vocab)

@@ -10,7 +10,10 @@ dtypes, so memory is bounded by the buffer plus three shards.
 
 Batches (torch tensors, in the store's compact dtypes — see ``batches.py`` for every field):
 ``input_ids`` (B, L) int64, ``labels`` (B, L) int64 (the next token; -100 at the last position
-of a sequence and on padding), ``attention_mask`` (B, L) int64, and the store's targets: top-k
+of a sequence, on padding and at positions a store's loss mask does not train),
+``attention_mask`` (B, L) int64, ``loss_mask`` (B, L) int64 (the trained positions:
+``attention_mask`` for a store without a loss mask), and the store's targets, placed at the
+trained positions (zeros elsewhere): top-k
 ``topk_ids``/``topk_logprobs`` (B, L, k) and ``topk_tail_logprob`` (B, L); sampled
 ``sampled_ids``/``sampled_counts``/``sampled_logprobs`` (B, L, m), m the most distinct ids a
 position of the batch drew. Ids and counts are widened by ``batch_to_device`` (which
@@ -100,7 +103,13 @@ class TeacherDataset(IterableDataset):
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the split (input positions)."""
         return sum(r.num_tokens for r in self.records)
+
+    @property
+    def num_trained(self) -> int:
+        """Trained positions of the split (its target rows; ``num_tokens`` without a loss mask)."""
+        return sum(r.num_tokens if r.num_trained is None else r.num_trained for r in self.records)
 
     def slots(self) -> list[int]:
         """The slots of this rank, one per logical worker."""

@@ -12,9 +12,14 @@ Online (``teacher`` given, the batch holding its final hidden states ``teacher_h
 (B, L, H)): ``kl`` and ``reverse-kl`` are the full-vocabulary divergences against the teacher's
 log-softmax, computed per chunk beside the student's (``live_teacher.full_kd_per_token``).
 
-``total = alpha · KD + (1 − alpha) · CE``; KD is averaged over the real tokens
-(``attention_mask``: the last row of a sequence still carries a teacher distribution), CE over
-the tokens with a label (``labels != -100``).
+``total = alpha · KD + (1 − alpha) · CE``; KD is averaged over the trained positions
+(``loss_mask``: every real position of a store without a loss mask, the last row of a sequence
+included, since it still carries a teacher distribution), CE over the positions with a label
+(``labels != -100``: trained positions that have a next token). A batch without ``loss_mask``
+(one built by hand) trains every real position (``attention_mask``).
+
+The logits are the student's over the store's tokenizer ids only (``vocabulary.student_logits``
+slices away padded embedding rows), so every softmax here is over those ids.
 
 Memory: the student's float32 [B, L, V] log-softmax is never built for the whole batch. Tokens
 are processed in chunks of ``chunk_tokens`` rows, each under activation checkpointing, so only
@@ -54,6 +59,7 @@ __all__ = [
     "kd_per_token",
     "loss_sums",
     "resolve_loss",
+    "trained_mask",
     "widen_ids",
 ]
 
@@ -66,6 +72,12 @@ class LossSums:
     ce_sum: torch.Tensor  # () float32, differentiable
     kd_tokens: int
     ce_tokens: int
+
+
+def trained_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L) the positions whose KD terms and metrics count: ``loss_mask``, or for a batch
+    without one (built by hand) every real position, ``attention_mask``."""
+    return batch["loss_mask"] if "loss_mask" in batch else batch["attention_mask"]
 
 
 def resolve_loss(loss: str, *, has_topk: bool, has_samples: bool, online: bool = False) -> str:
@@ -168,8 +180,8 @@ def loss_sums(
     """Summed KD and CE terms of a batch, chunk by chunk.
 
     Args:
-        logits: (B, L, V) student logits.
-        batch: loader batch with ``labels`` (B, L), ``attention_mask`` (B, L) and the target
+        logits: (B, L, V) student logits (over the tokenizer's ids: ``student_logits``).
+        batch: loader batch with ``labels`` (B, L), ``loss_mask`` (B, L) and the target
             fields the loss reads (top-k: ``topk_ids``/``topk_logprobs`` (B, L, k), optionally
             ``topk_tail_logprob`` (B, L); sampled: ``sampled_*`` (B, L, m)).
         loss: one of ``LOSSES`` ("auto" resolves from the batch's fields).
@@ -190,7 +202,7 @@ def loss_sums(
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)  # (B·L, V)
     labels = batch["labels"].reshape(-1)  # (B·L,)
-    kd_mask = batch["attention_mask"].reshape(-1).to(torch.float32)  # (B·L,)
+    kd_mask = trained_mask(batch).reshape(-1).to(torch.float32)  # (B·L,)
     targets = _target_rows(batch, loss, online=teacher is not None)  # (B·L, ...) each
     names = tuple(targets)
     kd_sum = flat_logits.new_zeros((), dtype=torch.float32)

@@ -1,16 +1,19 @@
-"""The student: a preset, a config file or an HF model directory — always on the store's vocabulary.
+"""The student: a preset, a config file or an HF model directory — on the store's tokenizer.
 
 ``--student`` accepts:
 
 - a preset name (``tiny``, ``small``, ``base``): Llama-style decoders sized so a 2-core CPU
-  trains them in minutes; their vocabulary is the store's;
+  trains them in minutes; their ``vocab_size`` is the store's tokenizer size;
 - a path to an HF config (``.json``, ``.yaml``/``.yml``): a mapping of config fields
-  (``model_type`` defaults to ``llama``; a missing ``vocab_size`` is taken from the store);
+  (``model_type`` defaults to ``llama``; a missing ``vocab_size`` is the tokenizer size);
 - an HF model directory (``config.json`` + weights) to continue training from.
 
-The vocabulary is checked against the store before any training: a mismatch is a one-line
-``UserError`` naming both sizes. The teacher's tokenizer travels inside the store
-(``Store.tokenizer_files()``) and is saved beside the student.
+The embedding is checked against the store's tokenizer before any training (``vocabulary.py``):
+it needs a row for every tokenizer id; a larger one (padded) works and its extra rows get no
+probability, a smaller one is a one-line ``UserError`` naming both sizes. Presets take the
+tokenizer size rather than the store's ``vocab_size`` (the teacher's embedding rows): padded
+rows would only cost memory and compute, and the saved student then matches the tokenizer saved
+beside it. The teacher's tokenizer travels inside the store (``Store.tokenizer_files()``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+from kdcache.pipeline.distill.vocabulary import check_embedding, embedding_rows
 from kdcache.pipeline.errors import UserError
 
 # Llama-style, tied embeddings (the vocabulary dominates the parameter count at these sizes)
@@ -106,16 +110,6 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_vocab(student_vocab: int, store_vocab: int, source: str) -> None:
-    """Refuse a student whose vocabulary differs from the store's (one line, both sizes)."""
-    if student_vocab != store_vocab:
-        raise UserError(
-            f"student vocabulary does not match the store, {source} has vocab_size "
-            f"{student_vocab} but the store has {store_vocab}, use a student built on the "
-            "teacher's tokenizer (a preset takes the store's vocabulary)"
-        )
-
-
 def _config_from_fields(fields: dict[str, Any], source: str) -> Any:
     from transformers import AutoConfig
 
@@ -133,18 +127,19 @@ def _config_from_fields(fields: dict[str, Any], source: str) -> Any:
 
 def build_student(
     spec: str,
-    vocab_size: int,
+    tokenizer_size: int,
     *,
     tokenizer: Any = None,
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
     max_positions: int = 2048,
 ) -> tuple[torch.nn.Module, str]:
-    """Make the student named by ``spec`` for a store of ``vocab_size`` ids.
+    """Make the student named by ``spec`` for a store whose tokenizer has ``tokenizer_size`` ids.
 
     Args:
         spec: preset name, config file path, or HF model directory.
-        vocab_size: the store's vocabulary size (the student's must equal it).
+        tokenizer_size: the store's tokenizer size (``Store.tokenizer_size``): a new student's
+            default ``vocab_size``, and the least any student may embed.
         tokenizer: the teacher tokenizer (its special ids go into a new config).
         overrides: config fields replacing the preset's/file's (the sweep's architecture
             search); not allowed with a model directory.
@@ -155,7 +150,7 @@ def build_student(
         (model in float32, a one-line description of where it came from).
 
     Raises:
-        UserError: unknown preset, unreadable config, vocabulary mismatch.
+        UserError: unknown preset, unreadable config, an embedding smaller than the tokenizer.
     """
     from transformers import AutoModelForCausalLM
 
@@ -163,7 +158,7 @@ def build_student(
     path = Path(spec)
     if spec in PRESETS:
         fields = {"model_type": "llama", "tie_word_embeddings": True, **PRESETS[spec]}
-        fields["vocab_size"] = vocab_size
+        fields["vocab_size"] = tokenizer_size
         source = f"preset {spec}"
     elif path.is_dir():
         if overrides:
@@ -185,13 +180,14 @@ def build_student(
                 f"cannot load the student model, {spec} ({_one_line(e)}), "
                 "pass a directory written by save_pretrained"
             ) from e
-        check_vocab(model.config.vocab_size, vocab_size, spec)
+        rows = embedding_rows(model)
+        check_embedding(rows if rows is not None else model.config.vocab_size, tokenizer_size, spec)
         return model, f"model directory {spec}"
     elif path.suffix in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise UserError(f"student config not found, {spec}, check the path")
         fields = _read_config_file(path)
-        fields.setdefault("vocab_size", vocab_size)
+        fields.setdefault("vocab_size", tokenizer_size)
         source = f"config {spec}"
     else:
         raise UserError(
@@ -204,7 +200,7 @@ def build_student(
     fields["max_position_embeddings"] = max(
         int(fields.get("max_position_embeddings", 0)), max_positions
     )
-    check_vocab(int(fields["vocab_size"]), vocab_size, spec)
+    check_embedding(int(fields["vocab_size"]), tokenizer_size, spec)
     config = _config_from_fields(fields, spec)
     torch.manual_seed(seed)
     try:

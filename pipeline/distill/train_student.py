@@ -9,6 +9,11 @@ Outputs in OUT: the student (``save_pretrained``) + the teacher's tokenizer, ``r
 manifest fingerprint, every setting), ``log.csv`` (one row per step), ``metrics.json`` (final
 eval, eval history, training summary) and ``checkpoint/`` (for ``--resume``). A store without an
 ``eval`` split trains with a warning and reports no eval metrics (``"final": null``).
+
+Token counts: ``tokens`` (log.csv, metrics.json, tokens/s) are the real input positions the
+student read; ``trained_tokens`` those its loss counted (``loss_mask``), fewer only in a store
+with a loss mask, whose summary line then says "N tokens (M trained)". The student is built on
+the store's tokenizer size and its logits sliced to it (``vocabulary.py``).
 """
 
 from __future__ import annotations
@@ -87,14 +92,16 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     accelerator = make_accelerator(s["seed"])
     main = accelerator.is_main_process
 
-    # 1. the store and the student (vocabulary checked before anything trains)
+    # 1. the store and the student (its embedding checked against the tokenizer before training)
     store = open_store(s["store"])
     online = bool(s["teacher"])  # the reference: the teacher runs live, the store gives the data
     s["loss"] = check_store(store, s["loss"], online=online)  # "auto" resolved, run.json has it
     tokenizer = load_store_tokenizer(store)
+    vocab = store.tokenizer_size  # the student's logits cover these ids only
+    masked = store.has_loss_mask
     model, source = build_student(
         s["student"],
-        store.vocab_size,
+        vocab,
         tokenizer=tokenizer,
         seed=s["seed"],
         max_positions=max(2048, store.seq_len),
@@ -113,6 +120,8 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         "processes": accelerator.num_processes,
         "command": sys.argv,
     }
+    if masked:  # the train split's trained positions (a fact for the reader; --resume ignores it)
+        run["train_trained_tokens"] = sum(r.num_trained or 0 for r in train_records)
     if main:
         prepare_out(out, s["resume"], run)
     accelerator.wait_for_everyone()  # OUT is shared: every rank sees what the main one decided
@@ -160,6 +169,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         lr=s["lr"],
         steps=s["steps"],
         warmup=warmup,
+        vocab=vocab,
     )
     trainee.teacher = teacher
     if resuming:
@@ -179,6 +189,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
                 eval_batches(store, s["batch_size"], pad_id),
                 max_batches=s["eval_batches"],
                 teacher=teacher,
+                vocab=vocab,
             )
         eval_history.append({"step": trainee.step, **metrics})
         trainee.extra["eval_history"] = eval_history
@@ -189,7 +200,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     # 4. the loop
     start_step, started = trainee.step, time.perf_counter()
     stop_at = min(s["steps"], start_step + s["stop_after"]) if s["stop_after"] else s["steps"]
-    data_seconds, tokens_this_run = 0.0, 0
+    data_seconds, tokens_this_run, trained_this_run = 0.0, 0, 0
     bar = tqdm(
         total=s["steps"], initial=start_step, unit="step", disable=not main, dynamic_ncols=True
     )
@@ -203,6 +214,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
             data_seconds += time.perf_counter() - t0
             row = train_step(trainee, micro_batches, accelerator)
             tokens_this_run += int(row["tokens"])
+            trained_this_run += int(row["trained_tokens"])
             elapsed = time.perf_counter() - started
             row.update(
                 elapsed_s=round(elapsed, 3), tokens_per_s=round(tokens_this_run / elapsed, 1)
@@ -239,6 +251,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         "train": {
             "steps": trainee.step,
             "tokens": trainee.tokens,
+            "trained_tokens": trainee.trained_tokens,
             "last_loss": trainee.extra.get("last_loss"),
             "wall_seconds_this_run": round(wall, 3),
             "data_wait_share": round(data_seconds / max(wall, 1e-9), 4),
@@ -255,9 +268,11 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
             _print_table(eval_history)
         rate = tokens_this_run / max(wall, 1e-9)
         quality = _quality(final) if final else "no eval split"
+        trained = f" ({trained_this_run:,} trained)" if masked else ""
         click.echo(
             f"trained {source} ({run['student']['parameters']:,} parameters) for {trainee.step} steps: "
-            f"{tokens_this_run:,} tokens in {wall:.1f} s ({rate:,.0f} tokens/s); {quality}; saved to {out}"
+            f"{tokens_this_run:,} tokens{trained} in {wall:.1f} s ({rate:,.0f} tokens/s); "
+            f"{quality}; saved to {out}"
         )
     accelerator.wait_for_everyone()
     return metrics

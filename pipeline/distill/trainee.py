@@ -20,9 +20,13 @@ from typing import Any
 import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
-from kdcache.pipeline.distill.losses import IGNORE_INDEX, combine, loss_sums
+from kdcache.pipeline.distill.losses import IGNORE_INDEX, combine, loss_sums, trained_mask
+from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows, student_logits
 
-LOG_FIELDS = ("step", "tokens", "loss", "kd", "ce", "lr", "grad_norm", "elapsed_s", "tokens_per_s")
+# tokens: real input positions the student read; trained_tokens: those its KD terms counted
+# (loss_mask; fewer than tokens only in a store with a loss mask)
+LOG_FIELDS = ("step", "tokens", "trained_tokens", "loss", "kd", "ce", "lr", "grad_norm",
+              "elapsed_s", "tokens_per_s")  # fmt: skip
 # settings that must be identical to resume a run exactly
 RESUMABLE_SETTINGS = (
     "store", "student", "steps", "batch_size", "grad_accum", "lr", "warmup", "loss",
@@ -44,8 +48,10 @@ class Trainee:
     alpha: float
     max_grad_norm: float = 1.0
     teacher: Any = None  # a LiveTeacher for online KD (train-student --teacher), else None
+    vocab: int | None = None  # the store's tokenizer size: logits are sliced to it
     step: int = 0
-    tokens: int = 0
+    tokens: int = 0  # real input positions read, over all ranks
+    trained_tokens: int = 0  # of those, the trained ones (loss_mask)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able state saved with checkpoints
 
 
@@ -82,8 +88,13 @@ def make_trainee(
     warmup: int,
     weight_decay: float = 0.1,
     max_grad_norm: float = 1.0,
+    vocab: int | None = None,
 ) -> Trainee:
-    """AdamW (no decay on norms and biases) + warmup/cosine, prepared with ``accelerator``."""
+    """AdamW (no decay on norms and biases) + warmup/cosine, prepared with ``accelerator``.
+
+    ``vocab`` is the store's tokenizer size: the student's logits are sliced to it (its padded
+    embedding rows, if any, get no probability); None keeps every column.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
@@ -95,7 +106,9 @@ def make_trainee(
         optimizer, lambda step: lr_factor(step, warmup, steps)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    return Trainee(name, model, optimizer, scheduler, loss, temperature, alpha, max_grad_norm)
+    return Trainee(
+        name, model, optimizer, scheduler, loss, temperature, alpha, max_grad_norm, vocab=vocab
+    )
 
 
 def train_step(
@@ -103,12 +116,14 @@ def train_step(
 ) -> dict[str, Any]:
     """One optimizer step over ``micro_batches`` (gradient accumulation); returns the log row.
 
-    Each term is averaged over the tokens of the whole step, so accumulating N micro-batches
-    gives the gradient of one N-times larger batch.
+    Each term is averaged over the tokens of the whole step (KD over the trained positions, CE
+    over those with a label), so accumulating N micro-batches gives the gradient of one N-times
+    larger batch.
     """
     # compact loader dtypes cross to the device, widened there (ids → int64)
     batches = [batch_to_device(b, accelerator.device) for b in micro_batches]
-    kd_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    kd_tokens = sum(int(trained_mask(b).sum()) for b in batches)
     ce_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     model = trainee.model
     model.train()
@@ -119,8 +134,9 @@ def train_step(
         with sync:
             teacher = trainee.teacher if trainee.loss != "ce" else None
             if teacher is not None:  # online KD: the teacher's final hidden states (B, L, H)
+                check_batch_ids(b, embedding_rows(model), trainee.vocab)  # before the teacher
                 b["teacher_hidden"] = teacher.hidden(b["input_ids"], b["attention_mask"])
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = student_logits(model, b, trainee.vocab)  # (B, L, tokenizer size)
             sums = loss_sums(
                 logits, b, loss=trainee.loss, temperature=trainee.temperature, teacher=teacher
             )
@@ -141,12 +157,14 @@ def train_step(
     trainee.scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     trainee.step += 1
-    tokens = kd_tokens * accelerator.num_processes
+    tokens, trained = (n * accelerator.num_processes for n in (real_tokens, kd_tokens))
     trainee.tokens += tokens
+    trainee.trained_tokens += trained
     trainee.extra["last_loss"] = total_loss
     return {
         "step": trainee.step,
         "tokens": tokens,
+        "trained_tokens": trained,
         "loss": round(total_loss, 6),
         "kd": round(total_kd, 6),
         "ce": round(total_ce, 6),
@@ -182,7 +200,12 @@ def save_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerato
                 "scheduler": t.scheduler.state_dict(),
             }
             torch.save(state, tmp / f"{t.name}.pt")
-            progress = {"step": t.step, "tokens": t.tokens, "extra": t.extra}
+            progress = {
+                "step": t.step,
+                "tokens": t.tokens,
+                "trained_tokens": t.trained_tokens,
+                "extra": t.extra,
+            }
             (tmp / f"{t.name}.json").write_text(json.dumps(progress))
     accelerator.wait_for_everyone()
     (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader.state_dict()))
@@ -208,6 +231,7 @@ def load_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerato
         t.scheduler.load_state_dict(state["scheduler"])
         progress = json.loads((path / f"{t.name}.json").read_text())
         t.step, t.tokens, t.extra = progress["step"], progress["tokens"], progress["extra"]
+        t.trained_tokens = progress.get("trained_tokens", t.tokens)  # older checkpoints: unmasked
     loader.load_state_dict(json.loads((path / f"loader-rank{rank}.json").read_text()))
     rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

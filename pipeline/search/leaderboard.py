@@ -13,11 +13,14 @@ from kdcache.pipeline.files import write_text_atomic
 
 # eval metrics that only some stores' targets allow: a column appears when a row has it
 TEACHER_METRICS = ("ghost_kl_to_teacher", "sampled_kl_to_teacher", "top1_agreement")
+# columns only some stores have: the metrics above, the trained positions of a masked store
+OPTIONAL = (*TEACHER_METRICS, "trained_tokens_seen")
 COLUMNS = (
     "candidate",
     "parameters",
     "non_embedding_parameters",
     "tokens_seen",
+    "trained_tokens_seen",
     "eval_cross_entropy",
     *TEACHER_METRICS,
     "ece",
@@ -81,7 +84,7 @@ def write_leaderboard(
     """
     ranked = sorted(rows, key=lambda r: r["eval_cross_entropy"])
     present = {k for r in ranked for k in r}
-    columns = [c for c in COLUMNS if c not in TEACHER_METRICS or c in present]
+    columns = [c for c in COLUMNS if c not in OPTIONAL or c in present]
     extra = sorted(present - set(COLUMNS))
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=[*columns, *extra])

@@ -7,6 +7,11 @@ candidate, each batch fed to all of them → evaluate, save → leaderboard and 
 Every candidate of a group sees exactly the batches it would see alone (same loader seed) and
 starts from the weights it would have alone (seeded init), so training together changes wall
 time, not results.
+
+As in train-student, candidates are built on the store's tokenizer size, train and are evaluated
+on the trained positions only (``loss_mask``); ``tokens_seen`` counts the real input positions
+read (the token budget counts those too), ``trained_tokens_seen`` (masked stores only) the
+trained ones.
 """
 
 from __future__ import annotations
@@ -135,6 +140,7 @@ def _train_group(
     Returns False when ``--stop-after`` stopped it early (a checkpoint holds its progress).
     """
     main = accelerator.is_main_process
+    masked = store.has_loss_mask
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
     loader = TeacherLoader(
@@ -151,11 +157,12 @@ def _train_group(
         pin_memory=accelerator.device.type == "cuda",
     )
     warmup = config.warmup or max(1, steps // 10)
+    vocab = store.tokenizer_size
     trainees, models = [], {}
     for candidate in group:
         model, _ = build_student(
             config.base,
-            store.vocab_size,
+            vocab,
             tokenizer=tokenizer,
             overrides=candidate.architecture,
             seed=config.seed,
@@ -173,6 +180,7 @@ def _train_group(
                 lr=candidate.lr,
                 steps=steps,
                 warmup=warmup,
+                vocab=vocab,
             )
         )
     checkpoint = out / "groups" / "+".join(c.name for c in group)
@@ -223,6 +231,7 @@ def _train_group(
                     model,
                     eval_batches(store, config.batch_size, pad_id),
                     max_batches=config.eval_batches,
+                    vocab=vocab,
                 )
                 if has_eval
                 else {}
@@ -233,6 +242,7 @@ def _train_group(
                 "parameters": count_parameters(model),
                 "non_embedding_parameters": non_embedding_parameters(model),
                 "tokens_seen": trainee.tokens,
+                **({"trained_tokens_seen": trainee.trained_tokens} if masked else {}),
                 "eval_cross_entropy": metrics.get("cross_entropy", math.nan),
                 # the distances to the teacher that the store's targets allow (evaluation.METRICS)
                 **{name: metrics[name] for name in TEACHER_METRICS if name in metrics},
@@ -261,7 +271,7 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
 
-    # 1. the store, and every candidate built once on its vocabulary — before any training
+    # 1. the store, and every candidate built once on its tokenizer — before any training
     store = open_store(settings["store"])
     losses = {
         loss: check_store(store, loss) for loss in sorted({c.loss for c in config.candidates})
@@ -273,7 +283,7 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             build_student(
                 config.base,
-                store.vocab_size,
+                store.tokenizer_size,
                 tokenizer=tokenizer,
                 overrides=candidate.architecture,
                 max_positions=store.seq_len,

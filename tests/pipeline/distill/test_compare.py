@@ -137,19 +137,19 @@ def test_unwritable_markdown_is_one_line_exit_2(
     assert err.startswith("Error: cannot write --markdown") and "\n" not in err
 
 
-def test_teacher_with_another_vocabulary_is_refused(
+def test_a_teacher_embedding_fewer_ids_than_the_tokenizer_is_refused(
     store: Path, tiny_tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from conftest import save_tiny_model
 
-    other = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "other", vocab_size=600)
+    other = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "other", vocab_size=400)
     kd = write_student(tmp_path / "kd", 5)
     ce = write_student(tmp_path / "ce", 6)
     args = ["--teacher", str(other), "--store", str(store), "--kd", str(kd), "--ce", str(ce)]
     assert run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("Error: the teacher's vocabulary does not match")
-    assert "has 600 and" in err and "has 512" in err
+    assert err.startswith("Error: the store's tokenizer has 512 ids but the teacher embeds 400, ")
+    assert "id 400 has no row" in err
 
 
 def test_a_student_without_a_metric_shows_a_dash() -> None:

@@ -292,5 +292,5 @@ def test_the_largest_batch_of_a_topk_store_has_no_sampled_fields(store_url: str)
     largest = largest_batch(dataset)
     assert largest.counts == "" and largest.samples == 0 and largest.top_k == 8
     names = [name for name, *_ in batch_layout(largest)[0]]
-    assert names == ["input_ids", "labels", "attention_mask", "topk_logprobs", "topk_ids",
-                     "topk_tail_logprob"]  # fmt: skip
+    assert names == ["input_ids", "labels", "attention_mask", "loss_mask", "topk_logprobs",
+                     "topk_ids", "topk_tail_logprob"]  # fmt: skip

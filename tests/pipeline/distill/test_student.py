@@ -1,4 +1,4 @@
-"""Students from presets, config files and model directories, always on the store's vocabulary."""
+"""Students from presets, config files and model directories, always on the store's tokenizer."""
 
 from __future__ import annotations
 
@@ -56,14 +56,29 @@ def test_config_files_take_the_store_vocabulary_when_absent(tmp_path: Path, suff
     assert logits.shape == (1, 3, 400)
 
 
-def test_vocab_mismatch_names_both_sizes(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+def test_an_embedding_smaller_than_the_tokenizer_names_both_sizes_and_the_id(
+    tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"vocab_size": 100, "hidden_size": 32, "num_attention_heads": 2}))
-    with pytest.raises(UserError, match=r"vocab_size 100 but the store has 512"):
+    with pytest.raises(UserError, match=r"tokenizer has 512 ids but the student embeds 100, ") as e:
         build_student(str(config), TINY_VOCAB)
+    assert "id 100 has no row" in e.value.message and "\n" not in e.value.message
     model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "m")
-    with pytest.raises(UserError, match=r"vocab_size 512 but the store has 1000"):
+    with pytest.raises(UserError, match=r"has 1,000 ids but the student embeds 512, .*id 512 has"):
         build_student(str(model_dir), 1000)
+
+
+def test_a_padded_embedding_larger_than_the_tokenizer_is_a_valid_student(
+    tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"vocab_size": 576, "hidden_size": 32, "num_attention_heads": 2}))
+    assert build_student(str(config), TINY_VOCAB)[0].config.vocab_size == 576
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "m", vocab_size=640)
+    assert build_student(str(model_dir), TINY_VOCAB)[0].config.vocab_size == 640
+    # a preset takes the tokenizer's size
+    assert build_student("tiny", 500)[0].config.vocab_size == 500
 
 
 def test_a_model_directory_continues_from_its_weights(

@@ -156,7 +156,7 @@ def _corrupt(store: str, tmp_path: Path) -> str:
         ("missing-store", "does-not-exist"),
         ("unknown-preset", "unknown student, 'gigantic'"),
         ("bad-config", "cannot read the student config"),
-        ("vocab", "vocab_size 99 but the store has 512"),
+        ("vocab", "the store's tokenizer has 512 ids but the student embeds 99, "),
         ("steps", "--steps must be at least 1, got 0"),
         ("out-taken", "--out already holds files"),
         ("out-unwritable", "cannot create --out"),

@@ -190,14 +190,14 @@ def test_bad_configs_fail_before_training(store, tmp_path, capsys, text, message
 
 def test_candidates_whose_vocab_cannot_match_the_store_are_refused(store, tmp_path, capsys):
     base = tmp_path / "student.json"
-    base.write_text(json.dumps({"model_type": "llama", "vocab_size": 1000, "hidden_size": 32}))
+    base.write_text(json.dumps({"model_type": "llama", "vocab_size": 300, "hidden_size": 32}))
     config = tmp_path / "sweep.yaml"
     config.write_text(
         f"base: {base}\nbudget: {{steps: 5}}\nsearch: {{num_hidden_layers: [1, 2]}}\n"
     )
     assert sweep(store, config, tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert "1000" in err and str(TINY_VOCAB) in err and err.count("\n") == 1
+    assert "embeds 300" in err and str(TINY_VOCAB) in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
