@@ -28,8 +28,15 @@ TEACHER ?=
 DEFAULT_TEACHER ?= artifacts/teacher
 TEACHER_DIR = $(or $(TEACHER),$(DEFAULT_TEACHER))
 TEACHER_STEPS ?= 150
+TEACHER_CORPUS ?= stdlib
 CORPUS ?= stdlib
-STORE ?= artifacts/store
+# STORE empty: cache-teacher writes artifacts/store (artifacts/store-<corpus> for another
+# CORPUS, e.g. artifacts/store-stdlib-chat) and remembers it; train-student, compare and sweep
+# read the store cache-teacher wrote last
+STORE ?=
+LAST_STORE_FILE := artifacts/last-store
+CACHE_STORE = $(or $(STORE),artifacts/store$(if $(filter-out stdlib,$(CORPUS)),-$(subst *,all,$(notdir $(basename $(CORPUS))))))
+READ_STORE = $(or $(STORE),$(shell cat $(LAST_STORE_FILE) 2>/dev/null),artifacts/store)
 TARGETS ?= sampled
 TOPK ?= 32
 SAMPLES ?= 32
@@ -57,7 +64,7 @@ SWEEP_OUT ?= runs/sweep
 PYTEST_ARGS ?=
 
 KDCACHE := $(BIN)/kdcache
-STUDENT_ARGS = --store $(STORE) --student $(STUDENT) --steps $(STEPS) --batch-size $(BATCH_SIZE) \
+STUDENT_ARGS = --store $(READ_STORE) --student $(STUDENT) --steps $(STEPS) --batch-size $(BATCH_SIZE) \
 	--seed $(SEED) $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(ALPHA),--alpha $(ALPHA)) \
 	$(TRAIN_ARGS)
 
@@ -74,8 +81,9 @@ help: ## list targets and variables
 	@echo "Variables (current value):"
 	@echo "  TEACHER=$(TEACHER)      HF id or model dir; empty = build the default into $(DEFAULT_TEACHER)"
 	@echo "  TEACHER_STEPS=$(TEACHER_STEPS)  training steps of the default teacher"
-	@echo "  CORPUS=$(CORPUS)        dir, file, glob of .txt/.md/.py/.jsonl/.parquet, or stdlib"
-	@echo "  STORE=$(STORE)  logit store: local path or fsspec URL (s3://...)"
+	@echo "  CORPUS=$(CORPUS)        dir, file, glob of .txt/.md/.py/.jsonl/.parquet, stdlib or stdlib-chat"
+	@echo "  TEACHER_CORPUS=$(TEACHER_CORPUS)  what the default teacher is trained on"
+	@echo "  STORE=$(STORE)  logit store: local path or fsspec URL (s3://...); empty = $(CACHE_STORE) for cache-teacher, the last one written for the others"
 	@echo "  TARGETS=$(TARGETS) (topk|sampled|topk+sampled)  TOPK=$(TOPK)  SAMPLES=$(SAMPLES) (draws per position)"
 	@echo "  SEQLEN=$(SEQLEN)  FORMAT=$(FORMAT) (zarr|arrow)"
 	@echo "  MAX_TOKENS=$(MAX_TOKENS)  cap on cached corpus tokens (empty = whole corpus)"
@@ -102,28 +110,29 @@ $(STAMP): pyproject.toml
 teacher: $(DEFAULT_TEACHER)/config.json ## build the default teacher (tokenizer + small Llama) once
 
 $(DEFAULT_TEACHER)/config.json: | install
-	$(KDCACHE) build-teacher --corpus $(CORPUS) --out $(DEFAULT_TEACHER) --steps $(TEACHER_STEPS) \
+	$(KDCACHE) build-teacher --corpus $(TEACHER_CORPUS) --out $(DEFAULT_TEACHER) --steps $(TEACHER_STEPS) \
 		--eval-fraction $(EVAL_FRACTION) --threads $(THREADS) --force
 
 cache-teacher: install $(if $(TEACHER),,teacher) ## cache the teacher's soft targets (TARGETS) into STORE (resumable)
-	$(KDCACHE) cache-teacher --teacher $(TEACHER_DIR) --corpus $(CORPUS) --out $(STORE) \
+	$(KDCACHE) cache-teacher --teacher $(TEACHER_DIR) --corpus $(CORPUS) --out $(CACHE_STORE) \
 		--targets $(TARGETS) $(if $(filter topk topk+sampled,$(TARGETS)),--top-k $(TOPK)) \
 		$(if $(filter sampled topk+sampled,$(TARGETS)),--samples $(SAMPLES)) \
 		--seq-len $(SEQLEN) --format $(FORMAT) --eval-fraction $(EVAL_FRACTION) \
 		$(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS))
+	@mkdir -p $(dir $(LAST_STORE_FILE)) && echo "$(CACHE_STORE)" > $(LAST_STORE_FILE)
 
 train-student: install ## train STUDENT with KD (OUT) and CE-only (CE_OUT), then compare
 	@# replace earlier runs of this target (only directories that hold a train-student run)
 	@for dir in $(OUT) $(CE_OUT); do if [ -f "$$dir/run.json" ]; then rm -rf "$$dir"; fi; done
 	$(KDCACHE) train-student $(STUDENT_ARGS) --loss $(LOSS) --out $(OUT)
 	$(KDCACHE) train-student $(STUDENT_ARGS) --loss ce --out $(CE_OUT)
-	$(KDCACHE) compare --teacher $(TEACHER_DIR) --store $(STORE) --kd $(OUT) --ce $(CE_OUT)
+	$(KDCACHE) compare --teacher $(TEACHER_DIR) --store $(READ_STORE) --kd $(OUT) --ce $(CE_OUT)
 
 compare: install ## print the teacher / KD / CE-only table again
-	$(KDCACHE) compare --teacher $(TEACHER_DIR) --store $(STORE) --kd $(OUT) --ce $(CE_OUT)
+	$(KDCACHE) compare --teacher $(TEACHER_DIR) --store $(READ_STORE) --kd $(OUT) --ce $(CE_OUT)
 
 sweep: install ## train the candidates of SWEEP from STORE into SWEEP_OUT
-	$(KDCACHE) sweep --store $(STORE) --config $(SWEEP) --out $(SWEEP_OUT)
+	$(KDCACHE) sweep --store $(READ_STORE) --config $(SWEEP) --out $(SWEEP_OUT)
 
 lint: install ## ruff check + ruff format --check + mypy on storage/
 	$(BIN)/ruff check .

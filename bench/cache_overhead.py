@@ -72,33 +72,38 @@ def make_teacher(path: Path, tokenizer_dir: Path, hidden: int, layers: int, voca
 
 def packed_batches(args: argparse.Namespace) -> list:
     """The exact sequences cache-teacher will compute, grouped into its batches."""
-    import torch
     from transformers import AutoTokenizer
 
+    from kdcache.pipeline.cache.background import BatchSequences
+    from kdcache.pipeline.cache.batching import padded, teacher_batches
     from kdcache.pipeline.cache.corpus import CorpusStats, iter_documents, resolve_corpus
-    from kdcache.pipeline.cache.packing import batches, plan_shards, tokenize_documents
+    from kdcache.pipeline.cache.packing import conventions, plan_shards, tokenize_documents
 
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    rules = conventions(tokenizer)
     plans = list(
         plan_shards(
             tokenize_documents(
                 iter_documents(resolve_corpus(args.corpus), CorpusStats()),
                 tokenizer,
                 eval_fraction=0.0,
-                eos_id=tokenizer.eos_token_id,
                 max_tokens=args.tokens,
+                tokenizer_conventions=rules,
             ),
             seq_len=args.seq_len,
-            eos_id=tokenizer.eos_token_id,
             sequences_per_shard=max(1, args.shard_tokens // args.seq_len),
+            bos_id=rules.bos_id,
         )
     )
-    import numpy as np
-
-    return [
-        (plan, [torch.from_numpy(np.stack(g)).long() for g in batches(plan.sequences, args.batch)])
-        for plan in plans
-    ]
+    groups = []
+    for plan in plans:
+        lengths = [len(q) for q in plan.sequences]
+        batches = [
+            padded(BatchSequences([plan.sequences[i] for i in g], g), 0)[0].long()
+            for g in teacher_batches(lengths, args.batch, pad=False)
+        ]
+        groups.append((plan, batches))
+    return groups
 
 
 def child(args: argparse.Namespace) -> dict[str, float]:

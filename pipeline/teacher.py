@@ -54,6 +54,15 @@ class TeacherSource:
         return int(self.config.get_text_config().vocab_size)
 
     @property
+    def tokenizer_size(self) -> int:
+        """Ids the tokenizer can produce (``len(tokenizer)``), at most the embedding's rows.
+
+        Smaller than ``vocab_size`` when the embedding is padded (Qwen2.5: 151,665 ids on
+        151,936 or 152,064 rows); the padded rows are no token and get no probability.
+        """
+        return min(len(self.tokenizer), self.vocab_size)
+
+    @property
     def architecture(self) -> str:
         names = getattr(self.config, "architectures", None) or [self.config.model_type]
         return str(names[0])
@@ -281,10 +290,14 @@ def tokenizer_files(source: TeacherSource) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
-def tokenizer_fingerprint(files: dict[str, bytes]) -> dict[str, Any]:
-    """The manifest's ``tokenizer`` entry: sha256 over the files, and each file's sha256."""
+def tokenizer_fingerprint(files: dict[str, bytes], size: int | None = None) -> dict[str, Any]:
+    """The manifest's ``tokenizer`` entry: sha256 over the files, each file's sha256, and the
+    number of ids it produces (``size``, when given)."""
     hashes = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
     digest = hashlib.sha256()
     for name, sha in hashes.items():
         digest.update(f"{name}\0{sha}\n".encode())
-    return {"sha256": digest.hexdigest(), "files": hashes}
+    facts: dict[str, Any] = {"sha256": digest.hexdigest(), "files": hashes}
+    if size is not None:
+        facts["size"] = size
+    return facts

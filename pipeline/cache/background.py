@@ -12,7 +12,8 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -138,31 +139,55 @@ def to_host(*tensors: torch.Tensor) -> tuple[Any, ...]:
 
 
 def split_sequences(
-    arrays: dict[str, np.ndarray], batch: int, seq_len: int
+    arrays: dict[str, np.ndarray], rows_per_sequence: Sequence[int]
 ) -> Iterator[dict[str, np.ndarray]]:
     """A batch's targets (see ``targets.RowTargets``), one sequence at a time, as views.
 
     Args:
-        arrays: per-token fields of B * S rows ((B*S, k) or (B*S,)), and the ragged sampled
-            fields, whose first ``sampled_distinct.sum()`` entries are the rows' entries in order.
+        arrays: per-row fields of R = sum(rows_per_sequence) rows ((R, k) or (R,)), and the
+            ragged sampled fields, whose first ``sampled_distinct.sum()`` entries are the rows'
+            entries in order.
+        rows_per_sequence: (B,) the rows of each sequence (its trained positions), in order.
 
     Yields:
-        the fields of sequence b: (S, k) or (S,) per-token fields, (M_b,) ragged ones.
+        the fields of sequence b: (R_b, k) or (R_b,) per-row fields, (M_b,) ragged ones.
     """
+    bounds = np.zeros(len(rows_per_sequence) + 1, dtype=np.int64)  # (B+1,)
+    np.cumsum(rows_per_sequence, out=bounds[1:])
     offsets = None
     if "sampled_distinct" in arrays:
-        offsets = np.zeros(batch * seq_len + 1, dtype=np.int64)  # (B*S+1,)
-        np.cumsum(arrays["sampled_distinct"], out=offsets[1:])
-    for b in range(batch):
-        rows = slice(b * seq_len, (b + 1) * seq_len)
+        offsets = np.zeros(int(bounds[-1]) + 1, dtype=np.int64)  # (R+1,)
+        np.cumsum(arrays["sampled_distinct"][: bounds[-1]], out=offsets[1:])
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         sequence = {}
         for name, values in arrays.items():
             if name in RAGGED:
                 assert offsets is not None
-                sequence[name] = values[offsets[rows.start] : offsets[rows.stop]]
+                sequence[name] = values[offsets[start] : offsets[stop]]
             else:
-                sequence[name] = values[rows]
+                sequence[name] = values[start:stop]
         yield sequence
+
+
+@dataclass
+class BatchSequences:
+    """The sequences of one teacher batch, as the store keeps them.
+
+    Attributes:
+        tokens: each sequence's (L_b,) int32 tokens, without padding.
+        indices: each sequence's index in its shard (a batch may take them in any order).
+        loss_masks: each sequence's (L_b,) bool trained positions; None: every position.
+    """
+
+    tokens: list[np.ndarray]
+    indices: list[int]
+    loss_masks: list[np.ndarray] | None = None
+
+    def rows(self) -> list[int]:
+        """Target rows of each sequence: its trained positions."""
+        if self.loss_masks is None:
+            return [len(t) for t in self.tokens]
+        return [int(m.sum()) for m in self.loss_masks]
 
 
 class ShardSink:
@@ -187,10 +212,11 @@ class ShardSink:
     def open(self, split: str, index: int, corpus_range: dict[str, Any]) -> None:
         self._send(("open", split, index, corpus_range))
 
-    def put(self, tokens: np.ndarray, arrays: dict[str, torch.Tensor], event: Any) -> None:
-        """One batch: tokens (B, S) and its B * S rows of targets on the host (see
-        ``split_sequences``), readable once ``event`` (from ``to_host``; ``None`` on CPU) is done."""
-        self._send(("batch", tokens, arrays, event))
+    def put(self, batch: BatchSequences, arrays: dict[str, torch.Tensor], event: Any) -> None:
+        """One batch: its sequences and their target rows on the host (see
+        ``split_sequences``), readable once ``event`` (from ``to_host``; ``None`` on CPU) is done.
+        The shard's sequences are appended in index order, whatever order the batches take."""
+        self._send(("batch", batch, arrays, event))
 
     def commit(self) -> None:
         self._send(("commit",))
@@ -210,6 +236,8 @@ class ShardSink:
     def _run(self) -> None:
         lower_thread_priority()
         shard = None
+        waiting: dict[int, tuple[np.ndarray, dict[str, np.ndarray], Any]] = {}
+        next_index = 0
         try:
             while True:
                 message = self._queue.get()
@@ -218,23 +246,31 @@ class ShardSink:
                     break
                 if kind == "open":
                     shard = self._writer.open_shard(message[1], message[2], corpus_range=message[3])
+                    waiting, next_index = {}, 0
                 elif kind == "batch":
-                    _, tokens, arrays, event = message
+                    _, batch, arrays, event = message
                     if event is not None:
                         event.synchronize()
                     arrays = {name: values.numpy() for name, values in arrays.items()}
                     if "sampled_distinct" in arrays:
-                        self.sampled_entries += int(arrays["sampled_distinct"].sum())
-                        self.sampled_positions += arrays["sampled_distinct"].size
-                    # one stored sequence per input row
-                    for row, fields in enumerate(split_sequences(arrays, *tokens.shape)):
+                        rows = sum(batch.rows())
+                        self.sampled_entries += int(arrays["sampled_distinct"][:rows].sum())
+                        self.sampled_positions += rows
+                    masks = batch.loss_masks or [None] * len(batch.tokens)
+                    for b, fields in enumerate(split_sequences(arrays, batch.rows())):
+                        waiting[batch.indices[b]] = (batch.tokens[b], fields, masks[b])
+                    while next_index in waiting:  # one stored sequence per input, in order
+                        tokens, fields, mask = waiting.pop(next_index)
                         shard.append(
-                            tokens[row],
+                            tokens,
                             fields.pop("topk_ids", None),
                             fields.pop("topk_logprobs", None),
                             **fields,
+                            **({} if mask is None else {"loss_mask": mask}),
                         )
+                        next_index += 1
                 elif kind == "commit":
+                    assert not waiting, f"sequences {sorted(waiting)} came after a gap"
                     shard.commit()
                     shard = None
                     self.committed += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,11 @@ from typing import Any
 import click
 import numpy as np
 
-from kdcache.pipeline.cache.background import Prefetcher, ShardSink, to_host
+from kdcache.pipeline.cache.background import BatchSequences, Prefetcher, ShardSink, to_host
+from kdcache.pipeline.cache.batching import padded, teacher_batches
 from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats, iter_documents
-from kdcache.pipeline.cache.packing import batches
-from kdcache.pipeline.cache.report import progress_bar, summarize, summary_line
+from kdcache.pipeline.cache.packing import ShardPlan, needs_loss_mask
+from kdcache.pipeline.cache.report import PlanFacts, progress_bar, summarize, summary_line
 from kdcache.pipeline.cache.settings import (
     PROBE_TEXT,
     CacheSettings,
@@ -101,11 +102,11 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
             f"cache (revision {source.revision})",
             err=True,
         )
-    vocab_size, eos_id = source.vocab_size, source.eos_id
-    if s.stored_top_k > vocab_size:
+    vocab_size, eos_id, real_vocab = source.vocab_size, source.eos_id, source.tokenizer_size
+    if s.stored_top_k > real_vocab:
         raise UserError(
-            f"--top-k exceeds the teacher's vocabulary of {vocab_size}, got {s.top_k}, "
-            f"pass at most {vocab_size}"
+            f"--top-k exceeds the teacher's vocabulary of {real_vocab}, got {s.top_k}, "
+            f"pass at most {real_vocab}"
         )
     text_config = source.config.get_text_config()
     context = getattr(text_config, "max_position_embeddings", None) or getattr(
@@ -119,6 +120,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     probe = source.tokenizer(PROBE_TEXT * 4, add_special_tokens=False)["input_ids"][:64] or [eos_id]
     check_token_ids(np.asarray(probe), vocab_size, s.teacher)
     corpus, corpus_bytes = corpus_facts(s, files)
+    masked = needs_loss_mask(corpus["kind"], corpus["packing"], corpus["train_on"])
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -127,7 +129,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     manifest = make_manifest(
         backend=s.format,
         teacher=teacher_fingerprint(source, dtype),
-        tokenizer=tokenizer_fingerprint(tokenizer),
+        tokenizer=tokenizer_fingerprint(tokenizer, real_vocab),
         vocab_size=vocab_size,
         top_k=s.stored_top_k,
         seq_len=s.seq_len,
@@ -136,6 +138,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         targets=s.targets,
         samples=s.stored_samples,
         sample_seed=s.sample_seed if s.wants_samples else None,
+        loss_mask=masked,
     )
     writer = open_store_on_all_ranks(accelerator, s.out, manifest, tokenizer)
     already = set(writer.committed())
@@ -143,11 +146,18 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     # Reading and tokenizing run in a background thread from here on, so the first shards are
     # planned while the teacher loads; results go through a bounded queue to the writer thread.
     stats = CorpusStats()
-    with closing(Prefetcher(lambda: shard_plan(s, files, stats, source), maxsize=2)) as plan:
+    plan_facts = PlanFacts()
+    make_plan = lambda: shard_plan(s, files, stats, source, corpus, plan_facts)  # noqa: E731
+    with closing(Prefetcher(make_plan, maxsize=2)) as plan:
         model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
         keep_freed_memory(device, large_blocks=False)  # CPU: no page faults per activation
         targets = TeacherTargets(
-            model, s.stored_top_k, s.stored_samples, s.sample_seed, chunk_tokens=s.chunk_tokens
+            model,
+            s.stored_top_k,
+            s.stored_samples,
+            s.sample_seed,
+            chunk_tokens=s.chunk_tokens,
+            real_vocab=real_vocab if real_vocab < vocab_size else None,
         )
         note = targets.self_check(torch.tensor([probe], device=device))
         if note and accelerator.is_main_process:
@@ -166,7 +176,13 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     # distinct sampled ids over the positions every rank computed in this run
     sampled = accelerator.reduce(torch.tensor(sampled, device=device), reduction="sum").tolist()
     records = writer.committed()
+    if not records:  # every example skipped: say why instead of finishing an empty store
+        raise UserError(
+            f"the corpus gave no sequence to cache ({stats.summary()}), {s.corpus}, "
+            "check --seq-len, --train-on and the records"
+        )
     summary = summarize(records, already, stats, time.perf_counter() - started, targets.method)
+    summary |= plan_facts.summary(corpus)
     if s.wants_samples:
         summary["samples"] = s.samples
         summary["sampled_distinct_per_position"] = sampled[0] / sampled[1] if sampled[1] else None
@@ -178,26 +194,46 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     return summary
 
 
-def shard_plan(s: CacheSettings, files: list[Path], stats: CorpusStats, source: Any) -> Any:
-    """Documents → token ids → packed sequences → the shard plan (every rank the same)."""
-    from kdcache.pipeline.cache.packing import plan_shards, tokenize_documents
+def shard_plan(
+    s: CacheSettings,
+    files: list[Path],
+    stats: CorpusStats,
+    source: Any,
+    corpus: dict[str, Any],
+    facts: PlanFacts,
+) -> Iterator[ShardPlan]:
+    """Documents → token ids (BOS/EOS as the tokenizer has them) → packed sequences with their
+    trained positions → the shard plan (every rank the same)."""
+    from kdcache.pipeline.cache.packing import conventions, plan_shards, tokenize_documents
 
-    return plan_shards(
+    tokenizer = source.tokenizer
+    rules = conventions(tokenizer, source.eos_id)
+    plan = plan_shards(
         tokenize_documents(
             iter_documents(files, stats, s.text_field),
-            source.tokenizer,
+            tokenizer,
             eval_fraction=s.eval_fraction,
-            eos_id=source.eos_id,
             max_tokens=s.max_tokens,
+            train_on=corpus["train_on"],
+            seq_len=s.seq_len,
+            packing=corpus["packing"],
+            stats=stats,
+            tokenizer_conventions=rules,
         ),
         seq_len=s.seq_len,
-        eos_id=source.eos_id,
         sequences_per_shard=max(1, s.shard_tokens // s.seq_len),
+        packing=corpus["packing"],
+        bos_id=rules.bos_id,
+        stats=stats,
+        masked=needs_loss_mask(corpus["kind"], corpus["packing"], corpus["train_on"]),
     )
+    for shard in plan:
+        facts.count(shard)
+        yield shard
 
 
 def compute_shards(
-    plan: Iterable[Any],
+    plan: Iterable[ShardPlan],
     writer: Any,
     targets: Any,
     device: Any,
@@ -210,6 +246,9 @@ def compute_shards(
     """This rank's shards of the plan (index % world == rank), minus those committed before:
     teacher forward and targets on the device, compression and commits in the writer thread.
 
+    Only the trained positions (the shard's loss masks; every position without them) get
+    targets. Sequences of unequal length are batched longest first and right-padded: causal
+    attention keeps the padding out of every real position, and the padding gets no targets.
     Sampling keys each position by (split, shard index, sequence in the shard, t), so its draws
     are the same whichever rank computes it, in whatever batch (docs/architecture.md §3).
 
@@ -220,7 +259,8 @@ def compute_shards(
 
     from kdcache.pipeline.cache.sampling import position_keys
 
-    vocab_size = writer.manifest["vocab_size"]
+    vocab_size, packing = writer.manifest["vocab_size"], writer.manifest["corpus"]["packing"]
+    pad_id = 0  # any id: causal attention keeps padding out of the real positions
     logprob_dtype = (
         torch.float16 if writer.manifest["logprob_dtype"] == "float16" else torch.float32
     )
@@ -231,22 +271,28 @@ def compute_shards(
                 advance(shard.num_tokens)  # another rank's work, or done in an earlier run
                 continue
             sink.open(shard.split, shard.index, shard.corpus_range)
-            first = 0  # index in the shard of the batch's first sequence
-            for group in batches(shard.sequences, s.batch_size):
-                tokens = torch.from_numpy(np.stack(group))  # (B, S) int32
+            lengths = [len(q) for q in shard.sequences]
+            for group in teacher_batches(lengths, s.batch_size, pad=packing == "separate"):
+                batch = BatchSequences(
+                    [shard.sequences[i] for i in group],
+                    group,
+                    None if shard.loss_masks is None else [shard.loss_masks[i] for i in group],
+                )
+                tokens, rows = padded(batch, pad_id)  # (B, S) int32, (B, S) bool or None
                 check_token_ids(tokens, vocab_size, s.teacher)
                 if device.type == "cuda":
                     tokens = tokens.pin_memory()
                 input_ids = tokens.to(device, non_blocking=True).long()
+                if rows is not None:
+                    rows = rows.to(device, non_blocking=True)
                 keys = None
                 if s.wants_samples:  # (B, S, 4)
-                    keys = position_keys(shard.split, shard.index, first, *tokens.shape, device)
-                rows = targets(input_ids, keys).compact(logprob_dtype, s.stored_samples)
-                arrays = rows.arrays()  # B * S rows, on the device
+                    keys = position_keys(shard.split, shard.index, group, tokens.shape[1], device)
+                computed = targets(input_ids, keys, rows).compact(logprob_dtype, s.stored_samples)
+                arrays = computed.arrays()  # R rows (the trained positions), on the device
                 *host, event = to_host(*arrays.values())
-                sink.put(tokens.numpy(), dict(zip(arrays, host, strict=True)), event)
-                first += len(group)
-                advance(tokens.numel())
+                sink.put(batch, dict(zip(arrays, host, strict=True)), event)
+                advance(sum(len(q) for q in batch.tokens))
             sink.commit()
             advance(0, shards_done=len(already) + sink.committed)
     return sink.sampled_entries, sink.sampled_positions
@@ -257,7 +303,8 @@ def compute_shards(
 @click.option(
     "--corpus",
     required=True,
-    help="Directory, file or glob of .txt/.md/.py/.jsonl/.parquet, or `stdlib`.",
+    help="Directory, file or glob of .txt/.md/.py/.jsonl/.parquet (text, chat `messages` or "
+    "`prompt`/`completion` records), or `stdlib` / `stdlib-chat` (built in, offline).",
 )
 @click.option("--out", required=True, help="Store directory or fsspec URL (created, or resumed).")
 @click.option(
@@ -318,6 +365,21 @@ def compute_shards(
     help="Field of .jsonl records / column of .parquet files.",
 )
 @click.option(
+    "--packing",
+    default="auto",
+    show_default=True,
+    help="concat (documents joined and cut to --seq-len, for pretraining text), separate (one "
+    "example per sequence, never mixed) or auto (separate for chat and prompt/completion "
+    "records, concat for text).",
+)
+@click.option(
+    "--train-on",
+    default="assistant",
+    show_default=True,
+    help="For chat and prompt/completion records: assistant (the loss, and the stored targets, "
+    "only on the assistant's or completion's tokens) or all.",
+)
+@click.option(
     "--trust-remote-code",
     is_flag=True,
     help="Allow the teacher's own Python code (only for teachers you trust).",
@@ -329,7 +391,7 @@ def command(format_: str, **options: Any) -> None:
     ctx = click.get_current_context()
     explicit = frozenset(
         name
-        for name in ("top_k", "samples", "sample_seed")
+        for name in ("top_k", "samples", "sample_seed", "train_on")
         if ctx.get_parameter_source(name)
         not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
     )

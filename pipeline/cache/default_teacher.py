@@ -9,6 +9,11 @@ model → training loop → held-out evaluation → atomic save.
 Held-out documents are chosen with the same content hash as ``cache-teacher``
 (``is_eval_document``), so with the same ``--eval-fraction`` the teacher never trains on
 the documents that later make up the store's ``eval`` split.
+
+The teacher trains on plain text (EOS between documents, no BOS: its tokenizer adds no special
+tokens). Its tokenizer carries a chat template that renders a conversation as Python (a user turn
+as a signature line, an assistant turn as the docstring that follows), so the ``stdlib-chat``
+corpus is meaningful to it.
 """
 
 from __future__ import annotations
@@ -84,6 +89,11 @@ def _read_split(
         stats = CorpusStats()
         train, held_out = [], []
         for document in iter_documents(files, stats, text_field=text_field):
+            if document.kind != "text":
+                raise UserError(
+                    f"build-teacher trains on plain text, {corpus} holds {document.kind} "
+                    f"records ({document.source}), give a text corpus such as `stdlib`"
+                )
             (held_out if is_eval_document(document.text, eval_fraction) else train).append(
                 document.text
             )
@@ -181,14 +191,16 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
 
-    # 1. documents and tokenizer (trained on the training documents only)
-    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
+    # 1. documents and tokenizer (trained on the training documents only); its chat template
+    # renders a conversation as Python (a signature, then its docstring: the stdlib-chat corpus)
+    from kdcache.pipeline.cache.tokenizer import PYTHON_CHAT_TEMPLATE, train_bpe_tokenizer
 
     train_texts, held_out_texts, stats = _read_split(
         s["corpus"], s["eval_fraction"], s["text_field"]
     )
     click.echo(f"corpus {s['corpus']}: {stats.summary()}; {len(held_out_texts)} held out", err=True)
     tokenizer = train_bpe_tokenizer(train_texts, vocab_size=s["vocab_size"])
+    tokenizer.chat_template = PYTHON_CHAT_TEMPLATE
     train_sequences = [
         q for q in _pack(tokenizer, train_texts, s["seq_len"]) if len(q) == s["seq_len"]
     ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from kdcache.pipeline.cache.corpus import CorpusStats
+from kdcache.pipeline.cache.packing import ShardPlan
 
 
 @contextmanager
@@ -38,6 +40,28 @@ def progress_bar(estimate: int, *, enabled: bool) -> Iterator[Callable[..., None
         bar.close()
 
 
+@dataclass
+class PlanFacts:
+    """What the shard plan held, over every shard (computed in this run or before)."""
+
+    positions: int = 0
+    trained: int = 0
+
+    def count(self, plan: ShardPlan) -> None:
+        self.positions += plan.num_tokens
+        masks = plan.loss_masks
+        self.trained += plan.num_tokens if masks is None else int(sum(m.sum() for m in masks))
+
+    def summary(self, corpus: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "corpus_kind": corpus["kind"],
+            "packing": corpus["packing"],
+            "train_on": corpus["train_on"],
+            "trained_positions": self.trained,
+            "trained_fraction": self.trained / max(self.positions, 1),
+        }
+
+
 def summarize(
     records: dict[str, Any], already: set[str], stats: CorpusStats, seconds: float, method: str
 ) -> dict[str, Any]:
@@ -63,6 +87,10 @@ def summarize(
         "empty_documents_skipped": stats.empty_skipped,
         "unparseable_documents_skipped": stats.unparseable_skipped,
         "invalid_utf8_documents_repaired": stats.invalid_utf8_replaced,
+        "examples_split": stats.split_examples,
+        "examples_skipped_too_long": stats.skipped_too_long,
+        "examples_skipped_nothing_to_train": stats.skipped_nothing_to_train,
+        "untrained_sequences_dropped": stats.untrained_sequences_dropped,
         "method": method,
     }
 
@@ -76,10 +104,25 @@ def summary_line(f: dict[str, Any], out: str) -> str:
             f", {f['sampled_distinct_per_position']:.2f} distinct ids per position{scope} "
             f"from {f['samples']} draws"
         )
+    trained = ""
+    if f.get("trained_fraction", 1.0) < 1.0:
+        per_trained = f["bytes"] / max(f["trained_positions"], 1)
+        trained = (
+            f" ({f['trained_fraction']:.1%} of positions trained, {per_trained:.1f} bytes per "
+            "trained position)"
+        )
+    examples = ""
+    if f.get("corpus_kind", "text") != "text" or f.get("examples_split"):
+        examples = (
+            f"; examples: {f['examples_split']} split, {f['examples_skipped_too_long']} skipped "
+            f"as longer than --seq-len, {f['examples_skipped_nothing_to_train']} skipped with "
+            f"nothing to train, {f['untrained_sequences_dropped']} sequences without a trained "
+            "position dropped"
+        )
     return (
         f"cache-teacher: {f['sequences']:,} sequences, {f['tokens']:,} tokens, "
-        f"{f['shards']} shards{resumed}, {f['bytes_per_token']:.1f} bytes/token{sampled}, "
+        f"{f['shards']} shards{resumed}, {f['bytes_per_token']:.1f} bytes/token{trained}{sampled}, "
         f"{f['seconds']:.1f} s, {f['tokens_per_second']:,.0f} tokens/s, skipped documents: "
         f"{f['empty_documents_skipped']} empty, {f['unparseable_documents_skipped']} unparseable "
-        f"({f['invalid_utf8_documents_repaired']} with invalid UTF-8 repaired) -> {out}"
+        f"({f['invalid_utf8_documents_repaired']} with invalid UTF-8 repaired){examples} -> {out}"
     )

@@ -13,6 +13,8 @@ Everything runs on the device, vectorized over rows: no Python loop over rows, n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 SPLIT_CODES = {"train": 0, "eval": 1}
@@ -84,14 +86,14 @@ def uniforms(seed: int, keys: torch.Tensor, samples: int) -> torch.Tensor:
 
 
 def position_keys(
-    split: str, shard: int, first_sequence: int, batch: int, seq_len: int, device: torch.device
+    split: str, shard: int, sequences: Sequence[int], seq_len: int, device: torch.device
 ) -> torch.Tensor:
-    """Keys of a batch of consecutive sequences of one shard: (B, S, 4) int64
-    (split code, shard index, sequence index in the shard, position t)."""
-    keys = torch.empty((batch, seq_len, 4), dtype=torch.int64, device=device)
+    """Keys of a batch of sequences of one shard: (B, S, 4) int64 (split code, shard index,
+    sequence index in the shard, position t); ``sequences`` are the B indices in the shard."""
+    keys = torch.empty((len(sequences), seq_len, 4), dtype=torch.int64, device=device)
     keys[..., 0] = SPLIT_CODES[split]
     keys[..., 1] = shard
-    keys[..., 2] = torch.arange(first_sequence, first_sequence + batch, device=device)[:, None]
+    keys[..., 2] = torch.tensor(list(sequences), dtype=torch.int64, device=device)[:, None]
     keys[..., 3] = torch.arange(seq_len, device=device)
     return keys
 

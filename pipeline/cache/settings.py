@@ -11,11 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats, iter_documents, resolve_corpus
+from kdcache.pipeline.cache.corpus import (
+    STDLIB_CHAT,
+    CorpusError,
+    CorpusStats,
+    iter_documents,
+    resolve_corpus,
+)
 from kdcache.pipeline.errors import UserError
 from kdcache.storage.manifest import MAX_SAMPLES, TARGETS  # MAX_SAMPLES: what uint16 counts hold
 
 FORMATS = ("zarr", "arrow")
+PACKINGS = ("auto", "concat", "separate")  # auto: separate for chat corpora, concat for text
+TRAIN_ON = ("assistant", "all")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 PROBE_TEXT = "def probe(x):\n    return x * 2  # The quick brown fox jumps over the lazy dog.\n"
 
@@ -40,9 +48,17 @@ class CacheSettings:
     targets: str = "topk"
     samples: int = 32
     sample_seed: int = 0
+    packing: str = "auto"
+    train_on: str = "assistant"
     chunk_tokens: int | None = None  # rows of vocab-wide floats at a time; None = 128 MiB worth
-    # options given on the command line (not defaults): top_k, samples, sample_seed
+    # options given on the command line (not defaults): top_k, samples, sample_seed, train_on
     explicit: frozenset[str] = frozenset()
+
+    def resolved_packing(self, kind: str) -> str:
+        """concat or separate for a corpus of ``kind`` (text, chat or prompt)."""
+        if self.packing != "auto":
+            return self.packing
+        return "concat" if kind == "text" else "separate"
 
     @property
     def wants_topk(self) -> bool:
@@ -71,6 +87,10 @@ def check_settings(s: CacheSettings) -> list[Path]:
         raise UserError(f"unknown --dtype, {s.dtype}, use one of {', '.join(DTYPE_CHOICES)}")
     if s.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {s.seq_len}, pass a larger value")
+    if s.packing not in PACKINGS:
+        raise UserError(f"unknown --packing, {s.packing}, use one of {', '.join(PACKINGS)}")
+    if s.train_on not in TRAIN_ON:
+        raise UserError(f"unknown --train-on, {s.train_on}, use one of {', '.join(TRAIN_ON)}")
     check_targets(s)
     for name, value in (("--batch-size", s.batch_size), ("--shard-tokens", s.shard_tokens)):
         if value < 1:
@@ -135,11 +155,18 @@ def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], i
     Raises:
         UserError: every document is empty.
     """
-    from kdcache.pipeline.cache.corpus import STDLIB, check_parquet_columns, corpus_fingerprint
+    from kdcache.pipeline.cache.corpus import (
+        STDLIB,
+        check_parquet_columns,
+        corpus_fingerprint,
+        corpus_kind,
+    )
 
     stats = CorpusStats()
     try:
-        check_parquet_columns(files, s.text_field)
+        kind = corpus_kind(files, s.text_field)
+        if kind == "text":
+            check_parquet_columns(files, s.text_field)
         next(iter_documents(files, stats, s.text_field))
     except StopIteration:
         raise UserError(
@@ -148,7 +175,13 @@ def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], i
         ) from None
     except CorpusError as e:
         raise UserError(str(e)) from e
-    spec = s.corpus if s.corpus == STDLIB else str(Path(s.corpus).expanduser().absolute())
+    if kind == "text" and "train_on" in s.explicit:
+        raise UserError(
+            f"--train-on applies to chat and prompt/completion records, {s.corpus} holds "
+            "plain text (every token is trained), leave it out"
+        )
+    builtin = s.corpus in (STDLIB, STDLIB_CHAT)
+    spec = s.corpus if builtin else str(Path(s.corpus).expanduser().absolute())
     facts = {
         "spec": spec,
         "fingerprint": corpus_fingerprint(s.corpus, files),
@@ -156,6 +189,9 @@ def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], i
         "eval_fraction": s.eval_fraction,
         "text_field": s.text_field,
         "max_tokens": s.max_tokens,
+        "kind": kind,  # text, chat or prompt (docs/architecture.md §4)
+        "packing": s.resolved_packing(kind),
+        "train_on": "all" if kind == "text" else s.train_on,
     }
     return facts, sum(p.stat().st_size for p in files)
 

@@ -139,6 +139,9 @@ class TargetSpec:
     top_k: int = 0
     samples: int = 0
     seed: int = 0
+    # ids the tokenizer can produce; rows of a padded embedding beyond them are masked out of
+    # the softmax (probability 0: never in the top-k, never drawn). None: every row is real.
+    real_vocab: int | None = None
 
 
 def chunked_targets(
@@ -184,6 +187,8 @@ def chunked_targets(
             logits = scratch.get("float32", logits, tuple(logits.shape), torch.float32).copy_(
                 logits
             )
+        if spec.real_vocab is not None and spec.real_vocab < logits.shape[-1]:
+            logits[:, spec.real_vocab :] = float("-inf")  # padded embedding rows
         # the model's own kernel, so the values are the reference's to the last bit
         chunk = scratch.get("logprobs", logits, tuple(logits.shape), torch.float32)
         torch.log_softmax(logits, dim=-1, out=chunk)  # (C, V)
@@ -242,6 +247,8 @@ class TeacherTargets:
         samples: draws N per position (0: no samples).
         seed: the seed of the draws.
         chunk_tokens: rows per chunk of the vocab-wide computation (default: 128 MiB of scratch).
+        real_vocab: the tokenizer's size when the embedding is padded beyond it (those rows get
+            probability 0); None when every row is a real id.
     """
 
     def __init__(
@@ -251,10 +258,11 @@ class TeacherTargets:
         samples: int = 0,
         seed: int = 0,
         chunk_tokens: int | None = None,
+        real_vocab: int | None = None,
     ) -> None:
         assert top_k or samples, "nothing to compute"
         self.model = model
-        self.spec = TargetSpec(top_k, samples, seed)
+        self.spec = TargetSpec(top_k, samples, seed, real_vocab)
         self.head = logit_head(model)
         weight = self.head.lm_head.weight
         vocab, itemsize = int(weight.shape[0]), weight.element_size()
@@ -270,46 +278,74 @@ class TeacherTargets:
             return "model forward, one row at a time"
         return f"decoder body + chunked {self.head.describe()}"
 
-    def _chunked(self, input_ids: torch.Tensor, keys: torch.Tensor | None) -> RowTargets:
+    def _chunked(
+        self, input_ids: torch.Tensor, keys: torch.Tensor | None, rows: torch.Tensor | None
+    ) -> RowTargets:
         b, s = input_ids.shape
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = hidden.reshape(b * s, -1)  # (B*S, H)
+        if keys is not None:
+            keys = keys.reshape(b * s, -1)  # (B*S, 4)
+        if rows is not None:  # only the positions a student trains on: (R, H), (R, 4)
+            flat = rows.reshape(-1)
+            hidden = hidden[flat]
+            keys = None if keys is None else keys[flat]
         return chunked_targets(
-            hidden.reshape(b * s, -1),
-            self.head,
-            self.spec,
-            self.chunk_tokens,
-            keys=None if keys is None else keys.reshape(b * s, -1),
-            scratch=self.scratch,
+            hidden, self.head, self.spec, self.chunk_tokens, keys=keys, scratch=self.scratch
         )
 
-    def _model_forward(self, input_ids: torch.Tensor, keys: torch.Tensor | None) -> RowTargets:
+    def _model_forward(
+        self, input_ids: torch.Tensor, keys: torch.Tensor | None, rows: torch.Tensor | None
+    ) -> RowTargets:
         b, s = input_ids.shape
+        total = b * s if rows is None else int(rows.sum())
         out = None
+        done = 0
         for row in range(b):  # one row's (S, V) logits at a time
             logits = self.model(input_ids=input_ids[row][None], use_cache=False).logits[0]
+            row_keys = None if keys is None else keys[row]  # (S, 4)
+            if rows is not None:
+                logits = logits[rows[row]]  # (R_b, V)
+                row_keys = None if row_keys is None else row_keys[rows[row]]
             if out is None:
                 vocab = logits.shape[-1]
                 spec = self.spec
-                out = RowTargets.empty(b * s, spec.top_k, spec.samples, vocab, logits.device)
+                out = RowTargets.empty(total, spec.top_k, spec.samples, vocab, logits.device)
             chunked_targets(
                 logits,
                 _identity,
                 self.spec,
                 self.chunk_tokens,
-                keys=None if keys is None else keys[row],
+                keys=row_keys,
                 scratch=self.scratch,
                 out=out,
-                row_offset=row * s,
+                row_offset=done,
             )
+            done += logits.shape[0]
         assert out is not None
         return out
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, keys: torch.Tensor | None = None) -> RowTargets:
-        """(B, S) input ids and (B, S, 4) position keys (to sample) -> targets of B * S rows."""
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> RowTargets:
+        """Targets of the positions ``rows`` selects (all when None), row-major.
+
+        Args:
+            input_ids: (B, S) ids; right padding is harmless (causal attention: a position
+                never sees the ones after it), as long as ``rows`` leaves the padding out.
+            keys: (B, S, 4) position keys (to sample).
+            rows: (B, S) bool, the positions to compute.
+
+        Returns:
+            targets of R = rows.sum() (or B * S) rows, in row-major position order.
+        """
         if self.use_model_forward:
-            return self._model_forward(input_ids, keys)
-        return self._chunked(input_ids, keys)
+            return self._model_forward(input_ids, keys, rows)
+        return self._chunked(input_ids, keys, rows)
 
     @torch.inference_mode()
     def self_check(self, probe_ids: torch.Tensor) -> str | None:
@@ -320,13 +356,20 @@ class TeacherTargets:
             uses the model's own forward.
         """
         logits = self.model(input_ids=probe_ids, use_cache=False).logits[0].float()  # (P, V)
-        reference = torch.log_softmax(logits, dim=-1)  # (P, V)
+        real = self.spec.real_vocab
+        masked = logits
+        if real is not None and real < logits.shape[-1]:  # as the chunked path masks padding
+            masked = logits.clone()
+            masked[:, real:] = float("-inf")
+        reference = torch.log_softmax(masked, dim=-1)  # (P, V)
         keys = torch.zeros((*probe_ids.shape, 4), dtype=torch.int64, device=probe_ids.device)
         note = split_verdict(
             self.model,
             self.head,
             logits,
-            lambda: _largest_error(self._chunked(probe_ids, keys), reference, self.spec.top_k),
+            lambda: _largest_error(
+                self._chunked(probe_ids, keys, None), reference, self.spec.top_k
+            ),
         )
         self.use_model_forward = note is not None
         return note

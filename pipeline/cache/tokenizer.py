@@ -1,4 +1,5 @@
-"""Train a byte-level BPE tokenizer on the fly (the default teacher and the tests use it)."""
+"""Train a byte-level BPE tokenizer on the fly (the default teacher and the tests use it), and the
+default teacher's chat template, which renders a conversation as Python source."""
 
 from __future__ import annotations
 
@@ -32,3 +33,24 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+# The default teacher's chat template. The teacher is a small Llama trained on Python source, so a
+# conversation is rendered as Python: system lines as ``# `` comments, a user turn as its text and
+# a newline (a signature, say), an assistant turn as the indented docstring that follows it, then
+# EOS. Every turn is a prefix of the longer conversations and the generation prompt is the opening
+# quotes, so the assistant's tokens are found the usual way (pipeline/cache/chat.py).
+PYTHON_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{{- '# ' + message['content'].split('\\n') | join('\\n# ') + '\\n' }}"
+    "{%- elif message['role'] == 'user' %}"
+    "{{- message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '    \"\"\"' + message['content'] | indent(4) + '\"\"\"\\n' + eos_token }}"
+    "{%- else %}"
+    "{{- raise_exception('the Python chat template has no role ' + message['role']) }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    '{%- if add_generation_prompt %}{{- \'    """\' }}{%- endif %}'
+)

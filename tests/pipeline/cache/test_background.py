@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.pipeline.cache.background import Prefetcher, ShardSink, lower_thread_priority
+from kdcache.pipeline.cache.background import (
+    BatchSequences,
+    Prefetcher,
+    ShardSink,
+    lower_thread_priority,
+)
 
 
 def test_prefetcher_yields_everything_in_order() -> None:
@@ -154,13 +159,13 @@ class _RecordingWriter:
         return Shard()
 
 
-def _batch(rows: int, seq: int, k: int = 3):
+def _batch(rows: int, seq: int, k: int = 3, first: int = 0):
     tokens = np.arange(rows * seq, dtype=np.int32).reshape(rows, seq)
     arrays = {
         "topk_ids": torch.zeros(rows * seq, k, dtype=torch.int32),
         "topk_logprobs": torch.zeros(rows * seq, k, dtype=torch.float16),
     }
-    return tokens, arrays
+    return BatchSequences(list(tokens), list(range(first, first + rows))), arrays
 
 
 def test_shard_sink_appends_one_sequence_per_row_and_commits_in_order() -> None:
@@ -199,7 +204,7 @@ def test_shard_sink_splits_ragged_samples_into_sequences() -> None:
     distinct = torch.tensor([1, 2, 3, 1, 1, 2], dtype=torch.uint8)  # 2 sequences x 3 positions
     m = int(distinct.sum())
     capacity = 6 * 4 + 1
-    tokens, arrays = _batch(2, 3)
+    batch, arrays = _batch(2, 3)
     arrays |= {
         "topk_tail_logprob": torch.arange(6, dtype=torch.float32),
         "sampled_distinct": distinct,
@@ -209,7 +214,7 @@ def test_shard_sink_splits_ragged_samples_into_sequences() -> None:
     }
     with ShardSink(writer) as sink:
         sink.open("train", 0, {})
-        sink.put(tokens, arrays, None)
+        sink.put(batch, arrays, None)
         sink.commit()
     first, second = writer.fields
     assert first["topk_tail_logprob"].tolist() == [0, 1, 2]
@@ -218,3 +223,27 @@ def test_shard_sink_splits_ragged_samples_into_sequences() -> None:
     assert second["sampled_ids"].tolist() == list(range(6, m))
     assert second["sampled_logprobs"].tolist() == [-6, -7, -8, -9]
     assert second["sampled_counts"].dtype == np.uint8
+
+
+def test_shard_sink_appends_in_shard_order_and_passes_the_trained_rows_of_masked_sequences() -> (
+    None
+):
+    """Batches may take a shard's sequences in any order (longest first); the sink appends them
+    by index, each with its loss mask and its trained positions' rows only."""
+    writer = _RecordingWriter()
+    masks = [np.array([1, 0, 1, 1], bool), np.array([0, 1, 0], bool), np.array([1, 1], bool)]
+    tokens = [np.arange(4, dtype=np.int32), np.arange(10, 13, dtype=np.int32), np.arange(2)]
+    with ShardSink(writer) as sink:
+        sink.open("train", 0, {})
+        # the batch holds sequences 2 and 0 (3 + 2 trained rows), then one with sequence 1
+        rows = torch.tensor([[0.0], [2.0], [3.0], [20.0], [21.0]])
+        arrays = {"topk_ids": rows.int(), "topk_logprobs": -rows}
+        sink.put(BatchSequences([tokens[0], tokens[2]], [0, 2], [masks[0], masks[2]]), arrays, None)
+        arrays = {"topk_ids": torch.tensor([[11]]).int(), "topk_logprobs": torch.tensor([[-11.0]])}
+        sink.put(BatchSequences([tokens[1]], [1], [masks[1]]), arrays, None)
+        sink.commit()
+    appended = [e[2] for e in writer.events if e[0] == "append"]
+    assert appended == [t.tolist() for t in tokens]
+    assert [f["loss_mask"].tolist() for f in writer.fields] == [m.tolist() for m in masks]
+    assert [e[3] for e in writer.events if e[0] == "append"] == [(3, 1), (1, 1), (2, 1)]
+    assert writer.events[-1] == ("commit", 0)

@@ -107,7 +107,7 @@ def test_tokens_are_the_packed_corpus(
     )  # fmt: skip
     expected: dict[str, list[int]] = {"train": [], "eval": []}
     for document in documents:
-        expected[document.split] += [*document.ids, eos]
+        expected[document.split] += document.ids.tolist()
     store = open_store(str(cached))
     for split, stream in expected.items():
         stored = np.concatenate([s.tokens for s in store.iter_sequences(split)]).tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kdcache.pipeline.cache.chat import conventions
+from kdcache.pipeline.cache.corpus import CorpusStats, iter_documents, resolve_corpus
 from kdcache.pipeline.cache.default_teacher import METADATA_FILE
+from kdcache.pipeline.cache.packing import tokenize_documents
+from kdcache.pipeline.cache.tokenizer import PYTHON_CHAT_TEMPLATE
 from kdcache.pipeline.cli import main
 
 VOCAB = 400
@@ -69,6 +74,27 @@ def test_metadata_reports_a_learned_held_out_perplexity(built: Path) -> None:
     assert meta["eval_perplexity"] < VOCAB / 3
 
 
+def test_the_chat_template_renders_a_stdlib_chat_record_as_python(built: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    assert tokenizer.chat_template == PYTHON_CHAT_TEMPLATE
+    assert conventions(tokenizer).bos_id is None  # text is packed without BOS, as it trained
+    files = [p for p in resolve_corpus("stdlib-chat") if p.parent.name == "json"]
+    document = next(d for d in iter_documents(files, CorpusStats()) if "\n\n" in d.record[1])
+    prompt, completion = document.record
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    docstring = "\n".join(("    " + line).rstrip() for line in completion.split("\n")).lstrip()
+    assert rendered == f'{prompt}\n    """{docstring}"""\n</s>'
+    ast.parse(rendered.removesuffix("</s>"))  # Python: the signature and its docstring
+    opening = tokenizer.apply_chat_template(
+        messages[:1], tokenize=False, add_generation_prompt=True
+    )
+    assert opening == f'{prompt}\n    """'
+    [example] = tokenize_documents([document], tokenizer, eval_fraction=0.0)
+    assert tokenizer.decode(example.ids) == rendered  # ends with the template's EOS: no other
+    assert tokenizer.decode(example.ids[example.label_mask]) == f'{docstring}"""\n</s>'
+
+
 def test_same_seed_gives_identical_weights(built: Path, corpus_dir: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     assert run(["--corpus", str(corpus_dir), "--out", str(again), *TINY]) == 0
@@ -88,6 +114,7 @@ def test_same_seed_gives_identical_weights(built: Path, corpus_dir: Path, tmp_pa
         (["--heads", "4", "--kv-heads", "3"], "--heads must be a multiple of --kv-heads"),
         (["--eval-fraction", "1.5"], "--eval-fraction must be between 0 and 1"),
         (["--corpus", "/nonexistent/*.txt"], "corpus matches no files"),
+        (["--corpus", "stdlib-chat"], "build-teacher trains on plain text"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

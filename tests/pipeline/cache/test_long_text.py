@@ -95,20 +95,20 @@ def test_corpus_documents_longer_than_a_piece_are_windowed(
     tokenizer = tokenizers["byte-level BPE"]
     text = sample_text(corpus_texts)
     documents = [Document("short one", "a"), Document(text, "b"), Document("short two", "c")]
-    expected = [tokenize_whole(d.text, tokenizer) for d in documents]
+    expected = [np.append(tokenize_whole(d.text, tokenizer), 0) for d in documents]  # + EOS
     monkeypatch.setattr(packing, "PIECE_CHARS", PIECE)
     monkeypatch.setattr(long_text, "CONTEXT_CHARS", CONTEXT)
     lengths = call_lengths(tokenizer, monkeypatch)
     got = list(packing.tokenize_documents(documents, tokenizer, eval_fraction=0.0, eos_id=0))
     assert [d.ids.tolist() for d in got] == [e.tolist() for e in expected]
     assert max(lengths) < len(text)  # the long text never went to the tokenizer in one piece
-    total = sum(len(e) + 1 for e in expected)
+    total = sum(len(e) for e in expected)
     capped = list(
         packing.tokenize_documents(
             documents, tokenizer, eval_fraction=0.0, eos_id=0, max_tokens=total - 40
         )
     )
-    assert sum(len(d.ids) + 1 for d in capped) == total - 40
+    assert sum(len(d.ids) for d in capped) == total - 40
     assert capped[0].ids.tolist() == expected[0].tolist()  # the long one is cut: its head
     assert capped[1].ids.tolist() == expected[1][: len(capped[1].ids)].tolist()
 

@@ -88,7 +88,7 @@ def test_neighbouring_keys_give_unrelated_numbers(word: int) -> None:
     r = np.corrcoef(a.ravel().numpy(), b.ravel().numpy())[0, 1]
     assert abs(r) < Z_999 / math.sqrt(n)
     # and the small keys of real runs (shard 0, sequence 0, t = 0, 1, 2, ...) are all different
-    small = position_keys("train", 0, 0, 1, 4096, torch.device("cpu")).reshape(-1, 4)
+    small = position_keys("train", 0, [0], 4096, torch.device("cpu")).reshape(-1, 4)
     assert torch.unique(uniforms(0, small, 4)).numel() == 4096 * 4
 
 
@@ -106,7 +106,7 @@ def test_uniforms_are_a_pure_function_of_seed_key_and_draw_index() -> None:
 
 
 def test_position_keys_name_split_shard_sequence_and_position() -> None:
-    keys = position_keys("eval", 7, 4, 2, 3, torch.device("cpu"))  # (2, 3, 4)
+    keys = position_keys("eval", 7, [4, 5], 3, torch.device("cpu"))  # (2, 3, 4)
     assert keys.shape == (2, 3, 4) and keys.dtype == torch.int64
     assert keys[1, 2].tolist() == [1, 7, 5, 2]
     assert keys[0, 0].tolist() == [1, 7, 4, 0]

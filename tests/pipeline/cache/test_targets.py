@@ -46,7 +46,7 @@ def tiny_model(model_type: str, **overrides: object) -> torch.nn.Module:
 
 
 def keys_for(batch: int, seq_len: int) -> torch.Tensor:
-    return position_keys("train", 0, 0, batch, seq_len, torch.device("cpu"))  # (B, S, 4)
+    return position_keys("train", 0, range(batch), seq_len, torch.device("cpu"))  # (B, S, 4)
 
 
 def topk_of(out, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,3 +215,51 @@ def test_a_sharp_teacher_gives_few_distinct_ids_a_flat_one_many() -> None:
         mean[name] = float(out.sampled_distinct.float().mean())
     # 64 draws from a uniform 300: 300 * (1 - (299/300)**64) ~ 57.6 distinct expected
     assert 52 < mean["flat"] <= 64 and mean["sharp"] < 40, mean
+
+
+@pytest.mark.parametrize("own_forward", [False, True])
+def test_selected_rows_equal_the_same_rows_of_the_whole_batch(own_forward: bool) -> None:
+    """Only the trained positions are computed: their targets (top-k, tail, samples) are those
+    rows of the full computation, on the chunked path and the model-forward fallback alike."""
+    model = tiny_model("llama")
+    input_ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
+    rows = torch.rand(3, 12, generator=torch.Generator().manual_seed(3)) < 0.4  # (B, S)
+    targets = TeacherTargets(model, TOP_K, samples=8, seed=5, chunk_tokens=5)
+    targets.use_model_forward = own_forward
+    keys = keys_for(3, 12)
+    full = targets(input_ids, keys)
+    part = targets(input_ids, keys, rows)
+    flat = rows.reshape(-1)
+    torch.testing.assert_close(part.topk_logprobs, full.topk_logprobs[flat], atol=1e-4, rtol=0)
+    assert torch.equal(part.topk_ids, full.topk_ids[flat])
+    torch.testing.assert_close(
+        part.topk_tail_logprob, full.topk_tail_logprob[flat], atol=1e-4, rtol=0
+    )
+    assert torch.equal(part.sampled_distinct, full.sampled_distinct[flat])
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), full.sampled_distinct.cumsum(0)])
+    wanted = torch.cat([full.sampled_ids[starts[r] : starts[r + 1]] for r in flat.nonzero()[:, 0]])
+    assert torch.equal(part.sampled_ids[: int(part.filled)], wanted)
+
+
+@pytest.mark.parametrize("own_forward", [False, True])
+def test_padded_embedding_rows_get_no_probability(own_forward: bool) -> None:
+    """A teacher whose embedding is padded beyond its tokenizer (Qwen2.5: 151,665 ids, 151,936
+    rows): the padded rows are masked out of the softmax, so the targets are the softmax over
+    the real ids — never a padded id in the top-k or the draws."""
+    model = tiny_model("llama")
+    real = VOCAB - 40
+    with torch.no_grad():  # make the padded rows likely, so a missing mask would show
+        model.get_output_embeddings().weight[real:] *= 3.0
+    input_ids = torch.randint(0, real, (2, 16), generator=torch.Generator().manual_seed(4))
+    targets = TeacherTargets(model, TOP_K, samples=64, seed=1, chunk_tokens=9, real_vocab=real)
+    assert targets.self_check(input_ids[:1]) is None
+    targets.use_model_forward = own_forward
+    out = targets(input_ids, keys_for(2, 16))
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids).logits.float().reshape(-1, VOCAB)
+    expected = torch.log_softmax(logits[:, :real], dim=-1)  # (B*S, real)
+    torch.testing.assert_close(out.topk_logprobs, expected.topk(TOP_K).values, atol=1e-4, rtol=0)
+    assert int(out.topk_ids.max()) < real
+    assert int(out.sampled_ids[: int(out.filled)].max()) < real
+    outside = expected.scatter(-1, out.topk_ids.long(), float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(out.topk_tail_logprob, outside, atol=1e-4, rtol=0)
