@@ -159,3 +159,41 @@ def test_a_cached_hub_id_works_offline(
     errors = [line for line in missing.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "cannot load teacher, kdcache-test/not-cached" in errors[0]
     assert not (tmp_path / "other").exists()
+
+
+def test_two_ranks_write_the_same_chat_store_with_masks_and_padding(tmp_path: Path) -> None:
+    """Chat records packed one per sequence (right-padded batches, targets only at the
+    assistant's positions): 2 torchrun ranks write the 1-process store byte for byte."""
+    import json
+
+    from chat_tokenizers import family
+    from conftest import save_tiny_model
+
+    family("qwen").save_pretrained(tmp_path / "tokenizer")
+    teacher = save_tiny_model("llama", tmp_path / "tokenizer", tmp_path / "teacher")
+    corpus = tmp_path / "chat.jsonl"
+    with corpus.open("w") as f:
+        for i in range(60):
+            turns = [{"role": "user", "content": f"question {i} " * (1 + i % 7)},
+                     {"role": "assistant", "content": f"answer {i} " * (1 + i % 5)}]  # fmt: skip
+            f.write(json.dumps({"messages": turns}) + "\n")
+    args = [*command(teacher, corpus, tmp_path / "one"), "--seq-len", "128", "--batch-size", "3",
+            "--shard-tokens", "768"]  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, "-m", "kdcache.pipeline", *args], env=env(), capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    args[args.index(str(tmp_path / "one"))] = str(tmp_path / "two")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(29700 + os.getpid() % 1000), "-m", "kdcache.pipeline", *args],
+        env=env(), capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    store = open_store(str(tmp_path / "one"))
+    assert store.has_loss_mask and len(store.shards) >= 3 and store.num_trained < store.num_tokens
+    assert_same_store(tmp_path / "one", tmp_path / "two")
+    x = store.read_shard(store.shards[0])
+    y = open_store(str(tmp_path / "two")).read_shard(store.shards[0])
+    assert x.loss_mask.tobytes() == y.loss_mask.tobytes()
