@@ -90,11 +90,14 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def build(work: Path, s: dict, quick: bool, log: Path) -> tuple[Path, dict[str, dict]]:
-    """The default teacher and one store per target kind; returns (teacher, store facts)."""
+def build(
+    work: Path, s: dict, quick: bool, log: Path, chosen: list[Variant]
+) -> tuple[Path, dict[str, dict]]:
+    """The default teacher (always trained on its own corpus, `stdlib`) and the stores the
+    chosen variants read; returns (teacher, store facts)."""
     teacher = work / "teacher"
     if not (teacher / "config.json").is_file():
-        args = ["--corpus", s["corpus"], "--out", str(teacher), "--steps", str(s["teacher_steps"])]
+        args = ["--corpus", "stdlib", "--out", str(teacher), "--steps", str(s["teacher_steps"])]
         args += [
             "--eval-fraction",
             str(s["eval_fraction"]),
@@ -106,6 +109,7 @@ def build(work: Path, s: dict, quick: bool, log: Path) -> tuple[Path, dict[str, 
     common += ["--eval-fraction", str(s["eval_fraction"]), "--max-tokens", str(s["max_tokens"])]
     kinds = {f"topk-{k}": ["--top-k", str(k)] for k in TOPK}
     kinds |= {f"sampled-{n}": ["--targets", "sampled", "--samples", str(n)] for n in SAMPLES}
+    kinds = {name: options for name, options in kinds.items() if name in {v.store for v in chosen}}
     facts = {}
     for name, options in kinds.items():
         store = work / "stores" / name
@@ -113,7 +117,11 @@ def build(work: Path, s: dict, quick: bool, log: Path) -> tuple[Path, dict[str, 
         if not (manifest.is_file() and json.loads(manifest.read_text()).get("finished")):
             run(kdcache("cache-teacher", *common, *options, "--out", str(store)), log)
         stats = json.loads(manifest.read_text())["stats"]
-        facts[name] = {"bytes_per_token": stats["bytes_per_token"], "tokens": stats["tokens"]}
+        facts[name] = {
+            "bytes_per_token": stats["bytes_per_token"],
+            "tokens": stats["tokens"],
+            "trained_fraction": stats.get("trained_fraction", 1.0),
+        }
     return teacher, facts
 
 
@@ -165,7 +173,7 @@ def summarize(raw: dict) -> list[dict]:
     """Per variant: paired shares of the online gain, CE, spreads — from ``raw`` results."""
     rows = []
     seeds = sorted(raw["runs"])
-    for v in variants():
+    for v in [v for v in variants() if v.name in raw["runs"][seeds[0]]]:
         kl, ce, share_kl, share_ce, d_ce, rate = [], [], [], [], [], []
         for seed in seeds:
             by = raw["runs"][seed]
@@ -190,7 +198,9 @@ def summarize(raw: dict) -> list[dict]:
 
 def verdict(rows: list[dict]) -> list[str]:
     """Did sampled targets at no more bytes/token than top-32 keep >= 95% of the online gain?"""
-    budget = next(r["bytes_per_token"] for r in rows if r["variant"] == "top-32 ghost")
+    budget = next((r["bytes_per_token"] for r in rows if r["variant"] == "top-32 ghost"), None)
+    if budget is None:
+        return ["- (no top-32 ghost variant in this run: no verdict)"]
     online_ce_sd = mean_sd(next(r["ce"] for r in rows if r["online"]))[1]
     lines = []
     for r in rows:
@@ -239,8 +249,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def report(raw: dict, rows: list[dict], s: dict, seconds: float, quick: bool) -> str:
+def report(
+    raw: dict, rows: list[dict], s: dict, seconds: float, quick: bool, plot_name: str
+) -> str:
     seeds = len(raw["runs"])
+    trained = {name: f["trained_fraction"] for name, f in raw["stores"].items()}
+    masked = [
+        f"{name}: {100 * share:.1f}% of positions trained, "
+        f"{raw['stores'][name]['bytes_per_token'] / share:.1f} bytes per trained position"
+        for name, share in trained.items()
+        if share < 1.0
+    ]
     lines = [
         "## Fidelity: what each kind of stored target keeps of the teacher (`bench/fidelity.py`)",
         "",
@@ -255,6 +274,15 @@ def report(raw: dict, rows: list[dict], s: dict, seconds: float, quick: bool) ->
         "hand (`kdcache compare`). Share of the online gain = (x_ce − x) / (x_ce − x_online), per "
         "seed, then mean ± sd over seeds; ΔCE vs online is the paired difference.",
         "",
+        *(
+            [
+                "Loss mask (chat data: teacher targets, KD, CE and every metric on the trained "
+                "positions only): " + "; ".join(masked) + ".",
+                "",
+            ]
+            if masked
+            else []
+        ),
         "| variant | bytes/token | exact KL to teacher | share of online gain (KL) | eval CE | "
         "share of online gain (CE) | ΔCE vs online (paired) | train tokens/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -271,7 +299,7 @@ def report(raw: dict, rows: list[dict], s: dict, seconds: float, quick: bool) ->
         )
     lines += ["", "Target: sampled targets at no more bytes/token than the top-32 store keep ≥ 95% "
               "of the online gain in exact KL, with eval CE within the seed spread of online KD's.",
-              "", *verdict(rows), "", "![fidelity](results/fidelity.png)"]  # fmt: skip
+              "", *verdict(rows), "", f"![fidelity](results/{plot_name})"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -281,19 +309,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "artifacts" / "bench-fidelity")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the wiring only")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "fidelity.md")
+    parser.add_argument(
+        "--corpus", default=None, help="cache this corpus (e.g. stdlib-chat) [the default's]"
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated variant names to run [all of them]"
+    )
     args = parser.parse_args(argv)
-    s = QUICK if args.quick else DEFAULTS
+    s = dict(QUICK if args.quick else DEFAULTS)
+    if args.corpus:
+        s["corpus"] = args.corpus
+    chosen = variants()
+    if args.only:
+        names = [name.strip() for name in args.only.split(",")]
+        unknown = sorted(set(names) - {v.name for v in chosen})
+        if unknown or REFERENCE_STORE not in {v.store for v in chosen if v.name in names}:
+            sys.exit(f"Error: --only takes names of {[v.name for v in chosen]}, got {unknown}")
+        chosen = [v for v in chosen if v.name in names]
     work = args.workdir / ("quick" if args.quick else "default")
+    if s["corpus"] != DEFAULTS["corpus"]:
+        work = work.with_name(f"{work.name}-{s['corpus'].replace('/', '_')}")
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     started = time.perf_counter()
-    teacher, stores = build(work, s, args.quick, log)
+    teacher, stores = build(work, s, args.quick, log, chosen)
     raw: dict = {"settings": s, "machine": machine_line(), "stores": stores, "runs": {}}
     for seed in range(args.seeds):
-        dirs = {v.name: train(work, s, teacher, v, seed, log) for v in variants()}
+        dirs = {v.name: train(work, s, teacher, v, seed, log) for v in chosen}
         compared = exact_metrics(work, teacher, dirs, seed, log)
         runs = {}
-        for v in variants():
+        for v in chosen:
             metrics = json.loads((dirs[v.name] / "metrics.json").read_text())
             wall = metrics["train"]["wall_seconds_this_run"]
             runs[v.name] = {
@@ -306,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({**raw, "rows": rows}, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"))
-    args.out.write_text(report(raw, rows, s, time.perf_counter() - started, args.quick))
+    seconds = time.perf_counter() - started
+    png = args.out.with_suffix(".png").name
+    args.out.write_text(report(raw, rows, s, seconds, args.quick, png))
     print(f"wrote {args.out}, {args.out.with_suffix('.png')}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Logit store throughput and size: write/read tokens/s and bytes/token, Zarr vs Arrow.
+"""Logit store throughput and size: write/read tokens/s and bytes/token, Zarr vs Arrow, each
+with the ``raw`` codec (float16 log-probs) and the ``gaps`` codec (storage/_codec.py).
 
 Rows are realistic rather than uniform: each row's top-k comes from a noisy Zipf-like softmax
 (log p = beta * (log zipf(rank) + N(0, 2)) over 256 Zipf-drawn candidates, renormalised with
@@ -6,8 +7,14 @@ a random tail mass), so top-1 probability and top-k mass look like a small LM's.
 follow frequency rank noisily, as BPE merge order does; ``--id-order random`` maps ranks to ids
 by a random permutation (the pessimistic case for compression).
 
-    .venv/bin/python bench/store.py                # 524,288 tokens, k=64, vocab 32k, ~2 min
+The codec's fidelity is measured on the same rows: its largest log-prob and probability
+errors, and the KL divergence between the stored and the decoded distribution of a row (the k
+ids plus the tail mass as one more category), next to what float16 storage itself costs
+(the synthetic rows are float32 before storage).
+
+    .venv/bin/python bench/store.py                # 524,288 tokens, k=64, vocab 32k, ~4 min
     .venv/bin/python bench/store.py --tokens 65536 # quick
+    .venv/bin/python bench/store.py --real-store STORE ...  # also a store a real teacher wrote
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 from report import machine_line
 
 RESULTS = Path(__file__).parent / "results" / "store.md"
+CODECS = ("raw", "gaps")
 
 
 def zipf_rows(
@@ -69,12 +77,13 @@ def fmt(rate: tuple[float, float]) -> str:
 
 
 def run_backend(
-    backend: str, seqs: list[tuple[np.ndarray, ...]], args: Any, root: Path
+    backend: str, codec: str, seqs: list[tuple[np.ndarray, ...]], args: Any, root: Path
 ) -> dict[str, Any]:
     from kdcache.storage import create_store, make_manifest, open_store
 
-    url = str(root / f"store-{backend}")
+    url = str(root / f"store-{backend}-{codec}")
     manifest = make_manifest(
+        codec=codec,
         backend=backend,
         teacher={"name": "synthetic-zipf"},
         tokenizer={"sha256": "-"},
@@ -89,7 +98,7 @@ def run_backend(
     with create_store(url, manifest) as writer:
         for seq in seqs:
             writer.append("train", *seq)
-    out: dict[str, Any] = {"backend": backend, "tokens": tokens}
+    out: dict[str, Any] = {"backend": backend, "codec": codec, "tokens": tokens}
     out["write"] = rates(tokens, start, cpu)
     store = open_store(url)
     out["bytes_per_token"] = store.nbytes / tokens
@@ -114,31 +123,97 @@ def run_backend(
     start = time.perf_counter()
     for record in store.shards:
         for rel in record.files:
-            (root / f"store-{backend}" / rel).read_bytes()
+            (root / f"store-{backend}-{codec}" / rel).read_bytes()
     out["raw_read"] = tokens / (time.perf_counter() - start)
     return out
 
 
-def encoded_bytes(backend: str, ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> int:
-    """Encoded size of one shard holding these rows (as sequences of 1024, float16)."""
-    from kdcache.storage import ShardArrays
-    from kdcache.storage._base import get_codec
+def layout_of(manifest: dict[str, Any], codec: str) -> Any:
+    """The ShardLayout of ``manifest`` stored with ``codec``."""
+    from kdcache.storage._arrays import ShardLayout
+    from kdcache.storage._codec import max_abs_error
 
-    n = ids.shape[0]
+    return ShardLayout.of({**manifest, "codec": codec, "codec_max_abs_error": max_abs_error(codec)})
+
+
+def encode(backend: str, arrays: Any, layout: Any) -> int:
+    """Bytes of one shard (decoded ``arrays``) encoded by ``backend`` in ``layout``'s codec."""
+    from kdcache.storage._base import get_codec
+    from kdcache.storage._stored import to_stored
+
+    blobs = get_codec(backend).encode(to_stored(arrays, layout), layout.logprob_dtype)
+    return sum(len(b) for b in blobs.values())
+
+
+def encoded_bytes(
+    backend: str, codec: str, ids: np.ndarray, logprobs: np.ndarray, vocab: int
+) -> int:
+    """Encoded size of one shard holding these rows (as sequences of 1024, float16)."""
+    from kdcache.storage import ShardArrays, make_manifest
+    from kdcache.storage._arrays import tail_from_topk
+
+    n, k = ids.shape
     dtype = np.uint16 if vocab <= 65536 else np.uint32
+    lp = logprobs.astype(np.float16)
     arrays = ShardArrays(
         tokens=ids[:, 0].astype(np.int32),
         topk_ids=ids.astype(dtype),
-        topk_logprobs=logprobs.astype(np.float16),
+        topk_logprobs=lp,
+        topk_tail_logprob=tail_from_topk(lp),
         seq_offsets=np.arange(0, n + 1, 1024, dtype=np.int64),
     )
-    return sum(len(b) for b in get_codec(backend).encode(arrays, "float16").values())
+    manifest = make_manifest(backend=backend, teacher={}, tokenizer={}, vocab_size=vocab, top_k=k,
+                             seq_len=1024, corpus={}, shard_tokens=n)  # fmt: skip
+    return encode(backend, arrays, layout_of(manifest, codec))
+
+
+def codec_fidelity(
+    logprobs: np.ndarray, tail: np.ndarray, reference: Any = None
+) -> dict[str, float]:
+    """How far the gaps codec moves top-k rows (n, k) and tails (n,) — as stored, e.g. float16 —
+    and, given the ``reference`` (rows, tails) before storage (float32), how far storage in
+    float16 alone moved them. Per row the distribution is the k ids plus the tail mass (one
+    more category), renormalized; KL is KL(stored ‖ decoded) in nats, mean over rows."""
+    from kdcache.storage._codec import decode_rows, dequantize, encode_rows, quantize
+
+    def dist(lp: np.ndarray, t: np.ndarray) -> np.ndarray:
+        x = np.concatenate([lp.astype(np.float64), t.astype(np.float64)[:, None]], axis=1)
+        return x - np.logaddexp.reduce(x, axis=1, keepdims=True)
+
+    def compare(
+        a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+    ) -> dict[str, float]:
+        pa, pb = dist(*a), dist(*b)
+        fin = np.isfinite(pa)
+        la = np.concatenate([a[0].astype(np.float64), a[1].astype(np.float64)[:, None]], 1)
+        lb = np.concatenate([b[0].astype(np.float64), b[1].astype(np.float64)[:, None]], 1)
+        d = np.abs(np.where(fin, la - lb, 0.0))
+        with np.errstate(invalid="ignore"):
+            kl = np.where(fin, np.exp(pa) * (pa - pb), 0.0).sum(1)
+        return {"max_abs": float(d.max()), "max_prob": float(np.abs(np.exp(la) - np.exp(lb)).max()),
+                "kl": float(kl.mean())}  # fmt: skip
+
+    dtype = "float16" if logprobs.dtype == np.float16 else "float32"
+    decoded = (decode_rows(encode_rows(logprobs), dtype), dequantize(quantize(tail), "float32"))
+    out = {f"gaps_{key}": value for key, value in compare((logprobs, tail), decoded).items()}
+    if reference is not None:
+        out.update({f"f16_{key}": v for key, v in compare(reference, (logprobs, tail)).items()})
+    return out
+
+
+def fidelity_line(f: dict[str, float], what: str) -> str:
+    line = (f"Codec `gaps` on {what}: largest log-prob error {f['gaps_max_abs']:.4f}, largest "
+            f"probability error {f['gaps_max_prob']:.5f}, mean KL(stored ‖ decoded) per row "
+            f"{f['gaps_kl']:.1e} nats")  # fmt: skip
+    if "f16_kl" in f:
+        line += (f" (float16 storage itself, vs the float32 rows: {f['f16_max_abs']:.4f}, "
+                 f"{f['f16_max_prob']:.5f}, {f['f16_kl']:.1e})")  # fmt: skip
+    return line + "."
 
 
 def real_store_lines(path: str, repeats: int, zarr_synthetic_bpt: float, args_k: int) -> list[str]:
-    """Bytes/token and read speed on a store a real teacher wrote (e.g. the quickstart's)."""
+    """Bytes/token, read speed and the codec's fidelity on a store a real teacher wrote."""
     from kdcache.storage import open_store
-    from kdcache.storage._base import get_codec
 
     store = open_store(path)
     records = store.shards_of("train")
@@ -149,15 +224,21 @@ def real_store_lines(path: str, repeats: int, zarr_synthetic_bpt: float, args_k:
         arrays = [store.read_shard(r) for r in records]
         best = max(best, rates(tokens, start, cpu), key=lambda r: r[1])
     dtype = store.manifest["logprob_dtype"]
+    codec = store.manifest["codec"]
     sizes = {
-        backend: sum(
-            sum(len(b) for b in get_codec(backend).encode(a, dtype).values()) for a in arrays
-        )
-        / tokens
+        (backend, c): sum(encode(backend, a, layout_of(store.manifest, c)) for a in arrays) / tokens
         for backend in ("zarr", "arrow")
+        for c in CODECS
     }
     raw = sum(sum(f.nbytes for f in a.fields().values()) + a.seq_offsets.nbytes for a in arrays)
-    facts = [f"targets {store.targets}"]
+    facts = [f"targets {store.targets}", f"codec {codec}"]
+    fidelity = []
+    if store.has_topk and codec == "raw":
+        rows = [(a.topk_logprobs, a.topk_tail_logprob) for a in arrays]
+        f = codec_fidelity(
+            np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+        )
+        fidelity = ["", fidelity_line(f, "these rows (vs their stored " + dtype + ")")]
     if store.has_topk:
         probs = np.exp(np.concatenate([a.topk_logprobs[:4096] for a in arrays]).astype(np.float64))
         facts += [f"k={store.top_k}", f"mean top-1 prob {probs[:, 0].mean():.3f}",
@@ -177,9 +258,9 @@ def real_store_lines(path: str, repeats: int, zarr_synthetic_bpt: float, args_k:
         "",
         "| | bytes/token | read_shard tokens/s (per CPU-s) |",
         "|---|---|---|",
-        f"| as stored ({store.backend}, all files) | {store.nbytes / store.num_tokens:.1f} | {fmt(best)} |",
-        f"| re-encoded as zarr | {sizes['zarr']:.1f} | |",
-        f"| re-encoded as arrow | {sizes['arrow']:.1f} | |",
+        f"| as stored ({store.backend}, {codec}, all files) | {store.nbytes / store.num_tokens:.1f} | {fmt(best)} |",
+        *[f"| re-encoded as {b}, codec {c} | {v:.1f} | |" for (b, c), v in sizes.items()],
+        *fidelity,
         "",
         f"Decoded in numpy this is {raw / tokens:.0f} B/token: the stored shards take "
         f"{100 * store.nbytes / store.num_tokens / (raw / tokens):.0f}% of that (the "
@@ -238,19 +319,29 @@ def main() -> None:
     print(f"rows: mean top-1 prob {top1:.3f}, mean top-{args.k} mass {mass:.3f}")
     root = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
     try:
-        results = [run_backend(b, seqs, args, root) for b in ("zarr", "arrow")]
+        results = [run_backend(b, c, seqs, args, root) for c in CODECS for b in ("zarr", "arrow")]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    by = {(r["backend"], r["codec"]): r for r in results}
+    from kdcache.storage._arrays import tail_from_topk
+
+    tail = tail_from_topk(logprobs)
+    fidelity = codec_fidelity(logprobs.astype(np.float16), tail, reference=(logprobs, tail))
     # the pessimistic id order, size only: ranks mapped to ids by a random permutation
     other = "random" if args.id_order == "bpe" else "bpe"
     other_ids, other_lp = zipf_rows(1 << 16, args.k, args.vocab, rng, other)
     other_bpt = {
-        b: encoded_bytes(b, other_ids, other_lp, args.vocab) / (1 << 16) for b in ("zarr", "arrow")
+        (b, c): encoded_bytes(b, c, other_ids, other_lp, args.vocab) / (1 << 16)
+        for c in CODECS
+        for b in ("zarr", "arrow")
     }
     raw = 4 + args.k * 2 * 2
 
-    def bits(field: str) -> str:
-        return f"{results[0]['fields'][field] * 8 / args.k:.1f}"
+    def bits(codec: str, field: str) -> str:
+        return f"{by['zarr', codec]['fields'][field] * 8 / args.k:.1f}"
+
+    def cost(r: dict[str, Any]) -> str:
+        return f"{100 * (1 - r['read'][1] / r['read_nocheck'][1]):.0f}%"
 
     lines = [
         "## Logit store (bench/store.py)",
@@ -260,43 +351,53 @@ def main() -> None:
         f"vocab {args.vocab:,}, float16 log-probs, ids in {args.id_order} order; "
         f"mean top-1 prob {top1:.3f}, mean top-k mass {mass:.3f}. Uncompressed: {raw} B/token. "
         "Local disk (page cache), best of "
-        f"{args.repeats} read passes.",
+        f"{args.repeats} read passes. Codec `raw`: float16 log-probs and ids as they are; `gaps`: "
+        "log-probs as int16 levels of a grid fine near log-prob 0 (top-k rows as first level "
+        "and gaps), ids by their frequency rank in the shard (storage/_codec.py).",
         "",
         "Throughput in tokens/s of wall time, and in brackets per CPU-second of this process "
         "(the one-core figure, robust to other jobs sharing the machine).",
         "",
-        "| backend | bytes/token | write | read_shard | read_shard, check=False | "
+        "| backend | codec | bytes/token | write | read_shard | read_shard, check=False | "
         "iter_sequences | file read only (wall) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['backend']} | {r['bytes_per_token']:.1f} | {fmt(r['write'])} | {fmt(r['read'])} | "
-            f"{fmt(r['read_nocheck'])} | {fmt(r['iter'])} | {r['raw_read'] / 1e6:.1f}M |"
+            f"| {r['backend']} | {r['codec']} | {r['bytes_per_token']:.1f} | {fmt(r['write'])} | "
+            f"{fmt(r['read'])} | {fmt(r['read_nocheck'])} | {fmt(r['iter'])} | "
+            f"{r['raw_read'] / 1e6:.1f}M |"
         )
-    zarr_fields = ", ".join(f"{f} {b:.1f}" for f, b in results[0]["fields"].items())
+    lines += [""]
+    for c in CODECS:
+        zarr_fields = ", ".join(f"{f} {b:.1f}" for f, b in by["zarr", c]["fields"].items())
+        lines.append(f"Zarr bytes/token by field, codec {c}: {zarr_fields}.")
+    z, a = by["zarr", "raw"], by["arrow", "raw"]
     lines += [
         "",
-        f"Zarr bytes/token by field: {zarr_fields}.",
-        f"Ratio Zarr/Arrow bytes: {results[0]['bytes_per_token'] / results[1]['bytes_per_token']:.2f}; "
-        f"read (CPU) Zarr/Arrow: {results[0]['read'][1] / results[1]['read'][1]:.2f}; "
-        f"invariant checks cost {100 * (1 - results[0]['read'][1] / results[0]['read_nocheck'][1]):.0f}% "
-        f"(zarr) and {100 * (1 - results[1]['read'][1] / results[1]['read_nocheck'][1]):.0f}% (arrow) "
-        "of read CPU time.",
-        f"With ids in {other} order (65,536 tokens): zarr {other_bpt['zarr']:.1f}, "
-        f"arrow {other_bpt['arrow']:.1f} bytes/token.",
+        fidelity_line(fidelity, "these rows (vs their float16 values)"),
+        "",
+        f"Ratio Zarr/Arrow bytes (raw): {z['bytes_per_token'] / a['bytes_per_token']:.2f}; "
+        f"read (CPU) Zarr/Arrow: {z['read'][1] / a['read'][1]:.2f}; invariant checks cost "
+        + ", ".join(f"{cost(r)} ({r['backend']}, {r['codec']})" for r in results)
+        + " of read CPU time.",
+        f"With ids in {other} order (65,536 tokens): "
+        + ", ".join(f"{b} {c} {v:.1f}" for (b, c), v in other_bpt.items())
+        + " bytes/token.",
         "",
         f"What bounds the figures: size is bounded by the entropy of the rows — after "
-        f"byte-shuffle + zstd, Zarr spends {bits('topk_ids')} bits per id (Zipf-like ids; more in "
-        f"random id order, see above) and {bits('topk_logprobs')} bits per float16 log-prob; "
-        "byte-shuffle (blosc) separates the predictable high bytes, while Arrow IPC has no "
+        f"byte-shuffle + zstd, Zarr spends {bits('raw', 'topk_ids')} bits per id (Zipf-like ids; "
+        f"more in random id order, see above) and {bits('raw', 'topk_logprobs')} bits per "
+        f"float16 log-prob; the gaps codec {bits('gaps', 'topk_ids')} bits per id code and "
+        f"{bits('gaps', 'topk_logprobs')} bits per log-prob level gap. "
+        "Byte-shuffle (blosc) separates the predictable high bytes, while Arrow IPC has no "
         "shuffle and relies on zstd alone. Write speed is bound by zstd encoding (plus input "
         "validation and sha256); read speed by zstd decoding, with the invariant checks (id "
-        "range, rows sorted) the next cost.",
+        "range, rows sorted) and the gaps codec's decoding the next costs.",
     ]
     for path in args.real_store:
         if Path(path, "manifest.json").is_file():
-            lines += real_store_lines(path, args.repeats, results[0]["bytes_per_token"], args.k)
+            lines += real_store_lines(path, args.repeats, z["bytes_per_token"], args.k)
         else:
             lines += ["", f"(No real teacher's store at {path}: run `make cache-teacher` first.)"]
     text = "\n".join(lines) + "\n"

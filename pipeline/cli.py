@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from kdcache.pipeline.progress import prepare_for_logs
 from kdcache.storage.errors import StoreError
 
 # name -> "module:attribute" of a click.Command
@@ -23,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "compare": "kdcache.pipeline.distill.compare:command",
     "verify": "kdcache.pipeline.store_commands:verify",
     "inspect": "kdcache.pipeline.store_commands:inspect",
+    "ls": "kdcache.pipeline.catalog:ls",
 }
 
 
@@ -49,13 +51,18 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdcache")
 def cli() -> None:
-    """kdcache: cache a teacher's soft targets (top-k or samples) once, distill many students."""
+    """kdcache: cache a teacher's soft targets (top-k or samples) once, distill many students.
+
+    Progress: a bar on a terminal; with stderr redirected to a file or a pipe, one plain line
+    every KDCACHE_PROGRESS_SECONDS seconds (default 5) and a final one.
+    """
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns every user mistake into one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        prepare_for_logs()  # in a log, only our progress lines (pipeline/progress.py)
         result = cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except click.Abort:
         click.echo("Aborted.", err=True)

@@ -28,18 +28,22 @@ Public API (see docs/architecture.md §3 and §8)::
 
 Layout: ``manifest.json``, ``shards/<split>-<index:05d>.zarr|.arrow`` and the commit record
 ``shards/<split>-<index:05d>.json`` (written last; only shards with a record exist for readers).
-This kdcache writes format_version 3 and reads 1, 2 and 3 (docs/architecture.md §3).
+This kdcache writes format_version 4 (codec ``raw`` or ``gaps``, ``make_manifest(codec=...)``)
+and reads 1 to 4 (docs/architecture.md §3).
 """
 
 from ._arrays import ShardArrays, TeacherSequence
 from ._base import ShardRecord
 from .errors import (
+    BucketNotFound,
     ShardExists,
+    StoreAccessDenied,
     StoreCorrupt,
     StoreError,
     StoreIncompatible,
     StoreNotFound,
     StoreUnavailable,
+    StoreUnreachable,
     UnsupportedFormat,
 )
 from .manifest import make_manifest, manifest_differences, tokenizer_size
@@ -47,6 +51,7 @@ from .reader import Store, open_store, verify_store
 from .writer import ShardWriter, StoreWriter, create_store
 
 __all__ = [
+    "BucketNotFound",
     "ShardArrays",
     "ShardExists",
     "ShardRecord",
@@ -56,7 +61,9 @@ __all__ = [
     "StoreError",
     "StoreIncompatible",
     "StoreNotFound",
+    "StoreAccessDenied",
     "StoreUnavailable",
+    "StoreUnreachable",
     "StoreWriter",
     "TeacherSequence",
     "UnsupportedFormat",

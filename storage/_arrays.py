@@ -5,6 +5,13 @@ with T = N without a loss mask and T = ``loss_mask.sum()`` with one; row r belon
 ``trained_positions[r]``. Sampled entries are flat: target row r owns entries
 ``sampled_offsets[r]:sampled_offsets[r + 1]``, with
 ``sampled_offsets = [0, cumsum(sampled_distinct)]``.
+
+Two representations travel in a ``ShardArrays``: *decoded* (what readers get: log-probs as
+floats, ids as ids) and, on the way to a backend, *stored* (``prepare_sequence``'s output):
+log-prob fields in their stored form — float16/float32, raw bfloat16 bits (uint16), or for a
+``gaps`` store int16 levels (``_codec.py``; top-k rows as first level and gaps), the tail
+included. Ids are ids in both; a backend turns a ``gaps`` shard's top-k ids into codes and its
+id table (``_stored.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ TARGET_FIELDS = ("topk_ids", "topk_logprobs", "topk_tail_logprob", "sampled_dist
 SAMPLE_FIELDS = ("sampled_ids", "sampled_counts", "sampled_logprobs")
 FIELDS = (*TOKEN_FIELDS, *TARGET_FIELDS, *SAMPLE_FIELDS)  # file order
 LOGPROB_FIELDS = ("topk_logprobs", "sampled_logprobs")
+# a gaps store's shard holds this besides its fields: the top-k ids by frequency (codes index it)
+ID_TABLE = "topk_id_table"
 # numpy dtype a log-prob field has on disk, by the manifest's logprob_dtype
 RAW_LOGPROB_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
@@ -39,6 +48,7 @@ class ShardLayout:
 
     fields: tuple[str, ...]  # the stored fields, in file order (``seq_offsets`` aside)
     targets: str
+    codec: str  # "raw" or "gaps" (``_codec.py``; every store before version 4: "raw")
     loss_mask: bool  # True: a ``loss_mask`` field, target rows at its trained positions only
     format_version: int
     vocab_size: int
@@ -63,6 +73,7 @@ class ShardLayout:
         return cls(
             fields=tuple(names),
             targets=manifest["targets"],
+            codec=manifest["codec"],
             loss_mask=manifest["loss_mask"],
             format_version=manifest["format_version"],
             vocab_size=manifest["vocab_size"],
@@ -72,6 +83,14 @@ class ShardLayout:
             count_dtype=manifest["count_dtype"],
             logprob_dtype=manifest["logprob_dtype"],
         )
+
+    @property
+    def stored_fields(self) -> tuple[str, ...]:
+        """What a shard's files hold (``seq_offsets`` aside): the fields, and in a ``gaps``
+        store with top-k targets the id table its ``topk_ids`` codes index."""
+        if self.codec == "gaps" and "topk_ids" in self.fields:
+            return (*self.fields, ID_TABLE)
+        return self.fields
 
 
 def offsets_of(distinct: NDArray) -> npt.NDArray[np.int64]:

@@ -14,7 +14,11 @@ Schema (zstd-compressed buffers; a column exists only when the store has the fie
 
 T_s = sum of the row's ``loss_mask`` (its trained positions, in order), or L without a mask.
 Log-prob columns carry field metadata {"dtype": "bfloat16"} when the values are raw bfloat16
-bits. Readable without kdcache: ``pyarrow.ipc.open_file(path).read_all()``. The list offsets
+bits. In a store of codec ``gaps`` (_codec.py) the log-prob columns and the tail are int16
+levels and ``topk_ids`` holds codes; their field metadata say how to decode (``codec``,
+``levels``, ``logprobs`` as JSON, ``decode``), and the schema metadata ``topk_id_table`` holds
+the shard's id table as JSON ``{"dtype": ..., "values": [...]}``: ids = table[codes].
+Readable without kdcache: ``pyarrow.ipc.open_file(path).read_all()``. The list offsets
 of a per-token column are the sequence boundaries (``seq_offsets`` of the Zarr backend); a
 row's M_s sampled entries belong to its target rows in order, ``sampled_distinct[r]`` each.
 """
@@ -34,9 +38,9 @@ from ._arrays import (
     TARGET_FIELDS,
     ShardArrays,
     offsets_of,
-    stored_logprobs,
 )
 from ._base import ShardCodec
+from ._stored import stored_shard
 from .errors import StoreCorrupt
 from .manifest import FORMAT_VERSION
 
@@ -72,10 +76,19 @@ class ArrowCodec(ShardCodec):
     def encode(
         self, arrays: ShardArrays, logprob_dtype: str, format_version: int = FORMAT_VERSION
     ) -> dict[str, bytes]:
-        fields = arrays.fields()
-        for name in LOGPROB_FIELDS:
-            if name in fields:
-                fields[name] = stored_logprobs(fields[name], logprob_dtype)
+        stored = stored_shard(arrays, logprob_dtype)
+        fields = {f.name: f.data for f in stored if not f.per_shard}
+        field_meta = {f.name: _metadata(f.attributes) for f in stored if not f.per_shard}
+        shard_meta = {
+            "kdcache": json.dumps(
+                {"format_version": format_version, "logprob_dtype": logprob_dtype}
+            )
+        }
+        for f in stored:
+            if f.per_shard:  # one array for the whole file: JSON in the schema metadata
+                shard_meta[f.name] = json.dumps(
+                    {"dtype": str(f.data.dtype), "values": f.data.tolist()}
+                )
         offsets = arrays.seq_offsets  # (S+1,) token boundaries
         rows = arrays.target_offsets  # (S+1,) target-row boundaries (= offsets without a mask)
         sampled = arrays.sampled_offsets
@@ -99,19 +112,10 @@ class ArrowCodec(ShardCodec):
             if schema is None:
                 schema = pa.schema(
                     [
-                        pa.field(
-                            name,
-                            column.type,
-                            nullable=False,
-                            metadata={"dtype": logprob_dtype} if name in LOGPROB_FIELDS else None,
-                        )
+                        pa.field(name, column.type, nullable=False, metadata=field_meta[name])
                         for name, column in zip(fields, columns, strict=True)
                     ],
-                    metadata={
-                        "kdcache": json.dumps(
-                            {"format_version": format_version, "logprob_dtype": logprob_dtype}
-                        )
-                    },
+                    metadata=shard_meta,
                 )
                 options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", ZSTD_LEVEL))
                 writer = pa.ipc.new_file(sink, schema, options=options)
@@ -127,11 +131,17 @@ class ArrowCodec(ShardCodec):
             names = list(reader.schema.names)
             if "tokens" not in names:
                 raise ValueError("no tokens column")
-            labels = {
-                key: (reader.schema.field(key).metadata or {}).get(b"dtype", b"").decode()
-                or "float16"
-                for key in names
-                if key in LOGPROB_FIELDS
+            labels = {}
+            for key in names:
+                meta = reader.schema.field(key).metadata or {}
+                if b"codec" in meta:  # encoded by a codec: its name labels the stored numbers
+                    labels[key] = meta[b"codec"].decode()
+                elif key in LOGPROB_FIELDS:
+                    labels[key] = meta.get(b"dtype", b"").decode() or "float16"
+            per_shard = {
+                key.decode(): json.loads(value)
+                for key, value in (reader.schema.metadata or {}).items()
+                if key != b"kdcache"
             }
             parts: dict[str, list[npt.NDArray[Any]]] = {key: [] for key in [*names, "offsets"]}
             start = 0
@@ -171,7 +181,22 @@ class ArrowCodec(ShardCodec):
 
         fields = {key: joined(parts[key]) for key in names}
         fields["seq_offsets"] = joined(parts["offsets"])
+        try:
+            for key, value in per_shard.items():
+                fields[key] = np.asarray(value["values"], dtype=value["dtype"])
+        except (TypeError, KeyError, ValueError, OverflowError) as e:
+            raise StoreCorrupt(
+                f"shard {name} has unreadable schema metadata {key!r}, {e}, run `kdcache verify`",
+                shard=name,
+            ) from e
         return fields, labels
+
+
+def _metadata(attributes: dict[str, Any]) -> dict[str, str] | None:
+    """Field metadata (strings) of a stored field's attributes: non-strings as JSON."""
+    if not attributes:
+        return None
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in attributes.items()}
 
 
 def _check_units(

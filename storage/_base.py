@@ -183,3 +183,15 @@ def temporary_target(entry: str) -> str | None:
     """For a temporary ".tmp-<32 hex>-<target>", the target file name; else None."""
     match = re.fullmatch(r"\.tmp-[0-9a-f]{32}-(.+)", entry)
     return match.group(1) if match else None
+
+
+def leftover_of(entry: str, present: set[str]) -> str | None:
+    """The shard whose leftover ``entry`` of ``shards/`` is — a temporary (".tmp-…"), or shard
+    data without its commit record among ``present`` (a killed writer's) — else None."""
+    target = temporary_target(entry)
+    stem = re.sub(r"\.(zarr|arrow|json)$", "", target or entry)
+    if target is not None or (
+        entry.endswith((".zarr", ".arrow")) and f"{stem}.json" not in present
+    ):
+        return stem
+    return None

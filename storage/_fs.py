@@ -1,21 +1,102 @@
-"""The store's view of a filesystem: fsspec underneath, atomic writes on top.
+"""The store's view of a filesystem: fsspec underneath, atomic and durable writes on top.
 
-Local paths get write-to-temporary + ``os.replace`` (atomic on POSIX); object stores and
-``memory://`` get a single PUT per file, which is atomic there.
+Local paths: a file is written under a temporary name, flushed to disk (``fsync``) and renamed
+into place (``os.replace``, atomic on POSIX), then its directory is fsynced, so a name that
+exists after a power cut has all of its content. A shard's directory tree is fsynced file by
+file and directory by directory before it is renamed into place (``write_tree``, ``move``).
+
+Object stores (s3://, gs://, ...) and ``memory://``: one PUT per file, atomic there; nothing is
+renamed (a "move" on an object store copies and deletes every object: neither atomic nor
+cheap), so the writer puts a shard's objects at their final keys and its commit record last
+(docs/architecture.md §3). Listings are never served from fsspec's cache (another process may
+have committed since), and the errors of the object store's library become ``StoreError``s
+naming the URL and the fix (``_remote.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from ._remote import protocol_of, translate, with_defaults
 from .errors import StoreUnavailable
 
 TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` durable (POSIX; a no-op on Windows)."""
+    if os.name == "nt":  # pragma: no cover - directories cannot be opened there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(directory: str) -> None:
+    """``os.makedirs``, then fsync the parent of each directory it created (top down), so the
+    new directories themselves survive a crash."""
+    missing = []
+    path = directory
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not missing:
+        return
+    os.makedirs(directory, exist_ok=True)
+    for created in reversed(missing):
+        fsync_dir(os.path.dirname(created))
+
+
+def write_durable(path: str, data: bytes) -> None:
+    """Write a local file and fsync it (not its directory: the caller does that once)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# s3 filesystems by (protocol, options, AWS_* environment, process): fsspec's own instance cache
+# ignores the environment, so it would keep the endpoint and credentials it first saw; a new
+# instance per store costs ~0.3 s (a botocore session and client)
+_REMOTE: dict[str, fsspec.AbstractFileSystem] = {}
+
+
+def _open(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    key = None
+    if options.get("skip_instance_cache"):  # set for s3 by _remote.with_defaults
+        environment = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+        key = json.dumps([protocol_of(url), options, environment, os.getpid()], default=repr)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **options)
+    except ImportError as e:  # fsspec knows the protocol; its package is not installed
+        raise StoreUnavailable(
+            f"cannot open the store's filesystem, {url}, {e} (for s3:// install kdcache[s3])"
+        ) from e
+    except TypeError as e:  # an option the filesystem's constructor does not take
+        raise StoreUnavailable(
+            f"storage options not understood, {url} ({e}), fix --storage-options"
+        ) from e
+    except ValueError as e:  # fsspec: "Protocol not known: ..."
+        raise StoreUnavailable(
+            f"unknown storage protocol, {url}, ({e}), give a local path or an fsspec "
+            "URL such as s3://bucket/store with its package installed"
+        ) from e
+    if key is not None:
+        fs = _REMOTE.setdefault(key, fs)
+    return fs, str(root)
 
 
 class StoreFS:
@@ -23,31 +104,62 @@ class StoreFS:
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
         self.url = os.fspath(url)
-        try:
-            fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        except ImportError as e:  # fsspec knows the protocol; its package is not installed
-            raise StoreUnavailable(f"cannot open the store's filesystem, {self.url}, {e}") from e
-        except ValueError as e:  # fsspec: "Protocol not known: ..."
-            raise StoreUnavailable(
-                f"unknown storage protocol, {self.url}, ({e}), give a local path or an fsspec "
-                "URL such as s3://bucket/store with its package installed"
-            ) from e
-        self.fs: fsspec.AbstractFileSystem = fs
-        self.root: str = str(root).rstrip("/") or "/"
+        self.storage_options = with_defaults(self.url, storage_options)
+        fs, root = _open(self.url, self.storage_options)
+        self._fs: fsspec.AbstractFileSystem | None = fs
+        self._pid = os.getpid()
+        self.root: str = root.rstrip("/") or "/"
         self.is_local = isinstance(fs, LocalFileSystem)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, re-opened in a forked child (DataLoader workers): an async
+        filesystem (s3fs) refuses to run in a process other than its own."""
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, _ = _open(self.url, self.storage_options)
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fs"] = None  # re-opened on first use in the receiving process
+        return state
+
+    @contextmanager
+    def _errors(self, *, writing: bool = False) -> Iterator[None]:
+        """Object-store exceptions as ``StoreError``s; local errors pass unchanged."""
+        if self.is_local:
+            yield
+            return
+        try:
+            yield
+        except Exception as e:
+            translated = translate(e, self.url, writing=writing)
+            if translated is None:
+                raise
+            raise translated from e
+
+    def _fresh(self, path: str) -> str:
+        """``path``, with fsspec's cached listings of it dropped (object stores)."""
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
+        return path
 
     def full(self, rel: str) -> str:
         """Absolute path (in the filesystem's own namespace) of ``rel``."""
         return f"{self.root}/{rel}" if rel else self.root
 
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self.full(rel)))
+        with self._errors():
+            return bool(self.fs.exists(self._fresh(self.full(rel))))
 
     def isdir(self, rel: str) -> bool:
-        return bool(self.fs.isdir(self.full(rel)))
+        with self._errors():
+            return bool(self.fs.isdir(self._fresh(self.full(rel))))
 
     def read(self, rel: str) -> bytes:
-        data: bytes = self.fs.cat_file(self.full(rel))
+        with self._errors():
+            data: bytes = self.fs.cat_file(self.full(rel))
         return data
 
     def read_many(self, rels: list[str]) -> dict[str, bytes]:
@@ -55,70 +167,94 @@ class StoreFS:
         if not rels:
             return {}
         full = [self.full(r) for r in rels]
-        got: dict[str, bytes] = self.fs.cat(full, on_error="raise")
+        with self._errors():
+            got: dict[str, bytes] = self.fs.cat(full, on_error="raise")
         return {r: got[f] for r, f in zip(rels, full, strict=True)}
 
     def list_names(self, rel: str) -> list[str]:
         """Base names directly under ``rel`` ([] when it does not exist)."""
         try:
-            entries = self.fs.ls(self.full(rel), detail=False)
+            with self._errors():
+                entries = self.fs.ls(self._fresh(self.full(rel)), detail=False)
         except FileNotFoundError:
             return []
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def walk_files(self, rel: str) -> list[str]:
         """Every file under directory ``rel``, relative to the root."""
-        base = self.full(rel)
-        found = self.fs.find(base)
+        with self._errors():
+            found = self.fs.find(self._fresh(self.full(rel)))
         prefix = self.root.rstrip("/") + "/"
         return sorted(str(p)[len(prefix) :] if str(p).startswith(prefix) else str(p) for p in found)
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.full(rel)))
+        with self._errors():
+            return int(self.fs.size(self._fresh(self.full(rel))))
 
     def write_atomic(self, rel: str, data: bytes) -> None:
-        """Write ``data`` so that readers see either nothing/the old file or all of it."""
+        """Write ``data`` so that readers see either nothing/the old file or all of it; locally
+        also durable once this returns (file and directory fsynced)."""
         path = self.full(rel)
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            directory, name = os.path.split(path)
-            tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-        else:
-            self.fs.pipe_file(path, data)
+        if not self.is_local:
+            with self._errors(writing=True):
+                self.fs.pipe_file(path, data)
+            return
+        directory, name = os.path.split(path)
+        make_dirs(directory)
+        tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+        try:
+            write_durable(tmp, data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        fsync_dir(directory)
 
     def write_tree(self, rel: str, files: dict[str, bytes]) -> None:
-        """Write files under ``rel`` (keys relative to it; "" = ``rel`` itself is the file)."""
+        """Write files under ``rel`` (keys relative to it; "" = ``rel`` itself is the file).
+
+        Locally every file and every directory of the tree is fsynced (deepest first) before
+        this returns; ``rel``'s own entry becomes durable with its parent's fsync (``move``).
+        """
+        if not self.is_local:
+            with self._errors(writing=True):
+                for key, data in files.items():
+                    self.fs.pipe_file(self.full(f"{rel}/{key}" if key else rel), data)
+            return
+        top = self.full(rel)
+        make_dirs(os.path.dirname(top))
+        directories = set()
         for key, data in files.items():
-            path = self.full(f"{rel}/{key}" if key else rel)
-            if self.is_local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-            else:
-                self.fs.pipe_file(path, data)
+            path = os.path.join(top, key) if key else top
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_durable(path, data)
+            directory = os.path.dirname(path)
+            while len(directory) > len(top):  # the tree's directories, up to ``top``
+                directories.add(directory)
+                directory = os.path.dirname(directory)
+        if any(files.keys()):
+            directories.add(top)
+        for directory in sorted(directories, key=len, reverse=True):
+            fsync_dir(directory)
 
     def move(self, src: str, dst: str) -> None:
-        """Move a file or directory into place (atomic rename on local disks)."""
+        """Move a file or directory into place (locally an atomic, durable rename)."""
         if self.is_local:
             os.replace(self.full(src), self.full(dst))
+            fsync_dir(os.path.dirname(self.full(dst)))
         else:
-            self.fs.mv(self.full(src), self.full(dst), recursive=True)
+            with self._errors(writing=True):
+                self.fs.mv(self.full(src), self.full(dst), recursive=True)
 
     def remove(self, rel: str) -> None:
         """Delete a file or a directory tree; missing is fine."""
         path = self.full(rel)
         try:
-            if self.fs.isdir(path):
-                self.fs.rm(path, recursive=True)
-            elif self.fs.exists(path):
-                self.fs.rm_file(path)
+            with self._errors():
+                if self.fs.isdir(self._fresh(path)):
+                    self.fs.rm(path, recursive=True)
+                elif self.fs.exists(path):
+                    self.fs.rm_file(path)
         except FileNotFoundError:
             pass

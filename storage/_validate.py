@@ -21,6 +21,7 @@ from ._arrays import (
     tail_from_topk,
 )
 from ._base import ShardRecord
+from ._stored import LEVEL_FIELDS, stored_values
 from .errors import StoreCorrupt
 
 
@@ -83,18 +84,19 @@ def mask_problem(n: int, mask: NDArray, seq_offsets: NDArray | None = None) -> s
 
 
 def topk_problem(
-    n: int, k: int, ids: NDArray, raw: NDArray, logprobs: NDArray, vocab: int
+    n: int, k: int, ids: NDArray, raw: NDArray, logprobs: NDArray, vocab: int, values: bool = True
 ) -> str | None:
     """Top-k rows: ids (T, k) in the vocabulary; log-probs (T, k) descending, <= 0, not NaN.
 
     ``raw`` is ``logprobs`` as stored (bfloat16 as uint16 bits), for the integer sort check.
+    ``values=False``: shapes only (a codec's decoding already guarantees the rest).
     """
     if ids.shape != (n, k) or raw.shape != (n, k) or logprobs.shape != (n, k):
         return (
             f"top-k shapes must be ({n}, {k}) for {n} target rows at k={k}, got topk_ids "
             f"{ids.shape}, topk_logprobs {logprobs.shape}"
         )
-    if n == 0:
+    if n == 0 or not values:
         return None
     problem = _id_problem("top-k id", ids, vocab)
     if problem is not None:
@@ -107,11 +109,12 @@ def topk_problem(
     return None
 
 
-def tail_problem(n: int, tail: NDArray) -> str | None:
-    """topk_tail_logprob: (T,) floats, each <= 0 or -inf (never NaN)."""
+def tail_problem(n: int, tail: NDArray, values: bool = True) -> str | None:
+    """topk_tail_logprob: (T,) floats, each <= 0 or -inf (never NaN); ``values=False``: the
+    shape only."""
     if tail.shape != (n,):
         return f"topk_tail_logprob shape must be ({n},), got {tail.shape}"
-    if not (tail <= 0).all():  # False for NaN too
+    if values and not (tail <= 0).all():  # False for NaN too
         return "a topk_tail_logprob is positive or NaN"
     return None
 
@@ -181,7 +184,8 @@ def prepare_sequence(
     where: str,
     loss_mask: NDArray | None = None,
 ) -> dict[str, NDArray]:
-    """Check one appended sequence and return its fields in their stored dtypes.
+    """Check one appended sequence and return its fields in their stored form (dtypes; in a
+    ``gaps`` store the log-prob fields and the tail as the codec's int16 levels).
 
     ``tokens`` (L,); ``loss_mask`` (L,) 0/1, required exactly when the store has a loss mask;
     ``given`` holds the target arrays the caller passed (by ``append``'s keyword names), with
@@ -232,6 +236,10 @@ def prepare_sequence(
         problem = problem or _prepare_sampled(layout, rows, given, out)
     if problem is not None:
         raise ValueError(f"{problem} ({where})")
+    if layout.codec != "raw":  # checked as numbers, stored as the codec's levels
+        for name in LEVEL_FIELDS:
+            if name in out:
+                out[name] = stored_values(name, out[name], layout)
     return out
 
 
@@ -287,12 +295,16 @@ def check_invariants(
     layout: ShardLayout,
     raw_topk_logprobs: NDArray | None,
     record: ShardRecord | None = None,
+    decoded_by_codec: bool = False,
 ) -> None:
     """Whole-shard checks: shapes, offsets, id ranges, the loss mask (0/1, >= 1 trained position
     per sequence, T = its sum target rows), sorted rows, sampled entries' rules.
 
-    ``raw_topk_logprobs`` is the top-k array as stored (bfloat16 still as uint16) so the sort
-    check needs no conversion. Raises ``StoreCorrupt`` naming the shard.
+    ``raw_topk_logprobs`` is the top-k array as stored (bfloat16 still as uint16; in a gaps store
+    the decoded floats) so the sort check needs no conversion. ``decoded_by_codec``: the top-k
+    rows and tails come from a codec whose checked levels and id codes guarantee their values
+    (in the vocabulary, sorted, <= 0): only their shapes are checked. Raises ``StoreCorrupt``
+    naming the shard.
     """
     name = arrays.shard
     n = arrays.tokens.shape[0] if arrays.tokens.ndim == 1 else -1
@@ -312,9 +324,10 @@ def check_invariants(
             raw_topk_logprobs,
             arrays.topk_logprobs,
             layout.vocab_size,
+            values=not decoded_by_codec,
         )
     if problem is None and arrays.topk_tail_logprob is not None:
-        problem = tail_problem(t, arrays.topk_tail_logprob)
+        problem = tail_problem(t, arrays.topk_tail_logprob, values=not decoded_by_codec)
     if problem is None and arrays.sampled_distinct is not None:
         assert arrays.sampled_ids is not None and arrays.sampled_counts is not None
         assert arrays.sampled_logprobs is not None

@@ -12,13 +12,23 @@ Readable without kdcache::
                                  # topk_* and sampled_distinct belong to np.flatnonzero(m)
                                  # (T = m.sum()); without a mask T = N, row t is token t's
 
+In a store of codec ``gaps`` (manifest ``codec``, _codec.py) the log-prob fields and the tail
+are int16 levels and ``topk_ids`` holds codes; each such array's attributes say how to decode::
+
+    a = g["topk_logprobs"]       # (k, T) int16, rank-major: first levels, then gaps
+    lp = np.interp(np.cumsum(a[:], axis=0), a.attrs["levels"], a.attrs["logprobs"],
+                   right=-np.inf).T  # (T, k)
+    ids = g["topk_id_table"][:][g["topk_ids"][:]].T  # (T, k)
+
 Compression: blosc(zstd) with byte-shuffle, so the high and low bytes of the 16-bit ids and
-log-probs are compressed as separate streams (see bench/results/store.md for the effect).
+log-probs are compressed as separate streams (see bench/results/store.md for the effect). A
+gaps store keeps its (T, k) arrays rank-major, as (k, T) arrays with bit-shuffle: each rank's
+codes and gaps are compressed together, and the levels add up rank by rank.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -27,8 +37,9 @@ from zarr.codecs import BloscCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
-from ._arrays import LOGPROB_FIELDS, ShardArrays, stored_logprobs
+from ._arrays import LOGPROB_FIELDS, ShardArrays
 from ._base import ShardCodec
+from ._stored import DECODE_RANK_MAJOR, StoredField, stored_shard
 from .errors import StoreCorrupt
 from .manifest import FORMAT_VERSION
 
@@ -37,11 +48,13 @@ CHUNK_BYTES = 4 << 20  # ~4 MiB of raw data per chunk
 # on Zipf-like k=64 rows (bench/store.py); higher levels cost encode time for little gain
 CLEVEL = 3
 BLOCK_BYTES = 1 << 20
+# the "layout" attribute of a (T, k) field stored transposed, as a (k, T) array (codec gaps)
+RANK_MAJOR = "rank-major (k, T): transpose for (T, k)"
 
 
-def _blosc(itemsize: int) -> BloscCodec:
+def _blosc(itemsize: int, shuffle: Literal["shuffle", "bitshuffle"] = "shuffle") -> BloscCodec:
     return BloscCodec(
-        cname="zstd", clevel=CLEVEL, shuffle="shuffle", typesize=itemsize, blocksize=BLOCK_BYTES
+        cname="zstd", clevel=CLEVEL, shuffle=shuffle, typesize=itemsize, blocksize=BLOCK_BYTES
     )
 
 
@@ -52,10 +65,14 @@ def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     return node
 
 
-def _chunks(name: str, data: npt.NDArray[Any]) -> tuple[int, ...]:
-    """~CHUNK_BYTES per chunk; (N, k) arrays by whole rows; seq_offsets in one chunk."""
+def _chunks(name: str, data: npt.NDArray[Any], rank_major: bool = False) -> tuple[int, ...]:
+    """~CHUNK_BYTES per chunk; (N, k) arrays by whole rows, rank-major (k, N) arrays by whole
+    columns; seq_offsets in one chunk."""
     if name == "seq_offsets":
         return (data.shape[0],)
+    if rank_major:
+        k, n = data.shape
+        return (k, max(1, min(n, CHUNK_BYTES // max(1, k * data.dtype.itemsize))))
     if data.ndim == 2:
         n, k = data.shape
         return (max(1, min(n, CHUNK_BYTES // max(1, k * 2))), k)
@@ -76,17 +93,27 @@ class ZarrCodec(ShardCodec):
                 "kdcache": {"format_version": format_version, "logprob_dtype": logprob_dtype}
             },
         )
-        for name, data in [*arrays.fields().items(), ("seq_offsets", arrays.seq_offsets)]:
-            attributes: dict[str, Any] = {}
-            if name in LOGPROB_FIELDS:
-                data = stored_logprobs(data, logprob_dtype)
-                attributes = {"dtype": logprob_dtype}
+        stored = [
+            *stored_shard(arrays, logprob_dtype),
+            StoredField("seq_offsets", arrays.seq_offsets),
+        ]
+        for f in stored:
+            data, attributes = f.data, f.attributes
+            if f.rank_major:  # (k, T): compressed rank by rank, bit-shuffled (~10% smaller)
+                data = np.ascontiguousarray(data.T)
+                attributes = {
+                    **attributes,
+                    "layout": RANK_MAJOR,
+                    "decode": DECODE_RANK_MAJOR[f.name],
+                }
             array = group.create_array(
-                name,
+                f.name,
                 shape=data.shape,
                 dtype=data.dtype,
-                chunks=_chunks(name, data),
-                compressors=[_blosc(data.dtype.itemsize)],
+                chunks=_chunks(f.name, data, f.rank_major),
+                compressors=[
+                    _blosc(data.dtype.itemsize, "bitshuffle" if f.rank_major else "shuffle")
+                ],
                 attributes=attributes,
             )
             array[...] = data
@@ -104,7 +131,12 @@ class ZarrCodec(ShardCodec):
             for key in sorted(group.array_keys()):
                 array = _array(group, key)
                 fields[key] = np.asarray(array[...])
-                if key in LOGPROB_FIELDS:
+                if array.attrs.get("layout") == RANK_MAJOR:
+                    fields[key] = fields[key].T  # a (T, k) view of the (k, T) array
+                codec = array.attrs.get("codec")
+                if codec is not None:  # encoded by a codec: its name labels the stored numbers
+                    labels[key] = str(codec)
+                elif key in LOGPROB_FIELDS:
                     labels[key] = str(array.attrs.get("dtype", fields[key].dtype))
         except Exception as e:  # zarr raises many kinds on damaged metadata/chunks
             raise StoreCorrupt(

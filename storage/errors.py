@@ -17,8 +17,23 @@ class StoreNotFound(StoreError, FileNotFoundError):
 
 
 class StoreUnavailable(StoreError):
-    """The store's location cannot be opened: an unknown URL protocol, or the fsspec backend for
-    it (``s3fs``, ``gcsfs``, ...) is not installed."""
+    """The store's location cannot be opened: an unknown URL protocol, the fsspec backend for
+    it (``s3fs``, ``gcsfs``, ...) is not installed, storage options it does not understand, or
+    an object store that refuses (the subclasses below)."""
+
+
+class StoreUnreachable(StoreUnavailable):
+    """The object store's endpoint does not answer (connection refused, connect timeout): a
+    wrong ``AWS_ENDPOINT_URL`` / ``endpoint_url``, or the server is down."""
+
+
+class StoreAccessDenied(StoreUnavailable):
+    """No usable credentials for the object store, or they do not grant access."""
+
+
+class BucketNotFound(StoreUnavailable):
+    """The URL's bucket does not exist (not a ``FileNotFoundError``: "no store here" is
+    ``StoreNotFound``; a missing bucket is the location itself being wrong)."""
 
 
 class StoreCorrupt(StoreError):

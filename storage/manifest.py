@@ -6,10 +6,14 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from ._codec import CODECS as CODECS  # the codec facts, re-exported for the pipeline
+from ._codec import DEFAULT_CODEC as DEFAULT_CODEC
+from ._codec import max_abs_error as max_abs_error
+from ._codec import max_prob_error as max_prob_error
 from .errors import StoreCorrupt, UnsupportedFormat
 
-FORMAT_VERSION = 3  # what this kdcache writes
-READABLE_VERSIONS = (1, 2, 3)  # what it opens (docs/architecture.md §3, "Format versions")
+FORMAT_VERSION = 4  # what this kdcache writes
+READABLE_VERSIONS = (1, 2, 3, 4)  # what it opens (docs/architecture.md §3, "Format versions")
 BACKENDS = ("zarr", "arrow")
 TARGETS = ("topk", "sampled", "topk+sampled")
 MAX_SAMPLES = 65535
@@ -24,8 +28,10 @@ V2_DEFAULTS: dict[str, Any] = {
 }
 # version-3 facts and what a version-1 or version-2 manifest means by them
 V3_DEFAULTS: dict[str, Any] = {"loss_mask": False}
+# version-4 facts (the store codec, _codec.py) and what an older manifest means by them
+V4_DEFAULTS: dict[str, Any] = {"codec": "raw", "codec_max_abs_error": 0.0}
 # the facts each format version added, by version
-ADDED_FACTS: dict[int, dict[str, Any]] = {2: V2_DEFAULTS, 3: V3_DEFAULTS}
+ADDED_FACTS: dict[int, dict[str, Any]] = {2: V2_DEFAULTS, 3: V3_DEFAULTS, 4: V4_DEFAULTS}
 # facts that may differ between runs writing the same store
 IGNORED_FACTS = frozenset({"created_at", "kdcache_version", "finished", "stats"})
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -44,6 +50,8 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "corpus": dict,
     "shard_tokens": int,
     "loss_mask": bool,
+    "codec": str,
+    "codec_max_abs_error": (int, float),
 }
 
 
@@ -143,9 +151,10 @@ def make_manifest(
     samples: int = 0,
     sample_seed: int | None = None,
     loss_mask: bool = False,
+    codec: str = DEFAULT_CODEC,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build and validate the manifest of a new store (format version 3).
+    """Build and validate the manifest of a new store (format version 4).
 
     Args:
         tokenizer: its fingerprint; ``tokenizer["size"]`` (optional, 1..vocab_size) is the
@@ -156,6 +165,8 @@ def make_manifest(
         sample_seed: the seed of the draws; required for sampled targets, else None.
         loss_mask: True: every sequence carries a per-position ``loss_mask`` and targets are
             stored only at its trained positions (docs/architecture.md §3, "Loss mask").
+        codec: how log-probs and top-k ids are stored: "raw" (``logprob_dtype`` floats) or
+            "gaps" (levels on a fixed grid, error at most ``codec_max_abs_error``; ``_codec.py``).
 
     Raises:
         ValueError: a value is out of range or of the wrong type.
@@ -182,6 +193,8 @@ def make_manifest(
         "corpus": dict(corpus),
         "shard_tokens": shard_tokens,
         "loss_mask": loss_mask,
+        "codec": codec,
+        "codec_max_abs_error": max_abs_error(codec) if codec in CODECS else 0.0,
     }
     for key, value in (extra or {}).items():
         if key in manifest:
@@ -250,6 +263,7 @@ def validate_manifest(
     if problem is not None:
         raise error(f"{where} {problem}")
     _validate_targets(manifest, where, error)
+    _validate_codec(manifest, where, error)
     if manifest["logprob_dtype"] not in LOGPROB_DTYPES:
         raise error(
             f"{where} logprob_dtype unknown, {manifest['logprob_dtype']!r}, "
@@ -300,6 +314,19 @@ def _validate_targets(manifest: dict[str, Any], where: str, error: type[Exceptio
         raise error(
             f"{where} count_dtype does not fit {samples} samples, {count_dtype!r}, "
             "recreate the store"
+        )
+
+
+def _validate_codec(manifest: dict[str, Any], where: str, error: type[Exception]) -> None:
+    """The codec and its error bound (a fact readers can rely on: it must be the codec's)."""
+    codec = manifest["codec"]
+    if codec not in CODECS:
+        raise error(f"{where} codec unknown, {codec!r}, use one of {', '.join(CODECS)}")
+    bound = manifest["codec_max_abs_error"]
+    if bound != max_abs_error(codec):
+        raise error(
+            f"{where} codec_max_abs_error of codec {codec} must be {max_abs_error(codec)}, "
+            f"{bound!r}, recreate the store"
         )
 
 

@@ -12,11 +12,9 @@ import numpy.typing as npt
 
 from ._arrays import (
     LOGPROB_FIELDS,
-    RAW_LOGPROB_DTYPE,
     ShardArrays,
     ShardLayout,
     TeacherSequence,
-    decoded_logprobs,
     tail_from_topk,
 )
 from ._base import (
@@ -28,9 +26,11 @@ from ._base import (
     temporary_target,
 )
 from ._fs import StoreFS
+from ._stored import decode_fields, stored_dtypes
 from ._validate import check_invariants
 from .errors import StoreCorrupt, StoreError, StoreNotFound
 from .manifest import has_samples, has_topk, parse_manifest, tokenizer_size
+from .shard_cache import ShardCache, ShardCacheConfig, open_cache
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -93,9 +93,17 @@ def read_files(fs: StoreFS, record: ShardRecord) -> dict[str, bytes]:
 
 
 def decode_shard(
-    record: ShardRecord, files: dict[str, bytes], manifest: dict[str, Any], *, check: bool
+    record: ShardRecord,
+    files: dict[str, bytes],
+    manifest: dict[str, Any],
+    *,
+    check: bool,
+    thorough: bool = False,
 ) -> ShardArrays:
-    """Decode ``files`` of ``record`` and check dtypes (always) and invariants (``check``)."""
+    """Decode ``files`` of ``record`` and check dtypes (always) and invariants (``check``).
+
+    ``thorough`` (``verify``): check every decoded value, also those a codec's checked levels
+    and codes already guarantee (a gaps store's top-k rows: sorted, <= 0, ids in range)."""
     name = record.name
     if check:
         for rel, info in record.files.items():
@@ -108,7 +116,7 @@ def decode_shard(
                 )
     fields, labels = get_codec(record.backend).decode(files, name)
     layout = ShardLayout.of(manifest)
-    expected = {*layout.fields, "seq_offsets"}
+    expected = {*layout.stored_fields, "seq_offsets"}
     if set(fields) != expected:
         raise StoreCorrupt(
             f"shard {name} holds {', '.join(sorted(fields))}; a {layout.targets} store of "
@@ -116,22 +124,11 @@ def decode_shard(
             "run `kdcache verify`",
             shard=name,
         )
-    lp = layout.logprob_dtype
-    wanted = {
-        "tokens": "int32",
-        "loss_mask": "uint8",
-        "topk_ids": layout.id_dtype,
-        "topk_logprobs": f"{lp}/{RAW_LOGPROB_DTYPE[lp]}",
-        "topk_tail_logprob": "float32",
-        "sampled_distinct": layout.count_dtype,
-        "sampled_ids": layout.id_dtype,
-        "sampled_counts": layout.count_dtype,
-        "sampled_logprobs": f"{lp}/{RAW_LOGPROB_DTYPE[lp]}",
-    }
-    for key in layout.fields:
+    wanted = stored_dtypes(layout)
+    for key in layout.stored_fields:
         got = str(fields[key].dtype)
-        if key in LOGPROB_FIELDS:  # the label says what the stored numbers are (bfloat16 bits)
-            got = f"{labels.get(key, got)}/{got}"
+        if key in LOGPROB_FIELDS or key in labels:  # the label says what the stored numbers are
+            got = f"{labels.get(key, got)}/{got}"  # (bfloat16 bits, a codec's levels or codes)
         if got != wanted[key]:
             raise StoreCorrupt(
                 f"shard {name} stores {key} as {got}, the manifest says {wanted[key]}, "
@@ -140,10 +137,7 @@ def decode_shard(
             )
     if fields["seq_offsets"].dtype.kind not in "iu":
         raise StoreCorrupt(f"shard {name} has non-integer seq_offsets", shard=name)
-    raw_topk = fields.get("topk_logprobs")
-    for key in LOGPROB_FIELDS:
-        if key in fields:
-            fields[key] = decoded_logprobs(fields[key], layout.logprob_dtype)
+    fields, raw_topk = decode_fields(fields, layout, check=check, shard=name)
     seq_offsets = fields.pop("seq_offsets").astype(np.int64, copy=False)
     arrays = ShardArrays.from_fields(fields, seq_offsets, name)
     if layout.format_version == 1 and arrays.topk_logprobs is not None:
@@ -152,7 +146,13 @@ def decode_shard(
             arrays.topk_logprobs, complete=layout.top_k == layout.vocab_size
         )
     if check:
-        check_invariants(arrays, layout=layout, raw_topk_logprobs=raw_topk, record=record)
+        check_invariants(
+            arrays,
+            layout=layout,
+            raw_topk_logprobs=raw_topk,
+            record=record,
+            decoded_by_codec=layout.codec != "raw" and not thorough,
+        )
     return arrays
 
 
@@ -166,7 +166,9 @@ def read_tokenizer_files(fs: StoreFS) -> dict[str, bytes]:
 class Store:
     """A logit store opened for reading; sees committed shards only (``refresh()`` re-lists)."""
 
-    def __init__(self, fs: StoreFS, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, fs: StoreFS, manifest: dict[str, Any], cache: ShardCacheConfig | None = None
+    ) -> None:
         self._fs = fs
         self.url = fs.url
         self.manifest = manifest
@@ -177,6 +179,9 @@ class Store:
         self.shards: list[ShardRecord] = []
         self._by_name: dict[str, ShardRecord] = {}
         self.refresh()
+        # a remote store's shards are read through a bounded local cache (shard_cache.py)
+        largest = max((r.nbytes for r in self.shards), default=0)
+        self.cache: ShardCache | None = open_cache(fs, cache, largest)
 
     def refresh(self) -> None:
         """Re-read the manifest's mutable facts and re-list committed shards."""
@@ -253,7 +258,14 @@ class Store:
                 f"no committed shard named {name!r} in {self.url}, "
                 f"committed: {len(self.shards)} shards (call refresh() to re-list)"
             )
-        return decode_shard(record, read_files(self._fs, record), self.manifest, check=check)
+        files = self.cache.read(record) if self.cache else read_files(self._fs, record)
+        return decode_shard(record, files, self.manifest, check=check)
+
+    def prefetch(self, records: list[ShardRecord]) -> None:
+        """Hint: the shards in the order they will be read, so a remote store's cache fetches
+        the next ones in the background (a no-op without a cache)."""
+        if self.cache is not None:
+            self.cache.prefetch(records)
 
     def iter_sequences(self, split: str | None = None) -> Iterator[TeacherSequence]:
         """Every sequence of ``split`` (all splits when None), in shard order.
@@ -263,6 +275,7 @@ class Store:
         records = self.shards_of(split)
         if not records:
             return
+        self.prefetch(records)
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending: Future[ShardArrays] = pool.submit(self.read_shard, records[0])
             for nxt in [*records[1:], None]:
@@ -311,11 +324,17 @@ class Store:
 
 
 def open_store(
-    url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+    url: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    cache: ShardCacheConfig | None = None,
 ) -> Store:
-    """Open a store for reading (a local path or an fsspec URL such as ``memory://s``)."""
+    """Open a store for reading (a local path or an fsspec URL such as ``memory://s``).
+
+    ``cache``: read a remote store (not local, not ``memory://``) through a bounded local shard
+    cache (``shard_cache.py``; ``ShardCacheConfig()`` for the defaults); None reads directly."""
     fs = StoreFS(url, storage_options)
-    return Store(fs, load_manifest(fs))
+    return Store(fs, load_manifest(fs), cache)
 
 
 def verify_store(
@@ -340,7 +359,7 @@ def verify_store(
                 key = rel[len(record.path) + 1 :] if rel != record.path else ""
                 if len(files[key]) != info["size"] or sha256(files[key]) != info["sha256"]:
                     raise StoreCorrupt(f"checksum mismatch in {rel}", shard=name)
-            decode_shard(record, files, manifest, check=True)
+            decode_shard(record, files, manifest, check=True, thorough=True)
         except StoreCorrupt as e:
             problems.append((name, str(e).removesuffix(", run `kdcache verify`")))
         if on_shard is not None:

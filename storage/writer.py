@@ -18,6 +18,7 @@ from ._base import (
     SHARDS_DIR,
     ShardRecord,
     get_codec,
+    leftover_of,
     sha256,
     temporary_target,
 )
@@ -25,13 +26,7 @@ from ._fs import TMP_PREFIX, StoreFS
 from ._validate import prepare_sequence
 from .errors import ShardExists, StoreCorrupt, StoreError, StoreIncompatible
 from .manifest import dumps, manifest_differences, parse_manifest, utc_now, validate_manifest
-from .reader import (
-    MANIFEST,
-    TOKENIZER_DIR,
-    list_records,
-    load_manifest,
-    read_tokenizer_files,
-)
+from .reader import MANIFEST, TOKENIZER_DIR, list_records, load_manifest, read_tokenizer_files
 
 _STORE_ENTRIES = {MANIFEST, SHARDS_DIR, TOKENIZER_DIR}
 
@@ -123,7 +118,8 @@ class ShardWriter:
         self.num_tokens += part["tokens"].shape[0]
 
     def commit(self) -> ShardRecord:
-        """Write the shard under a temporary name, move it into place, then write its record."""
+        """Write the shard's files, then its commit record (docs/architecture.md §3): locally
+        under a temporary name renamed into place, on an object store at the final keys."""
         if self._done:
             raise ValueError(f"shard {self.name} is already committed or aborted")
         if self.num_sequences == 0:
@@ -161,21 +157,31 @@ class ShardWriter:
         )
         fs = store._fs
         try:
-            fs.write_tree(tmp, blobs)
-            if fs.exists(record.record_path):
-                raise ShardExists(
-                    f"shard committed by another writer meanwhile, {self.name} in {store.url}, "
-                    "run one writer per store (rerunning afterwards resumes it)"
-                )
-            fs.remove(final)  # an uncommitted leftover of an earlier crash
-            fs.move(tmp, final)
+            if fs.is_local:  # a fsynced temporary tree renamed into place, then the record
+                fs.write_tree(tmp, blobs)
+                self._refuse_if_committed()
+                fs.remove(final)  # an uncommitted leftover of an earlier crash
+                fs.move(tmp, final)
+            else:
+                # no rename on an object store (a "move" copies every object): final keys, then
+                # the record, one PUT, the only atomic step (open_shard deleted any leftover)
+                self._refuse_if_committed()
+                fs.write_tree(final, blobs)
             fs.write_atomic(record.record_path, record.to_bytes())
         except BaseException:
-            fs.remove(tmp)
             self._done = True
+            if fs.is_local:
+                fs.remove(tmp)
             raise
         self._done = True
         return record
+
+    def _refuse_if_committed(self) -> None:
+        if self._store._fs.exists(f"{SHARDS_DIR}/{self.name}.json"):
+            raise ShardExists(
+                f"shard committed by another writer meanwhile, {self.name} in {self._store.url}, "
+                "run one writer per store (rerunning afterwards resumes it)"
+            )
 
     def abort(self) -> None:
         """Drop the buffered sequences; nothing of this shard becomes visible."""
@@ -224,9 +230,10 @@ class StoreWriter:
             raise ValueError(
                 f"bad shard split/index, {split!r}/{index!r}, use a lowercase split and index >= 0"
             )
-        if self._fs.exists(f"{SHARDS_DIR}/{name}.json"):
+        entries = self._fs.list_names(SHARDS_DIR)  # one listing (a request on object stores)
+        if f"{name}.json" in entries:
             raise ShardExists(f"shard {name} is already committed in {self.url}, skip it")
-        self.clean_temporaries([name])
+        self._clean(entries, [name])
         return ShardWriter(self, split, index, corpus_range)
 
     def append(
@@ -288,26 +295,23 @@ class StoreWriter:
 
         ``None`` also removes other writers' in-flight files: use it with a single writer only.
         """
-        entries = self._fs.list_names(SHARDS_DIR)
-        present = set(entries)
-        removed = 0
-        for entry in entries:
-            target = temporary_target(entry)
-            stem = re.sub(r"\.(zarr|arrow|json)$", "", target or entry)
-            if names is not None and stem not in names:
-                continue
-            leftover = target is not None or (
-                entry.endswith((".zarr", ".arrow")) and f"{stem}.json" not in present
-            )
-            if leftover:
-                self._fs.remove(f"{SHARDS_DIR}/{entry}")
-                removed += 1
+        removed = self._clean(self._fs.list_names(SHARDS_DIR), names)
         if names is None:
             for base in ("", TOKENIZER_DIR):
                 for entry in self._fs.list_names(base):
                     if temporary_target(entry) is not None:
                         self._fs.remove(f"{base}/{entry}" if base else entry)
                         removed += 1
+        return removed
+
+    def _clean(self, entries: list[str], names: list[str] | None) -> int:
+        """Remove the leftovers among ``entries`` of ``shards/`` (of ``names`` only, if given)."""
+        removed = 0
+        for entry in entries:
+            shard = leftover_of(entry, set(entries))
+            if shard is not None and (names is None or shard in names):
+                self._fs.remove(f"{SHARDS_DIR}/{entry}")
+                removed += 1
         return removed
 
     def mark_finished(self, stats: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ Nothing here downloads anything: the Hugging Face Hub is unreachable in tests.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# remote stores read in tests cache their shards here, never in the user's ~/.cache
+os.environ.setdefault("KDCACHE_CACHE_DIR", tempfile.mkdtemp(prefix="kdcache-test-shards-"))
 
 TINY_VOCAB = 512
 
@@ -105,6 +109,7 @@ def write_synthetic_store(
     targets: str = "topk",
     samples: int = 32,
     logprob_dtype: str = "float16",
+    finished: bool = True,
 ) -> str:
     """A valid store from synthetic teacher rows: ``lengths[split]`` lists shards of sequence lengths.
 
@@ -114,7 +119,9 @@ def write_synthetic_store(
     sampled targets (``targets`` "sampled" or "topk+sampled") are ``samples`` draws from that
     softmax with their exact log-probs (``top_k`` is ignored for "sampled"). Sequence s of split
     ``x`` starts with token ``s`` mod vocab, so tests can recognise sequences by their first
-    token and shard.
+    token and shard. ``finished``: marked finished, as cache-teacher leaves a complete store
+    (False: as a killed or running cache-teacher leaves it; train-student needs
+    --allow-unfinished).
     """
     import numpy as np
 
@@ -185,6 +192,8 @@ def write_synthetic_store(
                         )
                     shard_writer.append(tokens, **arrays)
                     counter += 1
+    if finished:
+        writer.mark_finished({"synthetic": True})
     return url
 
 
@@ -204,3 +213,66 @@ def write_damaged_parquet(path: Path, texts: list[str], rows_per_group: int) -> 
         data[i] ^= 0x5A
     path.write_bytes(bytes(data))
     return path
+
+
+# -- a real S3 API on 127.0.0.1 (moto's server) for the object-store tests --------------------
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The AWS variables that point botocore at ``endpoint`` with test credentials — and at
+    nothing else: no instance metadata, no ~/.aws files. For a subprocess:
+    ``{**os.environ, **s3_environment(endpoint)}``."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a free port) for the session; yields its endpoint URL.
+    Skips when moto or s3fs is not installed (`pip install -e '.[dev]'`)."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access-log line per request
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def create_bucket(endpoint: str) -> str:
+    """A new, empty bucket on the test server; returns ``s3://<name>``."""
+    import uuid
+
+    import s3fs
+
+    env = s3_environment(endpoint)
+    # fsspec's cached instance for these arguments: one botocore client (~0.3 s) per session
+    admin = s3fs.S3FileSystem(
+        endpoint_url=endpoint, key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"]
+    )
+    name = f"kdcache-{uuid.uuid4().hex[:12]}"
+    admin.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new bucket on the test S3 server, with the AWS environment pointed at the server for
+    this test only (other AWS_* variables removed); returns ``s3://<bucket>``, e.g.
+    ``open_store(f"{s3_bucket}/store")`` or ``main(["verify", f"{s3_bucket}/store"])``.
+    Module-scoped users: ``with pytest.MonkeyPatch.context() as mp`` and ``s3_environment``."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3_environment(s3_server).items():
+        monkeypatch.setenv(key, value)
+    return create_bucket(s3_server)

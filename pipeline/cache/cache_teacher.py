@@ -34,13 +34,15 @@ from kdcache.pipeline.cache.settings import (
     CacheSettings,
     check_settings,
     check_token_ids,
+    codec_option,
     corpus_facts,
 )
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.store_commands import storage_options_option
 
 
 def open_store_on_all_ranks(
-    accelerator: Any, out: str, manifest: dict[str, Any], tokenizer: dict[str, bytes]
+    accelerator: Any, s: CacheSettings, manifest: dict[str, Any], tokenizer: dict[str, bytes]
 ) -> Any:
     """Rank 0 creates (or reopens) the store and writes the tokenizer; then the others join."""
     from accelerate.utils import broadcast_object_list
@@ -50,18 +52,18 @@ def open_store_on_all_ranks(
     writer, failure = None, [None]
     if accelerator.is_main_process:
         try:
-            writer = create_store(out, manifest)
+            writer = create_store(s.out, manifest, storage_options=s.storage_options)
             writer.write_tokenizer(tokenizer)
         except StoreIncompatible as e:
             lines = "; ".join(e.differences) or str(e)
             failure[0] = (
-                f"the store at {out} was made with other settings ({lines}), rerun with its "
+                f"the store at {s.out} was made with other settings ({lines}), rerun with its "
                 "settings to resume, or give a new --out"
             )
         except StoreUnavailable as e:
             failure[0] = str(e)
         except (OSError, ValueError) as e:
-            failure[0] = f"cannot create the store, {out}, ({e})"
+            failure[0] = f"cannot create the store, {s.out}, ({e})"
     if accelerator.num_processes > 1:
         broadcast_object_list(failure, from_process=0)
     if failure[0] is not None:
@@ -70,7 +72,7 @@ def open_store_on_all_ranks(
         raise UserError(failure[0])
     accelerator.wait_for_everyone()
     if writer is None:
-        writer = create_store(out, manifest)
+        writer = create_store(s.out, manifest, storage_options=s.storage_options)
     return writer
 
 
@@ -131,16 +133,13 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         teacher=teacher_fingerprint(source, dtype),
         tokenizer=tokenizer_fingerprint(tokenizer, real_vocab),
         vocab_size=vocab_size,
-        top_k=s.stored_top_k,
         seq_len=s.seq_len,
         corpus=corpus,
         shard_tokens=s.shard_tokens,
-        targets=s.targets,
-        samples=s.stored_samples,
-        sample_seed=s.sample_seed if s.wants_samples else None,
         loss_mask=masked,
+        **s.target_facts,  # targets, top_k, samples, sample_seed, codec
     )
-    writer = open_store_on_all_ranks(accelerator, s.out, manifest, tokenizer)
+    writer = open_store_on_all_ranks(accelerator, s, manifest, tokenizer)
     already = set(writer.committed())
 
     # Reading and tokenizing run in a background thread from here on, so the first shards are
@@ -307,6 +306,7 @@ def compute_shards(
     "`prompt`/`completion` records), or `stdlib` / `stdlib-chat` (built in, offline).",
 )
 @click.option("--out", required=True, help="Store directory or fsspec URL (created, or resumed).")
+@storage_options_option
 @click.option(
     "--targets",
     default="topk",
@@ -334,6 +334,7 @@ def compute_shards(
 @click.option(
     "--format", "format_", default="zarr", show_default=True, help="Store backend: zarr or arrow."
 )
+@codec_option
 @click.option(
     "--shard-tokens",
     default=1 << 19,

@@ -30,7 +30,6 @@ import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kdcache.pipeline.cache.corpus import (
     CorpusError,
@@ -42,6 +41,7 @@ from kdcache.pipeline.cache.corpus import (
 from kdcache.pipeline.cache.packing import pack_sequences
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.pipeline.progress import progress
 
 METADATA_FILE = "kdcache_teacher.json"
 MIN_VOCAB = 300  # 256 byte symbols + 4 specials + a few merges
@@ -241,7 +241,7 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     order = torch.randperm(len(data), generator=generator)
     cursor, tokens_seen, loss_value = 0, 0, float("nan")
     train_started = time.perf_counter()
-    bar = tqdm(range(s["steps"]), desc="teacher", unit="step", dynamic_ncols=True)
+    bar = progress(range(s["steps"]), desc="teacher", unit="step", dynamic_ncols=True)
     for _step in bar:
         if cursor + s["batch_size"] > len(order):
             order, cursor = torch.randperm(len(data), generator=generator), 0

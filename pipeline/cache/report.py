@@ -9,15 +9,15 @@ from typing import Any
 
 from kdcache.pipeline.cache.corpus import CorpusStats
 from kdcache.pipeline.cache.packing import ShardPlan
+from kdcache.pipeline.progress import progress
 
 
 @contextmanager
 def progress_bar(estimate: int, *, enabled: bool) -> Iterator[Callable[..., None]]:
-    """One tqdm bar in tokens; yields ``advance(tokens, shards_done=None)``. Closed (even on an
+    """One progress bar in tokens (plain lines when stderr is not a terminal, see
+    ``pipeline/progress.py``); yields ``advance(tokens, shards_done=None)``. Closed (even on an
     error) before the caller prints anything, so an error line never lands inside the bar."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
+    bar = progress(
         total=estimate,
         unit="tok",
         unit_scale=True,

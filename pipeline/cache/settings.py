@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
+
 from kdcache.pipeline.cache.corpus import (
     STDLIB_CHAT,
     CorpusError,
@@ -19,7 +21,12 @@ from kdcache.pipeline.cache.corpus import (
     resolve_corpus,
 )
 from kdcache.pipeline.errors import UserError
-from kdcache.storage.manifest import MAX_SAMPLES, TARGETS  # MAX_SAMPLES: what uint16 counts hold
+from kdcache.storage.manifest import (  # MAX_SAMPLES: what uint16 counts hold
+    CODECS,
+    DEFAULT_CODEC,
+    MAX_SAMPLES,
+    TARGETS,
+)
 
 FORMATS = ("zarr", "arrow")
 PACKINGS = ("auto", "concat", "separate")  # auto: separate for chat corpora, concat for text
@@ -50,7 +57,9 @@ class CacheSettings:
     sample_seed: int = 0
     packing: str = "auto"
     train_on: str = "assistant"
+    codec: str = DEFAULT_CODEC  # how the store keeps log-probs and ids (storage/_codec.py)
     chunk_tokens: int | None = None  # rows of vocab-wide floats at a time; None = 128 MiB worth
+    storage_options: dict[str, Any] | None = None  # fsspec options of --out (--storage-options)
     # options given on the command line (not defaults): top_k, samples, sample_seed, train_on
     explicit: frozenset[str] = frozenset()
 
@@ -78,6 +87,26 @@ class CacheSettings:
         """Draws per position; 0 for top-k-only targets (the manifest's ``samples``)."""
         return self.samples if self.wants_samples else 0
 
+    @property
+    def target_facts(self) -> dict[str, Any]:
+        """The manifest facts of the targets these settings store, and of their codec."""
+        return {
+            "targets": self.targets,
+            "top_k": self.stored_top_k,
+            "samples": self.stored_samples,
+            "sample_seed": self.sample_seed if self.wants_samples else None,
+            "codec": self.codec,
+        }
+
+
+codec_option = click.option(
+    "--codec",
+    default=DEFAULT_CODEC,
+    show_default=True,
+    help="How the store keeps log-probs and ids: raw (float16 log-probs) or gaps (int16 levels, "
+    "finest near log-prob 0, at most 1/16 nat off; ~40% smaller; docs/architecture.md §3).",
+)
+
 
 def check_settings(s: CacheSettings) -> list[Path]:
     """Validate what can be validated without the teacher; returns the corpus files."""
@@ -91,6 +120,8 @@ def check_settings(s: CacheSettings) -> list[Path]:
         raise UserError(f"unknown --packing, {s.packing}, use one of {', '.join(PACKINGS)}")
     if s.train_on not in TRAIN_ON:
         raise UserError(f"unknown --train-on, {s.train_on}, use one of {', '.join(TRAIN_ON)}")
+    if s.codec not in CODECS:
+        raise UserError(f"unknown --codec, {s.codec}, use one of {', '.join(CODECS)}")
     check_targets(s)
     for name, value in (("--batch-size", s.batch_size), ("--shard-tokens", s.shard_tokens)):
         if value < 1:

@@ -1,18 +1,50 @@
-"""Checks before a student trains: impossible settings, and a store that lacks what the loss needs.
+"""Checks before a student trains: impossible settings, an unfinished store, and a store that
+lacks what the loss needs.
 
 ``check_store`` also resolves ``--loss auto`` from the store's targets (docs/architecture.md §5).
 
-Shared by ``train-student`` and the sweep, so both refuse the same things with the same lines.
+Shared by ``train-student``, the sweep and ``compare``, so they refuse the same things with the
+same lines.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import click
+
 from kdcache.pipeline.distill.divergences import SAMPLED_LOSSES, TOPK_LOSSES
 from kdcache.pipeline.distill.live_teacher import ONLINE_LOSSES
 from kdcache.pipeline.distill.losses import resolve_loss
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.store_commands import describe_committed
+
+allow_unfinished_option = click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    help="Use the committed shards of a store whose cache-teacher run did not finish "
+    "(default: refuse it).",
+)
+
+
+def check_finished(store: Any, allow_unfinished: bool, doing: str = "training on") -> str | None:
+    """An unfinished store (no ``finished`` in its manifest: cache-teacher stopped or is still
+    running) is refused unless ``allow_unfinished``; then returns the note to print (None for a
+    finished store)."""
+    if store.manifest.get("finished"):
+        return None
+    committed = describe_committed(store)
+    if not allow_unfinished:
+        raise UserError(
+            f"the store is unfinished (its cache-teacher run did not complete; committed: "
+            f"{committed}), "
+            f"{store.url}, rerun that cache-teacher command to finish it, or pass "
+            "--allow-unfinished to use the committed shards"
+        )
+    return (
+        f"{doing} {len(store.shards)} committed shards of an unfinished store, {store.url} "
+        f"({committed})"
+    )
 
 
 def check_settings(s: dict[str, Any]) -> None:

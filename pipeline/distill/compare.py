@@ -22,8 +22,10 @@ from typing import Any
 
 import click
 
+from kdcache.pipeline.distill.checks import allow_unfinished_option, check_finished
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import write_text_atomic
+from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
 
 # (key, column title, format) in table order; the names of evaluation.METRICS
 METRICS = (
@@ -65,6 +67,10 @@ def evaluate_models(
     students: list[tuple[str, Path]],
     batch_size: int,
     max_batches: int | None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    allow_unfinished: bool = False,
+    shard_cache: Any = None,
 ) -> list[tuple[str, dict[str, float]]]:
     """The teacher and each student on the store's eval split, the teacher run beside each."""
     import torch
@@ -78,7 +84,10 @@ def evaluate_models(
     from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.storage import open_store
 
-    store = open_store(store_url)
+    store = open_store(store_url, storage_options=storage_options, cache=shard_cache)
+    note = check_finished(store, allow_unfinished, "evaluating on")  # refused unless allowed
+    if note:
+        click.echo(f"Note: {note}", err=True)
     if "eval" not in store.splits:
         raise UserError(
             f"the store has no eval split, {store_url}, re-cache it with --eval-fraction > 0"
@@ -194,6 +203,9 @@ def write_output(path: str, text: str, flag: str) -> None:
 @click.command("compare")
 @click.option("--teacher", required=True, help="Teacher the store was cached from (HF id or dir).")
 @click.option("--store", "store_url", required=True, help="Logit store (path or fsspec URL).")
+@storage_options_option
+@shard_cache_options
+@allow_unfinished_option
 @click.option("--kd", "kd_dir", default=None, type=click.Path(), help="KD student's --out dir.")
 @click.option(
     "--ce", "ce_dir", default=None, type=click.Path(), help="CE-only student's --out dir."
@@ -240,6 +252,9 @@ def command(
     eval_batches: int | None,
     markdown: str | None,
     json_path: str | None,
+    storage_options: dict[str, Any] | None,
+    allow_unfinished: bool,
+    shard_cache: Any,
 ) -> None:
     """Compare the teacher and its students on the store's eval split (exact KL to the teacher)."""
     started = time.perf_counter()
@@ -253,7 +268,16 @@ def command(
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}, pass a positive number")
     pairs = [(name, path) for name, path, _ in students]
-    rows = evaluate_models(teacher, store_url, pairs, batch_size, eval_batches)
+    rows = evaluate_models(
+        teacher,
+        store_url,
+        pairs,
+        batch_size,
+        eval_batches,
+        storage_options=storage_options,
+        allow_unfinished=allow_unfinished,
+        shard_cache=shard_cache,
+    )
     by_name = dict(rows)
     line = ""
     if kd_dir and ce_dir:

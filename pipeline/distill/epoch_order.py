@@ -1,13 +1,32 @@
-"""The order in which one epoch of a split leaves the loader, computed from sequence counts alone.
+"""Which sequence comes when: one global order per epoch, and the rule that deals it to slots.
 
-Order of one epoch, for one *slot* (= one DataLoader worker of one Accelerate rank):
+**The stream.** Epoch ``e`` of a split of N sequences is one permutation of them,
+``epoch_order(counts, seed, e)``, a function of (seed, epoch) and the shards' sequence counts
+alone — never of the number of processes or DataLoader workers:
 
-1. the split's committed shards are permuted with ``(seed, epoch)``;
-2. with at least as many shards as slots, shard ``j`` of that order goes to slot ``j % slots``;
-   with fewer shards than slots, every slot reads every shard and keeps the sequences whose
-   global index ``% slots`` is its own — either way the slots partition the split exactly;
-3. the slot's sequences (each shard's in a seeded order) pass through a shuffle buffer of
-   ``buffer_size`` sequences.
+1. the shards are permuted with ``(seed, epoch)``;
+2. each shard's sequences are permuted and placed shard after shard (shard-sized runs: a reader
+   decodes each shard once);
+3. the result is cut into windows of ``window`` sequences (the boundaries shifted by a seeded
+   offset each epoch) and each window is permuted, which mixes neighbouring shards.
+
+The epochs follow each other into one endless stream: position ``p`` holds sequence
+``order(p // N)[p % N]``. A loader's position is the number of positions consumed — global,
+the same on every rank — so a run resumed with other ranks or workers continues the same stream.
+
+**Slots.** A *slot* is one DataLoader worker of one rank. The stream is cut into global
+micro-batches of B positions (micro-batch ``m`` = positions ``[m·B, (m+1)·B)``), and who reads
+a position depends on that position alone (``Deal``):
+
+- ``rows`` (training): every rank takes its rows of every micro-batch — rank r of R the offsets
+  ``[lo_r, hi_r)``, ``lo_r = r·(B // R) + min(r, B % R)`` (the first ``B % R`` ranks one row
+  more) — so one optimizer step sees the same sequences for any R;
+- ``batches`` (eval): rank r takes the whole micro-batches ``m ≡ r (mod R)``, so each is the
+  batch a single process would evaluate.
+
+A rank's micro-batches go to its W workers in turn, from the first one still to read (a
+DataLoader asks its workers round-robin, starting with worker 0). Each slot decodes, shard by
+shard, only the shards holding its positions.
 """
 
 from __future__ import annotations
@@ -17,72 +36,90 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass
-class SlotPlan:
-    """One epoch of one slot: the shards to decode and the order sequences leave the buffer.
+def epoch_order(
+    counts: list[int], *, seed: int, epoch: int, shuffle: bool, window: int
+) -> np.ndarray:
+    """(N,) int64: the split's sequences in epoch ``epoch``'s order, as global indices into the
+    shards' stored order (shard i's sequences are ``starts[i] .. starts[i+1]-1``)."""
+    n = int(sum(counts))
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (S+1,)
+    # shards in a random order, each shard's sequences in a random order
+    runs = [starts[i] + rng.permutation(counts[i]) for i in rng.permutation(len(counts))]
+    order = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)  # (N,)
+    if window <= 1 or n <= 1:
+        return order
+    # windows of ``window`` places, the first one ``offset`` places short: each permuted by
+    # sorting random keys per row; the places before 0 and after N get keys that sort last
+    offset = int(rng.integers(window))
+    rows = -(-(offset + n) // window)
+    keys = rng.random(rows * window)  # (rows·window,)
+    keys[:offset] = keys[offset + n :] = 2.0
+    places = np.argsort(keys.reshape(rows, window), axis=1) + window * np.arange(rows)[:, None]
+    places = places.reshape(-1)
+    return order[places[(places >= offset) & (places < offset + n)] - offset]
+
+
+@dataclass(frozen=True)
+class Deal:
+    """How the micro-batches of the stream are dealt to one rank's slots.
 
     Attributes:
-        shards: indices into the split's records, in decoding order.
-        items: (n, 2) int64 — (position in ``shards``, sequence index in that shard), in the
-            order the sequences enter the buffer.
-        order: (n,) int64 — indices into ``items`` in emission order.
+        batch: B, positions per global micro-batch.
+        rank, ranks: this rank and the number of ranks (R).
+        rows: True — every rank takes rows of every micro-batch (training); False — whole
+            micro-batches, round-robin over ranks (eval).
     """
 
-    shards: list[int]
-    items: np.ndarray
-    order: np.ndarray
+    batch: int
+    rank: int = 0
+    ranks: int = 1
+    rows: bool = True
 
+    def __post_init__(self) -> None:
+        if self.rows and self.batch < self.ranks:
+            raise ValueError(
+                f"a micro-batch of {self.batch} sequences cannot be split over {self.ranks} ranks"
+            )
 
-def buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Emission order of a shuffle buffer fed items 0..n-1: (n,) int64.
+    @property
+    def span(self) -> tuple[int, int]:
+        """[lo, hi): this rank's offsets inside each of its micro-batches."""
+        if not self.rows:
+            return 0, self.batch
+        share, extra = divmod(self.batch, self.ranks)
+        lo = self.rank * share + min(self.rank, extra)
+        return lo, lo + share + (self.rank < extra)
 
-    While the buffer is full, each new item replaces (and emits) a uniformly chosen resident;
-    the residents left at the end leave in random order.
-    """
-    if buffer_size <= 1 or n <= 1:
-        return np.arange(n, dtype=np.int64)
-    out = np.empty(n, dtype=np.int64)
-    buffer = list(range(min(buffer_size, n)))
-    picks = rng.integers(0, len(buffer), size=max(0, n - len(buffer))).tolist()
-    for emitted, incoming in enumerate(range(len(buffer), n)):
-        j = picks[emitted]
-        out[emitted] = buffer[j]
-        buffer[j] = incoming
-    out[n - len(buffer) :] = rng.permutation(np.asarray(buffer, dtype=np.int64))
-    return out
+    def local_index(self, start: int) -> int:
+        """How many of this rank's micro-batches lie before stream position ``start``."""
+        first = -(-start // self.batch)  # the first micro-batch starting at or after ``start``
+        return first if self.rows else -(-(first - self.rank) // self.ranks)
 
+    def consumed_after(self, micro_batch: int) -> int:
+        """The stream position once this rank (and, in lockstep, every rank) has taken
+        ``micro_batch``: the end of its micro-batch, or of its round of R micro-batches."""
+        if self.rows:
+            return (micro_batch + 1) * self.batch
+        return (micro_batch // self.ranks + 1) * self.ranks * self.batch
 
-def plan_slot(
-    counts: list[int],
-    *,
-    seed: int,
-    epoch: int,
-    slot: int,
-    slots: int,
-    shuffle: bool,
-    buffer_size: int,
-) -> SlotPlan:
-    """The epoch plan of ``slot`` out of ``slots`` over shards holding ``counts`` sequences."""
-    rng = np.random.default_rng([seed, epoch, 0])
-    shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
-    starts = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first sequence
-    slot_rng = np.random.default_rng([seed, epoch, 1, slot])
-    shards: list[int] = []
-    parts: list[np.ndarray] = []
-    for j, shard in enumerate(shard_order.tolist()):
-        if len(counts) >= slots:
-            if j % slots != slot:
-                continue
-            seqs = np.arange(counts[shard], dtype=np.int64)
-        else:  # fewer shards than slots: stride over global sequence indices
-            first = (slot - starts[shard]) % slots
-            seqs = np.arange(first, counts[shard], slots, dtype=np.int64)
-        if seqs.size == 0:
-            continue
-        if shuffle:
-            seqs = slot_rng.permutation(seqs)
-        parts.append(np.stack([np.full_like(seqs, len(shards)), seqs], axis=1))
-        shards.append(shard)
-    items = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-    order = buffer_order(len(items), buffer_size if shuffle else 1, slot_rng)
-    return SlotPlan(shards, items, order)
+    def positions(
+        self, first: int, stop: int, *, start: int, worker: int, workers: int
+    ) -> np.ndarray:
+        """(n,) int64 ascending: the stream positions in ``[first, stop)`` that the slot reads —
+        worker ``worker`` of ``workers`` of this rank, its DataLoader started at ``start``."""
+        if stop <= first:
+            return np.zeros(0, dtype=np.int64)
+        b = self.batch
+        # the rank's j-th micro-batch is m = j (rows) or m = rank + j·R (batches); the worker
+        # takes j ≡ j0 + worker (mod W), j0 = the first j at or after ``start``
+        every, phase = (workers, 0) if self.rows else (workers * self.ranks, self.rank)
+        step = 1 if self.rows else self.ranks
+        phase += (self.local_index(start) + worker) % workers * step
+        m_first, m_last = first // b, (stop - 1) // b
+        ms = np.arange(m_first + (phase - m_first) % every, m_last + 1, every, dtype=np.int64)
+        lo, hi = self.span
+        pos = (ms[:, None] * b + np.arange(lo, hi, dtype=np.int64)[None, :]).reshape(-1)  # (n,)
+        return pos[(pos >= first) & (pos < stop)]

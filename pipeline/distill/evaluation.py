@@ -31,12 +31,17 @@ store's tokenizer ids only (``vocab``; ``vocabulary.student_logits``).
 - ``kl_to_teacher`` (only with the teacher at hand, ``teacher=``): mean over trained positions
   of the exact full-vocabulary KL(teacher ‖ model) at T = 1, the teacher's log-softmax computed
   per chunk from its hidden states; exactly 0 for the teacher itself.
+
+Several processes: each rank evaluates its share of the batches (``loader.eval_batches`` deals
+whole batches, each the one a single process would evaluate) and ``sum_ranks`` sums the running
+sums (float64) before the ratios are taken, so every rank reports the single process's metrics
+(up to the order of the float64 additions).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
@@ -129,6 +134,26 @@ class _Totals:
         self.bin_confidence.index_add_(0, which, conf)
         self.bin_correct.index_add_(0, which, correct)
 
+    def pack(self) -> torch.Tensor:
+        """Every running sum in one (10 + 3·bins,) float64 tensor, to be summed over ranks; a
+        distance's flag counts the ranks that measured it (0: none did)."""
+        optional = [self.ghost, self.sampled, self.exact]
+        flags = [float(v is not None) for v in optional]
+        scalars = [self.ce, self.ce_tokens, *(v or 0.0 for v in optional), *flags]
+        head = torch.tensor([*scalars, self.agree, self.kd_tokens], dtype=torch.float64)
+        return torch.cat([head, self.bin_count, self.bin_confidence, self.bin_correct])
+
+    def unpack(self, packed: torch.Tensor) -> None:
+        """Take the sums of ``pack`` (e.g. summed over ranks)."""
+        values = packed.tolist()
+        self.ce, self.ce_tokens = values[0], int(values[1])
+        self.ghost, self.sampled, self.exact = (
+            value if flag > 0 else None
+            for value, flag in zip(values[2:5], values[5:8], strict=True)
+        )
+        self.agree, self.kd_tokens = int(values[8]), int(values[9])
+        self.bin_count, self.bin_confidence, self.bin_correct = packed[10:].reshape(3, -1).clone()
+
     def result(self) -> dict[str, float]:
         if self.ce_tokens == 0:
             raise ValueError("no labelled tokens to evaluate (empty eval data)")
@@ -161,6 +186,7 @@ def evaluate(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     teacher: LiveTeacher | None = None,
     vocab: int | None = None,
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Evaluate a causal LM on loader batches; see the module docstring for the definitions.
 
@@ -173,6 +199,8 @@ def evaluate(
         teacher: the teacher itself, on ``device``: adds the exact ``kl_to_teacher``; its
             ``vocab`` must be this one.
         vocab: the store's tokenizer size: the model's logits are sliced to it (None: all).
+        sum_ranks: sums a CPU tensor over every process (several processes, each given its
+            share of the batches); every rank then returns the metrics of all the batches.
 
     Returns:
         The ``METRICS`` the batches' targets allow, in that order: always ``cross_entropy``,
@@ -212,4 +240,26 @@ def evaluate(
                 totals.add_chunk(flat[chunk], labels[chunk], mask[chunk], rows_targets)
     finally:
         model.train(was_training)
+    if sum_ranks is not None:
+        totals.unpack(sum_ranks(totals.pack()))
     return totals.result()
+
+
+def history_table(history: list[dict[str, float]]) -> str:
+    """One row per eval: the step and the metrics the store's targets allow (``METRICS``)."""
+    names = [n for n in METRICS if n != "tokens" and n in history[-1]]
+    width = max(14, *(len(n) for n in names))
+    lines = ["  ".join(f"{n:>{width}}" for n in ["step", *names])]
+    for row in history:
+        cells = [f"{int(row['step']):>{width}d}"] + [f"{row[n]:>{width}.4f}" for n in names]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def in_words(final: dict[str, float]) -> str:
+    """An eval in words: CE, perplexity and every distance to the teacher measured."""
+    parts = [f"eval CE {final['cross_entropy']:.4f} (ppl {final['perplexity']:.2f})"]
+    parts += [f"{n.replace('_', ' ')} {final[n]:.4f}" for n in TEACHER_DISTANCES if n in final]
+    if "top1_agreement" in final:
+        parts.append(f"top-1 {final['top1_agreement']:.3f}")
+    return ", ".join(parts)

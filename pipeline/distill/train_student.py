@@ -10,10 +10,17 @@ manifest fingerprint, every setting), ``log.csv`` (one row per step), ``metrics.
 eval, eval history, training summary) and ``checkpoint/`` (for ``--resume``). A store without an
 ``eval`` split trains with a warning and reports no eval metrics (``"final": null``).
 
+Several processes (``torchrun``/``accelerate launch … -m kdcache.pipeline train-student``):
+``--batch-size`` is the global micro-batch, split over the processes (each reads its rows of
+every global batch, ``loader.py``), so a run trains the same student with any number of
+processes and resumes with any number; gradients and token counts are summed over ranks
+(``trainee.py``), eval is sharded and summed, and only the main process writes OUT and prints.
+
 Token counts: ``tokens`` (log.csv, metrics.json, tokens/s) are the real input positions the
-student read; ``trained_tokens`` those its loss counted (``loss_mask``), fewer only in a store
-with a loss mask, whose summary line then says "N tokens (M trained)". The student is built on
-the store's tokenizer size and its logits sliced to it (``vocabulary.py``).
+student read, over every process; ``trained_tokens`` those its loss counted (``loss_mask``),
+fewer only in a store with a loss mask, whose summary line then says "N tokens (M trained)".
+The student is built on the store's tokenizer size and its logits sliced to it
+(``vocabulary.py``).
 """
 
 from __future__ import annotations
@@ -28,10 +35,14 @@ from typing import Any
 
 import click
 import torch
-from tqdm.auto import tqdm
 
-from kdcache.pipeline.distill.checks import check_settings, check_store
-from kdcache.pipeline.distill.evaluation import METRICS, TEACHER_DISTANCES, evaluate
+from kdcache.pipeline.distill.checks import (
+    allow_unfinished_option,
+    check_finished,
+    check_settings,
+    check_store,
+)
+from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.distill.losses import LOSSES
 from kdcache.pipeline.distill.run_dir import RUN_FILE, prepare_out, truncate_log
@@ -42,31 +53,20 @@ from kdcache.pipeline.distill.trainee import (
     make_accelerator,
     make_trainee,
     manifest_fingerprint,
+    on_main,
     save_checkpoint,
+    sum_over_ranks,
     train_step,
 )
+from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.pipeline.progress import progress
+from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
 from kdcache.storage import open_store
 
-
-def _print_table(history: list[dict[str, float]]) -> None:
-    """One row per eval: the metrics the store's targets allow (evaluation.METRICS)."""
-    names = [n for n in METRICS if n != "tokens" and n in history[-1]]
-    width = max(14, *(len(n) for n in names))
-    click.echo("  ".join(f"{n:>{width}}" for n in ["step", *names]))
-    for row in history:
-        cells = [f"{int(row['step']):>{width}d}"] + [f"{row[n]:>{width}.4f}" for n in names]
-        click.echo("  ".join(cells))
-
-
-def _quality(final: dict[str, float]) -> str:
-    """The final eval in words: CE, perplexity and every distance to the teacher measured."""
-    parts = [f"eval CE {final['cross_entropy']:.4f} (ppl {final['perplexity']:.2f})"]
-    parts += [f"{n.replace('_', ' ')} {final[n]:.4f}" for n in TEACHER_DISTANCES if n in final]
-    if "top1_agreement" in final:
-        parts.append(f"top-1 {final['top1_agreement']:.3f}")
-    return ", ".join(parts)
+# not in run.json (options hold keys; the cache changes where bytes come from, not the run)
+UNRECORDED = ("stop_after", "threads", "storage_options", "shard_cache")
 
 
 def _live_teacher(name: str, store: Any, accelerator: Any) -> Any:
@@ -91,9 +91,17 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(s["threads"])
     accelerator = make_accelerator(s["seed"])
     main = accelerator.is_main_process
+    if s["batch_size"] < accelerator.num_processes:
+        raise UserError(
+            f"--batch-size is the global micro-batch, split over the processes, got "
+            f"{s['batch_size']} for {accelerator.num_processes} processes, pass at least "
+            f"{accelerator.num_processes}"
+        )
 
     # 1. the store and the student (its embedding checked against the tokenizer before training)
-    store = open_store(s["store"])
+    store = open_store(s["store"], storage_options=s["storage_options"], cache=s.get("shard_cache"))
+    if (note := check_finished(store, s["allow_unfinished"])) and main:  # else refused
+        click.echo(f"Note: {note}", err=True)
     online = bool(s["teacher"])  # the reference: the teacher runs live, the store gives the data
     s["loss"] = check_store(store, s["loss"], online=online)  # "auto" resolved, run.json has it
     tokenizer = load_store_tokenizer(store)
@@ -114,7 +122,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         "train_shards": [len(train_records), sum(r.num_tokens for r in train_records)],
         "teacher": store.manifest.get("teacher"),
         "student": {"source": source, "parameters": count_parameters(model)},
-        "settings": {k: v for k, v in s.items() if k not in ("stop_after", "threads")},
+        "settings": {k: v for k, v in s.items() if k not in UNRECORDED},
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
         "processes": accelerator.num_processes,
@@ -122,16 +130,15 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     }
     if masked:  # the train split's trained positions (a fact for the reader; --resume ignores it)
         run["train_trained_tokens"] = sum(r.num_trained or 0 for r in train_records)
-    if main:
-        prepare_out(out, s["resume"], run)
-    accelerator.wait_for_everyone()  # OUT is shared: every rank sees what the main one decided
+    # OUT is shared: every rank sees what the main one decided (or stops with its error)
+    on_main(accelerator, lambda: prepare_out(out, s["resume"], run))
     resuming = s["resume"] and (out / "checkpoint").is_dir()
     if main and not (out / RUN_FILE).is_file():
         write_text_atomic(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
 
     keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
 
-    # 2. loaders: this rank's share of train (endless, shuffled) and the eval split (main only)
+    # 2. loaders: this rank's rows of every global batch (endless, shuffled); eval below
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_loader = TeacherLoader(
         TeacherDataset(
@@ -179,17 +186,25 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         truncate_log(log_path, trainee.step)
     eval_history: list[dict[str, float]] = list(trainee.extra.get("eval_history", []))
 
-    def run_eval() -> None:
-        if not has_eval or not main:
+    def run_eval() -> None:  # every rank its share of the eval batches, the sums summed
+        if not has_eval:
             return
         model_ = accelerator.unwrap_model(trainee.model)
+        batches = eval_batches(
+            store,
+            s["batch_size"],
+            pad_id,
+            max_batches=s["eval_batches"],
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
         with accelerator.autocast():
             metrics = evaluate(
                 model_,
-                eval_batches(store, s["batch_size"], pad_id),
-                max_batches=s["eval_batches"],
+                batches,
                 teacher=teacher,
                 vocab=vocab,
+                sum_ranks=lambda sums: sum_over_ranks(sums, accelerator),
             )
         eval_history.append({"step": trainee.step, **metrics})
         trainee.extra["eval_history"] = eval_history
@@ -201,7 +216,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     start_step, started = trainee.step, time.perf_counter()
     stop_at = min(s["steps"], start_step + s["stop_after"]) if s["stop_after"] else s["steps"]
     data_seconds, tokens_this_run, trained_this_run = 0.0, 0, 0
-    bar = tqdm(
+    bar = progress(
         total=s["steps"], initial=start_step, unit="step", disable=not main, dynamic_ncols=True
     )
     # closing the bar first (also on errors) keeps an error message on a line of its own
@@ -265,9 +280,9 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         tokenizer.save_pretrained(out)
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if eval_history:
-            _print_table(eval_history)
+            click.echo(history_table(eval_history))
         rate = tokens_this_run / max(wall, 1e-9)
-        quality = _quality(final) if final else "no eval split"
+        quality = in_words(final) if final else "no eval split"
         trained = f" ({trained_this_run:,} trained)" if masked else ""
         click.echo(
             f"trained {source} ({run['student']['parameters']:,} parameters) for {trainee.step} steps: "
@@ -280,6 +295,9 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 
 @click.command("train-student")
 @click.option("--store", required=True, help="Logit store: a path or fsspec URL.")
+@storage_options_option
+@shard_cache_options
+@allow_unfinished_option
 @click.option(
     "--student",
     default="tiny",
@@ -289,7 +307,11 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--steps", default=300, show_default=True, help="Optimizer steps.")
 @click.option(
-    "--batch-size", default=8, show_default=True, help="Sequences per micro-batch (per process)."
+    "--batch-size",
+    default=8,
+    show_default=True,
+    help="Sequences per micro-batch over all processes (each process gets its share; the same "
+    "run with any number of processes).",
 )
 @click.option(
     "--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step."
@@ -332,7 +354,11 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--workers", default=1, show_default=True, help="DataLoader worker processes.")
 @click.option(
-    "--buffer-size", default=1024, show_default=True, help="Shuffle buffer, in sequences."
+    "--buffer-size",
+    default=1024,
+    show_default=True,
+    help="Shuffle window, in sequences: each epoch permutes the shards, each shard's sequences, "
+    "then every window of this many (docs/architecture.md §5).",
 )
 @click.option(
     "--threads",

@@ -3,7 +3,14 @@
 ``train-student`` trains one ``Trainee``; the sweep trains several on each batch read once,
 calling the same ``train_step`` for each. Checkpoints are our own files (no pickle of untrusted
 data: ``torch.load(weights_only=True)`` and JSON), written to a temporary directory and renamed
-into place, so a kill at any moment leaves the previous checkpoint intact.
+into place, so a kill at any moment (of any rank) leaves the previous checkpoint intact.
+
+Several processes (``torchrun``, ``accelerate launch``; gloo on CPU): the model is wrapped in
+DDP by Accelerate; each rank trains on its rows of every global micro-batch (``loader.py``), the
+token counts are summed over ranks before the loss is averaged by them, and the gradients are
+summed by DDP's all-reduce, so R ranks take the step one process would take with the whole global
+batch. Checkpoints hold one loader position (global) and each rank's RNG state; the main process
+writes everything else.
 """
 
 from __future__ import annotations
@@ -13,26 +20,31 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, combine, loss_sums, trained_mask
 from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows, student_logits
+from kdcache.pipeline.errors import UserError
 
 # tokens: real input positions the student read; trained_tokens: those its KD terms counted
 # (loss_mask; fewer than tokens only in a store with a loss mask)
 LOG_FIELDS = ("step", "tokens", "trained_tokens", "loss", "kd", "ce", "lr", "grad_norm",
               "elapsed_s", "tokens_per_s")  # fmt: skip
-# settings that must be identical to resume a run exactly
+# settings that must be identical to resume a run exactly (not --workers, nor the number of
+# processes: neither changes the data order or the global batch)
 RESUMABLE_SETTINGS = (
     "store", "student", "steps", "batch_size", "grad_accum", "lr", "warmup", "loss",
-    "temperature", "alpha", "seed", "workers", "buffer_size", "teacher",
+    "temperature", "alpha", "seed", "buffer_size", "teacher",
 )  # fmt: skip
 _VOLATILE_MANIFEST_FACTS = ("created_at", "kdcache_version", "finished", "stats")
+LOADER_FILE = "loader.json"
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +77,34 @@ def make_accelerator(seed: int) -> Any:
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
     set_seed(seed)
     return accelerator
+
+
+def sum_over_ranks(values: torch.Tensor, accelerator: Any) -> torch.Tensor:
+    """``values`` (any shape, on the CPU) summed over every process; itself with one process."""
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+
+
+def on_main(accelerator: Any, action: Callable[[], T]) -> T | None:
+    """``action()`` on the main process (None elsewhere), every rank waiting for it; a UserError
+    there stops every rank, the main one printing its one line."""
+    from accelerate.utils import broadcast_object_list
+
+    result, failure = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = action()
+        except UserError as e:
+            failure[0] = e.message
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        if not accelerator.is_main_process:
+            raise SystemExit(2)
+        raise UserError(failure[0])
+    accelerator.wait_for_everyone()
+    return result
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -116,15 +156,21 @@ def train_step(
 ) -> dict[str, Any]:
     """One optimizer step over ``micro_batches`` (gradient accumulation); returns the log row.
 
-    Each term is averaged over the tokens of the whole step (KD over the trained positions, CE
-    over those with a label), so accumulating N micro-batches gives the gradient of one N-times
-    larger batch.
+    Each term is averaged over the tokens of the whole step on every rank (KD over the trained
+    positions, CE over those with a label), so accumulating N micro-batches gives the gradient of
+    one N-times larger batch, and R ranks the gradient of one process reading all their rows.
     """
     # compact loader dtypes cross to the device, widened there (ids → int64)
     batches = [batch_to_device(b, accelerator.device) for b in micro_batches]
-    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    kd_tokens = sum(int(trained_mask(b).sum()) for b in batches)
-    ce_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    counts = torch.tensor(
+        [
+            sum(int(b["attention_mask"].sum()) for b in batches),
+            sum(int(trained_mask(b).sum()) for b in batches),
+            sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+        ]
+    )  # (3,) int64: this rank's real, trained and labelled positions
+    real_tokens, kd_tokens, ce_tokens = sum_over_ranks(counts, accelerator).tolist()
+    ranks = accelerator.num_processes
     model = trainee.model
     model.train()
     total_loss = total_kd = total_ce = 0.0
@@ -147,17 +193,21 @@ def train_step(
                 kd_tokens=kd_tokens,
                 ce_tokens=ce_tokens,
             )
-            accelerator.backward(loss)
+            # DDP averages the ranks' gradients; each rank's loss is its share of the global
+            # mean, so × R makes the all-reduce their sum
+            accelerator.backward(loss * ranks if ranks > 1 else loss)
         total_loss += float(loss.detach())
         total_kd += float(kd.detach())
         total_ce += float(ce.detach())
+    shares = torch.tensor([total_loss, total_kd, total_ce], dtype=torch.float64)
+    total_loss, total_kd, total_ce = sum_over_ranks(shares, accelerator).tolist()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), trainee.max_grad_norm)
     lr = trainee.scheduler.get_last_lr()[0]
     trainee.optimizer.step()
     trainee.scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     trainee.step += 1
-    tokens, trained = (n * accelerator.num_processes for n in (real_tokens, kd_tokens))
+    tokens, trained = int(real_tokens), int(kd_tokens)  # over every rank
     trainee.tokens += tokens
     trainee.trained_tokens += trained
     trainee.extra["last_loss"] = total_loss
@@ -187,7 +237,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerator: Any) -> None:
-    """Write ``path`` atomically: trainees (main process), loader position + RNG (every rank)."""
+    """Write ``path`` atomically: trainees and the loader's global position (main process), the
+    RNG state of every rank."""
     tmp = path.with_name(path.name + ".tmp")
     rank = accelerator.process_index
     if accelerator.is_main_process:
@@ -207,8 +258,8 @@ def save_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerato
                 "extra": t.extra,
             }
             (tmp / f"{t.name}.json").write_text(json.dumps(progress))
+        (tmp / LOADER_FILE).write_text(json.dumps(loader.state_dict()))
     accelerator.wait_for_everyone()
-    (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader.state_dict()))
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -222,8 +273,13 @@ def save_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerato
 
 
 def load_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerator: Any) -> None:
-    """Restore what ``save_checkpoint`` wrote, on every rank."""
-    rank = accelerator.process_index
+    """Restore what ``save_checkpoint`` wrote, on every rank — with any number of ranks: a rank
+    the checkpoint has no RNG state for takes rank 0's."""
+    if not (path / LOADER_FILE).is_file():
+        raise UserError(
+            f"the checkpoint was written by an older kdcache (a loader position per process), "
+            f"{path}, start the run again in a new --out"
+        )
     for t in trainees:
         state = torch.load(path / f"{t.name}.pt", map_location="cpu", weights_only=True)
         accelerator.unwrap_model(t.model).load_state_dict(state["model"])
@@ -232,8 +288,9 @@ def load_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerato
         progress = json.loads((path / f"{t.name}.json").read_text())
         t.step, t.tokens, t.extra = progress["step"], progress["tokens"], progress["extra"]
         t.trained_tokens = progress.get("trained_tokens", t.tokens)  # older checkpoints: unmasked
-    loader.load_state_dict(json.loads((path / f"loader-rank{rank}.json").read_text()))
-    rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)
+    loader.load_state_dict(json.loads((path / LOADER_FILE).read_text()))
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    rng = torch.load(rng_file if rng_file.is_file() else path / "rng-rank0.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

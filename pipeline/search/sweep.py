@@ -8,6 +8,12 @@ Every candidate of a group sees exactly the batches it would see alone (same loa
 starts from the weights it would have alone (seeded init), so training together changes wall
 time, not results.
 
+Several processes (``torchrun``/``accelerate launch … -m kdcache.pipeline sweep``): the groups
+still train one after another, each candidate with every rank (data parallel, as train-student:
+the YAML's ``batch_size`` is the global micro-batch, split over the processes, so the leaderboard
+does not depend on their number); eval is sharded over the ranks and summed; the main process
+writes OUT and prints.
+
 As in train-student, candidates are built on the store's tokenizer size, train and are evaluated
 on the trained positions only (``loss_mask``); ``tokens_seen`` counts the real input positions
 read (the token budget counts those too), ``trained_tokens_seen`` (masked stores only) the
@@ -21,14 +27,14 @@ import math
 import shutil
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
-from tqdm import tqdm
 
-from kdcache.pipeline.distill.checks import check_store
+from kdcache.pipeline.distill.checks import allow_unfinished_option, check_finished, check_store
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.distill.student import build_student, count_parameters, load_store_tokenizer
@@ -37,12 +43,15 @@ from kdcache.pipeline.distill.trainee import (
     make_accelerator,
     make_trainee,
     manifest_fingerprint,
+    on_main,
     save_checkpoint,
+    sum_over_ranks,
     train_step,
 )
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import create_out_dir, write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.pipeline.progress import progress
 from kdcache.pipeline.search.leaderboard import (
     TEACHER_METRICS,
     best_per_size_class,
@@ -50,9 +59,10 @@ from kdcache.pipeline.search.leaderboard import (
     write_leaderboard,
 )
 from kdcache.pipeline.search.sweep_config import Candidate, SweepConfig, load_sweep_config
+from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
 from kdcache.storage import open_store
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sweep.yaml"
+DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "sweep.yaml"  # pipeline/configs
 SWEEP_FILE = "sweep.json"
 BASELINE = "baseline-ce"
 
@@ -86,11 +96,11 @@ def inference_tokens_per_s(
     return input_ids.numel() / best
 
 
-def _steps(config: SweepConfig, seq_len: int, processes: int) -> int:
+def _steps(config: SweepConfig, seq_len: int) -> int:
     if config.budget_steps is not None:
         return config.budget_steps
-    assert config.budget_tokens is not None
-    return max(1, math.ceil(config.budget_tokens / (config.batch_size * seq_len * processes)))
+    assert config.budget_tokens is not None  # batch_size is global: the same steps for any ranks
+    return max(1, math.ceil(config.budget_tokens / (config.batch_size * seq_len)))
 
 
 def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
@@ -188,7 +198,7 @@ def _train_group(
         load_checkpoint(checkpoint, trainees, loader, accelerator)
     seconds = {t.name: float(t.extra.get("train_seconds", 0.0)) for t in trainees}
 
-    bar = tqdm(
+    bar = progress(
         total=steps,
         initial=trainees[0].step,
         unit="step",
@@ -219,45 +229,49 @@ def _train_group(
         return False
     loader.close()
 
-    if main:
-        has_eval = bool(store.shards_of("eval"))
-        probe = (
-            next(iter(eval_batches(store, config.batch_size, pad_id)), None) if has_eval else None
-        )
-        for candidate, trainee in zip(group, trainees, strict=True):
-            model = accelerator.unwrap_model(trainee.model)
-            metrics = (
-                evaluate(
-                    model,
-                    eval_batches(store, config.batch_size, pad_id),
-                    max_batches=config.eval_batches,
-                    vocab=vocab,
-                )
-                if has_eval
-                else {}
+    has_eval = bool(store.shards_of("eval"))
+    probe = None  # a batch to time inference on (main process)
+    if has_eval and main:
+        probe = next(iter(eval_batches(store, config.batch_size, pad_id)), None)
+    for candidate, trainee in zip(group, trainees, strict=True):
+        model = accelerator.unwrap_model(trainee.model)
+        metrics: dict[str, float] = {}
+        if has_eval:  # every rank its share of the eval batches, the sums summed
+            batches = eval_batches(
+                store,
+                config.batch_size,
+                pad_id,
+                max_batches=config.eval_batches,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
             )
-            ids = (probe or next(iter(loader)))["input_ids"].to(accelerator.device)
-            row = {
-                "candidate": candidate.name,
-                "parameters": count_parameters(model),
-                "non_embedding_parameters": non_embedding_parameters(model),
-                "tokens_seen": trainee.tokens,
-                **({"trained_tokens_seen": trainee.trained_tokens} if masked else {}),
-                "eval_cross_entropy": metrics.get("cross_entropy", math.nan),
-                # the distances to the teacher that the store's targets allow (evaluation.METRICS)
-                **{name: metrics[name] for name in TEACHER_METRICS if name in metrics},
-                "ece": metrics.get("ece", math.nan),
-                "train_tokens_per_s": trainee.tokens / max(seconds[trainee.name], 1e-9),
-                "inference_tokens_per_s": inference_tokens_per_s(model, ids),
-                **candidate.settings(),
-            }
-            target = out / "candidates" / candidate.name
-            target.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(target)
-            tokenizer.save_pretrained(target)
-            # metrics.json last: its presence marks the candidate finished
-            metrics_json = json.dumps({"row": row, "eval": metrics}, indent=2) + "\n"
-            write_text_atomic(target / "metrics.json", metrics_json)
+            sum_ranks = partial(sum_over_ranks, accelerator=accelerator)
+            metrics = evaluate(model, batches, vocab=vocab, sum_ranks=sum_ranks)
+        if not main:
+            continue
+        ids = (probe or next(iter(loader)))["input_ids"].to(accelerator.device)
+        row = {
+            "candidate": candidate.name,
+            "parameters": count_parameters(model),
+            "non_embedding_parameters": non_embedding_parameters(model),
+            "tokens_seen": trainee.tokens,
+            **({"trained_tokens_seen": trainee.trained_tokens} if masked else {}),
+            "eval_cross_entropy": metrics.get("cross_entropy", math.nan),
+            # the distances to the teacher that the store's targets allow (evaluation.METRICS)
+            **{name: metrics[name] for name in TEACHER_METRICS if name in metrics},
+            "ece": metrics.get("ece", math.nan),
+            "train_tokens_per_s": trainee.tokens / max(seconds[trainee.name], 1e-9),
+            "inference_tokens_per_s": inference_tokens_per_s(model, ids),
+            **candidate.settings(),
+        }
+        target = out / "candidates" / candidate.name
+        target.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        # metrics.json last: its presence marks the candidate finished
+        metrics_json = json.dumps({"row": row, "eval": metrics}, indent=2) + "\n"
+        write_text_atomic(target / "metrics.json", metrics_json)
+    if main:
         shutil.rmtree(checkpoint, ignore_errors=True)
     accelerator.wait_for_everyone()
     return True
@@ -272,7 +286,9 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
         torch.set_num_threads(settings["threads"])
 
     # 1. the store, and every candidate built once on its tokenizer — before any training
-    store = open_store(settings["store"])
+    options, cache = settings["storage_options"], settings.get("shard_cache")
+    store = open_store(settings["store"], storage_options=options, cache=cache)
+    note = check_finished(store, settings["allow_unfinished"])  # refused unless allowed
     losses = {
         loss: check_store(store, loss) for loss in sorted({c.loss for c in config.candidates})
     }
@@ -292,7 +308,15 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
             raise UserError(f"candidate {candidate.name}: {e.message}") from e
 
     accelerator = make_accelerator(config.seed)
-    steps = _steps(config, store.seq_len, accelerator.num_processes)
+    if note and accelerator.is_main_process:
+        click.echo(f"Note: {note}", err=True)
+    if config.batch_size < accelerator.num_processes:
+        raise UserError(
+            f"batch_size is the global micro-batch, split over the processes, got "
+            f"{config.batch_size} for {accelerator.num_processes} processes, set at least "
+            f"{accelerator.num_processes} in {settings['config']}"
+        )
+    steps = _steps(config, store.seq_len)
     out = Path(settings["out"])
     plan = {
         "config": config.raw,
@@ -300,9 +324,7 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
         "together": settings["together"],
         "steps": steps,
     }
-    if accelerator.is_main_process:
-        _prepare_out(out, plan)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, lambda: _prepare_out(out, plan))  # every rank waits, or stops with it
 
     # 2. groups of up to N unfinished candidates, each trained on one shared stream of batches
     todo = [c for c in config.candidates if not _finished(out, c)]
@@ -348,6 +370,9 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
 
 @click.command("sweep")
 @click.option("--store", required=True, help="Logit store: a path or fsspec URL.")
+@storage_options_option
+@shard_cache_options
+@allow_unfinished_option
 @click.option(
     "--config",
     default=str(DEFAULT_CONFIG),

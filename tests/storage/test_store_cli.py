@@ -49,6 +49,7 @@ def build(path: Path, backend: str = "zarr") -> str:
                     rng.integers(0, 500, (16, 4)),
                     -np.sort(-lp, axis=1)[:, :4],
                 )
+    writer.mark_finished({})  # as cache-teacher leaves a complete store
     return str(path)
 
 
@@ -157,7 +158,8 @@ def test_kill_9_leaves_a_verifiable_store(tmp_path: Path, backend: str) -> None:
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(list((store / "shards").glob("*.json"))) < 3:
+    # records only: a ".tmp-…" file is a record being written (fsynced, then renamed)
+    while time.monotonic() < deadline and len(list((store / "shards").glob("[!.]*.json"))) < 3:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -186,7 +188,7 @@ def test_io_failure_is_one_line_exit_1(
 
     store = build(tmp_path / "s")
 
-    def full_disk(url: str) -> None:
+    def full_disk(url: str, **_: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), url)
 
     monkeypatch.setattr(store_commands, "open_store", full_disk)
@@ -212,7 +214,7 @@ def test_inspect_reports_the_targets(
     store = build_kind(tmp_path / "s", targets, backend)
     code, out, _ = run(["inspect", store, "--json"], capsys)
     facts = json.loads(out)
-    assert code == 0 and facts["format_version"] == 3 and facts["targets"] == targets
+    assert code == 0 and facts["format_version"] == 4 and facts["targets"] == targets
     sampled, topk = "sampled" in targets, "topk" in targets
     assert facts["samples"] == (24 if sampled else 0) and facts["top_k"] == (8 if topk else 0)
     assert facts["sample_seed"] == (3 if sampled else None)
@@ -260,12 +262,21 @@ def test_inspect_version_1_store(tmp_path: Path, capsys: pytest.CaptureFixture[s
         corpus={"spec": "stdlib"},
         shard_tokens=40,
     )
-    later = ("targets", "samples", "sample_seed", "count_dtype", "loss_mask")  # v2 and v3 facts
+    later = (
+        "targets",
+        "samples",
+        "sample_seed",
+        "count_dtype",
+        "loss_mask",
+        "codec",
+        "codec_max_abs_error",
+    )  # v2-v4 facts
     v1 = {**{k: v for k, v in manifest.items() if k not in later}, "format_version": 1}
     rng = np.random.default_rng(0)
     with create_store(tmp_path / "s", v1) as writer:
         lp = -np.sort(rng.exponential(size=(16, 4)), axis=1) - 1
         writer.append("train", rng.integers(0, 500, 16), rng.integers(0, 500, (16, 4)), lp)
+    writer.mark_finished({})
     code, out, _ = run(["inspect", str(tmp_path / "s"), "--json"], capsys)
     facts = json.loads(out)
     assert code == 0 and facts["format_version"] == 1 and facts["targets"] == "topk"

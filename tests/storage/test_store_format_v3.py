@@ -29,6 +29,7 @@ from kdcache.storage.manifest import (
     READABLE_VERSIONS,
     V2_DEFAULTS,
     V3_DEFAULTS,
+    V4_DEFAULTS,
     later_defaults,
     validate_manifest,
 )
@@ -67,10 +68,12 @@ def older(facts: dict[str, Any], version: int) -> dict[str, Any]:
 
 
 def test_versions_and_defaults() -> None:
-    assert (FORMAT_VERSION, READABLE_VERSIONS) == (3, (1, 2, 3))
-    assert later_defaults(1) == {**V2_DEFAULTS, **V3_DEFAULTS}
-    assert later_defaults(2) == V3_DEFAULTS == {"loss_mask": False}
-    assert later_defaults(3) == {}
+    assert (FORMAT_VERSION, READABLE_VERSIONS) == (4, (1, 2, 3, 4))
+    assert later_defaults(1) == {**V2_DEFAULTS, **V3_DEFAULTS, **V4_DEFAULTS}
+    assert later_defaults(2) == {**V3_DEFAULTS, **V4_DEFAULTS}
+    assert V3_DEFAULTS == {"loss_mask": False}
+    assert later_defaults(3) == V4_DEFAULTS == {"codec": "raw", "codec_max_abs_error": 0.0}
+    assert later_defaults(4) == {}
     assert manifest()["loss_mask"] is False and manifest(loss_mask=True)["loss_mask"] is True
     for wrong in ("yes", 1, None):
         with pytest.raises(ValueError, match="loss_mask has the wrong type"):
@@ -185,7 +188,7 @@ def test_version_2_store_written_today_opens_and_reads_as_before(
     # this kdcache writes version 3: a version-2 store resumes with a version-2 manifest only
     with pytest.raises(StoreIncompatible) as info:
         create_store(url, manifest(backend, targets))
-    assert info.value.differences == ["format_version: store has 2, this run asks 3"]
+    assert info.value.differences == ["format_version: store has 2, this run asks 4"]
     assert create_store(url, v2).manifest["format_version"] == 2
 
 
@@ -200,6 +203,7 @@ def build_masked(path: Path, backend: str, targets: str = "topk+sampled", **kw: 
             for _ in range(n):
                 tokens, mask, _, rows = masked_sequence(rng, 16, targets, samples=24)
                 writer.append(split, tokens, loss_mask=mask, **rows)
+    writer.mark_finished({})  # as cache-teacher leaves a complete store
     return str(path)
 
 
@@ -213,7 +217,7 @@ def test_inspect_a_masked_store(
     trained = reader.num_trained
     code, out, _ = run(["inspect", store, "--json"], capsys)
     facts = json.loads(out)
-    assert code == 0 and facts["format_version"] == 3 and facts["loss_mask"] is True
+    assert code == 0 and facts["format_version"] == 4 and facts["loss_mask"] is True
     assert facts["tokens"] == 128 and facts["trained_positions"] == trained
     assert 0 < trained < 128 and facts["trained_fraction"] == pytest.approx(trained / 128)
     assert facts["bytes_per_token"] == pytest.approx(facts["bytes_on_disk"] / 128)

@@ -28,8 +28,16 @@ from kdcache.storage._fs import StoreFS
 
 K = 8
 KINDS = ("topk", "sampled", "topk+sampled")
-# facts versions 2 and 3 added (a version-1 manifest has none of them)
-LATER_KEYS = ("targets", "samples", "sample_seed", "count_dtype", "loss_mask")
+# facts versions 2 to 4 added (a version-1 manifest has none of them)
+LATER_KEYS = (
+    "targets",
+    "samples",
+    "sample_seed",
+    "count_dtype",
+    "loss_mask",
+    "codec",
+    "codec_max_abs_error",
+)
 
 
 def make_targets(
@@ -218,7 +226,7 @@ class TargetTests:
             group = zarr.open_group(shard_url, mode="r")
             assert sorted(group.array_keys()) == sorted([*names, "seq_offsets"])
             got = {name: group[name][:] for name in names}
-            assert group.attrs["kdcache"]["format_version"] == 3
+            assert group.attrs["kdcache"]["format_version"] == 4
         else:
             table = pa.ipc.open_file(pa.BufferReader(StoreFS(shard_url).read(""))).read_all()
             assert table.column_names == names and table.num_rows == 2
@@ -363,7 +371,7 @@ class TargetTests:
         assert self.manifest("sampled", samples=65535)["count_dtype"] == "uint16"
         topk = self.manifest("topk")
         assert (topk["samples"], topk["sample_seed"], topk["count_dtype"]) == (0, None, None)
-        assert topk["format_version"] == 3 and topk["loss_mask"] is False
+        assert topk["format_version"] == 4 and topk["loss_mask"] is False
         for overrides, message in [
             ({"targets": "logits"}, "targets unknown"),
             ({"targets": "sampled", "top_k": 8}, "top_k must be 0 for sampled"),
@@ -450,7 +458,7 @@ class TargetTests:
         # this kdcache writes version 3: resuming a version-1 store is refused, by that fact only
         with pytest.raises(StoreIncompatible) as info:
             create_store(url, self.manifest("topk", logprob_dtype="float16"))
-        assert info.value.differences == ["format_version: store has 1, this run asks 3"]
+        assert info.value.differences == ["format_version: store has 1, this run asks 4"]
         assert create_store(url, self.v1_manifest()).manifest["format_version"] == 1
 
     def test_version_1_manifest_cannot_claim_samples(self) -> None:

@@ -103,7 +103,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_store(
     out = tmp_path / "store"
     process = single(tiny_teacher_dir, small_corpus_dir, out)
     deadline = time.monotonic() + 120
-    while not list((out / "shards").glob("*.json")) if (out / "shards").exists() else True:
+    while not list((out / "shards").glob("[!.]*.json")) if (out / "shards").exists() else True:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)

@@ -201,3 +201,23 @@ def test_the_teacher_itself_agrees_fully_and_is_at_distance_zero() -> None:
 def test_empty_eval_data_is_an_error() -> None:
     with pytest.raises(ValueError, match="no labelled tokens"):
         evaluate(FixedLogits([]), [])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_summing_their_shares_report_the_single_process_metrics(ranks: int) -> None:
+    # rank r evaluates batches r, r + R, … (as eval_batches deals them); its sums, summed over
+    # the ranks, give every rank the metrics of all the batches — a rank without a batch too
+    batches, logits, _ = _batches(ranks + 1)
+    single = evaluate(FixedLogits(logits), batches)
+    packs: list[torch.Tensor] = []
+    for rank in range(ranks):
+        shares = (batches[rank::ranks], logits[rank::ranks])
+        evaluate(FixedLogits(shares[1]), shares[0], sum_ranks=lambda t: packs.append(t) or t)
+    total = torch.stack(packs).sum(0)
+    for rank in range(ranks):
+        shares = (batches[rank::ranks], logits[rank::ranks])
+        got = evaluate(FixedLogits(shares[1]), shares[0], sum_ranks=lambda t: total)
+        assert list(got) == list(single)
+        assert got == pytest.approx(single, rel=1e-12)
+    nothing = evaluate(FixedLogits([]), [], sum_ranks=lambda t: total)  # a rank with no batch
+    assert nothing == pytest.approx(single, rel=1e-12)

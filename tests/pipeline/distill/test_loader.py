@@ -1,4 +1,6 @@
-"""The store loader: exact partition over ranks × workers, seeded shuffles, batches, resume."""
+"""The store loader: exact partition over ranks × workers, seeded shuffles, batches, resume.
+
+The balanced global order over ranks × workers and elastic resume: test_balanced_order.py."""
 
 from __future__ import annotations
 
@@ -114,12 +116,18 @@ def test_resume_mid_epoch_continues_with_the_same_batches(store_url: str, worker
     assert first != expected[:5]
 
 
-def test_resume_refuses_a_different_worker_count(store_url: str) -> None:
+def test_resume_refuses_another_order_but_not_another_worker_count(store_url: str) -> None:
     one = TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=0)
     next(one)
-    two = TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=2)
-    with pytest.raises(ValueError, match="num_workers"):
-        two.load_state_dict(one.state_dict())
+    TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=2).load_state_dict(
+        one.state_dict()
+    )  # the position is global: any number of workers continues it
+    for other in (TeacherDataset(store_url, batch_size=4), TeacherDataset(store_url, seed=1)):
+        with pytest.raises(ValueError, match="batch_size|seed"):
+            TeacherLoader(other).load_state_dict(one.state_dict())
+    old = {"dataset": {"positions": {"0": [0, 5]}}, "next_worker": 0}  # a version-1 state
+    with pytest.raises(ValueError, match="older kdcache"):
+        TeacherLoader(TeacherDataset(store_url, batch_size=5)).load_state_dict(old)
 
 
 @pytest.mark.parametrize("targets", ["topk", "sampled"])

@@ -57,6 +57,7 @@ def write_masked_copy(
                         entries = np.repeat(mask, seq.sampled_distinct)
                         kept |= {name: getattr(seq, name)[entries] for name in ENTRIES}
                     shard.append(seq.tokens, **kept, loss_mask=mask)
+    writer.mark_finished({})  # a complete store (train-student refuses an unfinished one)
     return url
 
 

@@ -131,6 +131,31 @@ def test_resume_continues_the_exact_loss_trajectory(
     assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
 
 
+def test_resume_with_other_workers_continues_the_same_run(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the data order is a function of the seed alone: --workers may change on --resume
+    common = ["--store", store, "--steps", "6", "--eval-every", "0", *FAST]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run([*common, "--out", str(whole), "--workers", "0"], capsys)[0] == 0
+    assert (
+        run([*common, "--out", str(parts), "--workers", "2", "--stop-after", "4"], capsys)[0] == 0
+    )
+    assert run([*common, "--out", str(parts), "--workers", "1", "--resume"], capsys)[0] == 0
+    assert losses(parts) == pytest.approx(losses(whole), rel=1e-5)
+
+
+def test_resume_refuses_a_checkpoint_of_the_per_process_loader(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    base = ["--store", store, "--out", str(out), "--steps", "2", *FAST]
+    assert run([*base, "--stop-after", "1"], capsys)[0] == 0
+    (out / "checkpoint" / "loader.json").rename(out / "checkpoint" / "loader-rank0.json")
+    code, _, err = run([*base, "--resume"], capsys)
+    assert code == 2 and "written by an older kdcache" in err and "Traceback" not in err
+
+
 def test_resume_refuses_changed_settings(store: str, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     base = ["--store", store, "--out", str(out), "--steps", "2", *FAST]

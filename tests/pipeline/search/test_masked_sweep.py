@@ -61,6 +61,7 @@ def write_masked_store(url: str, tokenizer_dir: Path) -> str:
                 ids = np.argsort(-logprobs, axis=-1)[:, :8]
                 top = np.take_along_axis(logprobs, ids, -1)
                 shard.append(tokens, topk_ids=ids, topk_logprobs=top, loss_mask=mask)
+    writer.mark_finished({})  # a complete store (the sweep refuses an unfinished one)
     return url
 
 

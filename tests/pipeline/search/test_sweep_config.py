@@ -113,3 +113,14 @@ def test_pareto_front_and_size_classes():
         "10K-100K": "c",
         "100K-1M": "e",
     }
+
+
+def test_the_default_config_is_the_shipped_example() -> None:
+    """`kdcache sweep` without --config reads pipeline/configs/sweep.yaml, which must exist."""
+    from kdcache.pipeline.search.sweep import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG.is_file(), DEFAULT_CONFIG
+    assert DEFAULT_CONFIG.parent.name == "configs" and DEFAULT_CONFIG.parent.parent.name in (
+        "pipeline",
+        "kdcache",
+    )
