@@ -21,6 +21,19 @@ os.environ.setdefault("KDCACHE_CACHE_DIR", tempfile.mkdtemp(prefix="kdcache-test
 TINY_VOCAB = 512
 
 
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the kdcache CLI in this process: (exit code, stdout, stderr)."""
+    from kdcache.pipeline.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:
     """~60 standard-library sources: real code text, the same on every machine with this Python."""

@@ -12,24 +12,14 @@ from typing import Any
 import fsspec
 import numpy as np
 import pytest
+from conftest import run_cli as run
 from conftest import write_synthetic_store
 
 from kdcache.pipeline.catalog import catalog, find_stores
-from kdcache.pipeline.cli import main
 from kdcache.storage import create_store, make_manifest, open_store
 from kdcache.storage._fs import StoreFS
 
 TEACHER = "/models/some/long/path/to/the-teacher-Qwen2.5-0.5B-Instruct"
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def masked_store(url: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import create_bucket, s3_environment
+from conftest import run_cli as run
 
 from kdcache.pipeline.cli import main
 from kdcache.storage import open_store
@@ -33,16 +34,6 @@ search:
   hidden_size: [32, 64]
 baseline: false
 """
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def cache(teacher: Path, corpus: Path, out: str) -> list[str]:

@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as run
 from conftest import write_synthetic_store
-
-from kdcache.pipeline.cli import main
 
 LENGTHS = {"train": [[24] * 4, [24] * 3], "eval": [[24] * 4]}
 SWEEP = """
@@ -22,16 +21,6 @@ search:
   hidden_size: [32]
 baseline: false
 """
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 from test_store import make_sequence
 
-from kdcache.pipeline.cli import main
 from kdcache.storage import (
     BucketNotFound,
     StoreAccessDenied,
@@ -23,16 +23,6 @@ from kdcache.storage import (
     make_manifest,
 )
 from kdcache.storage._remote import translate, with_defaults
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(code: int, out: str, err: str) -> str:

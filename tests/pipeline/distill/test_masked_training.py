@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as call
 from conftest import save_tiny_model, write_synthetic_store
 from transformers import AutoModelForCausalLM
 
-from kdcache.pipeline.cli import main
 from kdcache.pipeline.distill.batches import collate, sequence_fields
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
 from kdcache.storage import create_store, make_manifest, open_store
@@ -72,16 +72,6 @@ def store(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> s
                                    samples=16)  # fmt: skip
     files = tokenizer_files(open_teacher(str(tiny_teacher_dir)))
     return write_masked_copy(source, str(tmp / "masked"), tokenizer=files, vocab_size=576)
-
-
-def call(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_the_loader_carries_the_mask_through_its_workers(store: str) -> None:

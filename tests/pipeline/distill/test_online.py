@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as call
 from conftest import save_tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -21,16 +22,6 @@ from kdcache.pipeline.distill.losses import loss_sums
 from kdcache.pipeline.distill.student import build_student
 
 FAST = ["--threads", "1", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "0"]
-
-
-def call(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

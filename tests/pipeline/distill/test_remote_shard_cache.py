@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as run
 from conftest import write_synthetic_store
 
-from kdcache.pipeline.cli import main
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
 from kdcache.storage import open_store
 from kdcache.storage._fs import StoreFS
@@ -69,16 +69,6 @@ def test_cold_then_warm_loader_gives_the_local_batches(
     warm = open_store(s3, cache=config)
     assert_same(batches(warm, workers), expected)
     assert warm.cache is not None and warm.cache.fetches == 0
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_student_warm_run_needs_no_shard_object(
