@@ -8,6 +8,7 @@ soft-capping) on a chunk of hidden states; ``ChunkScratch`` keeps the vocab-wide
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,8 +65,27 @@ class LogitHead:
 
     @property
     def writes_into_buffer(self) -> bool:
-        """Whether ``__call__(hidden, out=...)`` fills ``out`` (a plain ``nn.Linear`` head)."""
-        return type(self.lm_head) is torch.nn.Linear
+        """Whether ``__call__(hidden, out=...)`` fills ``out`` (a plain ``nn.Linear`` head whose
+        weight is an ordinary tensor: not offloaded, not sharded by tensor parallelism)."""
+        weight = self.lm_head.weight
+        plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and not weight.is_meta
+        return type(self.lm_head) is torch.nn.Linear and plain
+
+    @property
+    def device(self) -> torch.device:
+        """Where the head computes: an offloaded head's execution device, else its weight's."""
+        hook = getattr(self.lm_head, "_hf_hook", None)
+        where = getattr(hook, "execution_device", None)
+        return torch.device(where) if where is not None else self.lm_head.weight.device
+
+    def resident(self) -> contextlib.AbstractContextManager[Any]:
+        """Within it, an offloaded head's weights are on its execution device: loaded once for
+        all the chunks of a batch instead of once per chunk."""
+        from accelerate.utils import align_module_device, has_offloaded_params
+
+        if has_offloaded_params(self.lm_head):
+            return align_module_device(self.lm_head)
+        return contextlib.nullcontext()
 
     def describe(self) -> str:
         parts = [

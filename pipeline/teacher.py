@@ -7,6 +7,7 @@ another dtype or another tokenizer is refused instead of silently mixing two tea
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,33 +177,53 @@ def resolve_dtype(name: str, config: Any, device: torch.device) -> torch.dtype:
     return wanted
 
 
+def pretrained_target(source: TeacherSource) -> tuple[str, dict[str, Any]]:
+    """What to pass ``from_pretrained``: the local files, or the hub id and its options."""
+    if source.local_dir is not None:
+        return str(source.local_dir), {}
+    return source.name_or_path, source.load_options  # a hub id not (fully) in the cache
+
+
 def load_model(
-    source: TeacherSource, dtype: torch.dtype, device: torch.device, *, trust_remote_code: bool
+    source: TeacherSource,
+    dtype: torch.dtype,
+    device: torch.device | None,
+    *,
+    trust_remote_code: bool,
+    **placement: Any,
 ) -> Any:
-    """The teacher in ``eval()`` mode on ``device``, gradients off."""
+    """The teacher in ``eval()`` mode on ``device``, gradients off.
+
+    Args:
+        device: where the whole model goes; None when ``placement`` (``device_map`` and
+            ``offload_folder``, or ``distributed_config``) places it instead.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    if source.local_dir is not None:
-        target, options = str(source.local_dir), {}
-    else:  # a hub id not (fully) in the cache
-        target, options = source.name_or_path, source.load_options
+    target, options = pretrained_target(source)
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the run has one progress bar: ours
+    # "parameters are on the meta device because they were offloaded": our own note says where
+    dispatch_log = logging.getLogger("accelerate.big_modeling")
+    level = dispatch_log.level
+    dispatch_log.setLevel(logging.ERROR)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            target, dtype=dtype, trust_remote_code=trust_remote_code, **options
+            target, dtype=dtype, trust_remote_code=trust_remote_code, **options, **placement
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
             f"cannot load the teacher's weights, {source.name_or_path}, check that it is a "
             f"causal language model with its weight files ({reason})"
         ) from e
     finally:
+        dispatch_log.setLevel(level)
         if shown:
             hf_logging.enable_progress_bar()
-    model.to(device)
+    if device is not None:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -129,12 +129,15 @@ def to_host(*tensors: torch.Tensor) -> tuple[Any, ...]:
     if tensors[0].device.type != "cuda":
         return (*tensors, None)
     host = []
-    for tensor in tensors:
-        buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        buffer.copy_(tensor, non_blocking=True)
-        host.append(buffer)
-    event = torch.cuda.Event()
-    event.record()
+    # the copies and the event on the tensors' own device: with a teacher split over GPUs, the
+    # head (and so the targets) may sit on another GPU than this process' current one
+    with torch.cuda.device(tensors[0].device):
+        for tensor in tensors:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            buffer.copy_(tensor, non_blocking=True)
+            host.append(buffer)
+        event = torch.cuda.Event()
+        event.record()
     return (*host, event)
 
 

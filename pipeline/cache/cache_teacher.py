@@ -1,24 +1,24 @@
 """Stage one: run a teacher once over a corpus and cache its soft targets in a logit store.
 
 The recipe, top to bottom: check every setting (nothing is touched before that) → fingerprint the
-teacher, tokenizer and corpus into a manifest → create or reopen the store (rank 0 first) → load
-the teacher and self-check the exact chunked targets (top-k and/or samples), while a background
-thread already reads and tokenizes the corpus into the shard plan → stream the plan: each rank
-computes the shards whose index % world_size == its rank, skipping committed ones, while a
-background thread writes and commits them → barrier → rank 0 marks the store finished and prints
-a summary.
-
+teacher, tokenizer and corpus into a manifest → an existing store must agree with it → place the
+processes in teacher replicas, load the teacher where its replica says (within --max-memory,
+offloading what does not fit), prove a split teacher exact and self-check the chunked targets,
+while a background thread already reads and tokenizes the corpus into the shard plan → create or
+reopen the store (rank 0 first) → stream the plan: each replica computes the shards whose index %
+replicas == its index, skipping committed ones, while a background thread of the replica's
+leader writes and commits them → barrier → rank 0 marks the store finished and prints a summary.
 Launch with ``kdcache cache-teacher ...``, ``torchrun --nproc_per_node N -m kdcache.pipeline
-cache-teacher ...`` or ``accelerate launch -m kdcache.pipeline cache-teacher ...``.
+cache-teacher ...`` or ``accelerate launch -m kdcache.pipeline cache-teacher ...`` (one process
+per device; ``--devices-per-teacher`` groups them into teacher replicas).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import click
@@ -26,8 +26,8 @@ import numpy as np
 
 from kdcache.pipeline.cache.background import BatchSequences, Prefetcher, ShardSink, to_host
 from kdcache.pipeline.cache.batching import padded, teacher_batches
-from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats, iter_documents
-from kdcache.pipeline.cache.packing import ShardPlan, needs_loss_mask
+from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats
+from kdcache.pipeline.cache.packing import ShardPlan, needs_loss_mask, shard_plan
 from kdcache.pipeline.cache.report import PlanFacts, progress_bar, summarize, summary_line
 from kdcache.pipeline.cache.settings import (
     PROBE_TEXT,
@@ -37,43 +37,9 @@ from kdcache.pipeline.cache.settings import (
     codec_option,
     corpus_facts,
 )
+from kdcache.pipeline.cache.store_open import open_store_on_all_ranks
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.store_commands import storage_options_option
-
-
-def open_store_on_all_ranks(
-    accelerator: Any, s: CacheSettings, manifest: dict[str, Any], tokenizer: dict[str, bytes]
-) -> Any:
-    """Rank 0 creates (or reopens) the store and writes the tokenizer; then the others join."""
-    from accelerate.utils import broadcast_object_list
-
-    from kdcache.storage import StoreIncompatible, StoreUnavailable, create_store
-
-    writer, failure = None, [None]
-    if accelerator.is_main_process:
-        try:
-            writer = create_store(s.out, manifest, storage_options=s.storage_options)
-            writer.write_tokenizer(tokenizer)
-        except StoreIncompatible as e:
-            lines = "; ".join(e.differences) or str(e)
-            failure[0] = (
-                f"the store at {s.out} was made with other settings ({lines}), rerun with its "
-                "settings to resume, or give a new --out"
-            )
-        except StoreUnavailable as e:
-            failure[0] = str(e)
-        except (OSError, ValueError) as e:
-            failure[0] = f"cannot create the store, {s.out}, ({e})"
-    if accelerator.num_processes > 1:
-        broadcast_object_list(failure, from_process=0)
-    if failure[0] is not None:
-        if not accelerator.is_main_process:
-            raise SystemExit(2)  # rank 0 prints the one error line
-        raise UserError(failure[0])
-    accelerator.wait_for_everyone()
-    if writer is None:
-        writer = create_store(s.out, manifest, storage_options=s.storage_options)
-    return writer
 
 
 def cache_teacher(s: CacheSettings) -> dict[str, Any]:
@@ -85,10 +51,9 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    from kdcache.pipeline.cache.targets import TeacherTargets
-    from kdcache.pipeline.host_memory import keep_freed_memory
+    from kdcache.pipeline.cache.placed_teacher import load_teacher, memory_facts
+    from kdcache.pipeline.cache.placement import replica_of
     from kdcache.pipeline.teacher import (
-        load_model,
         open_teacher,
         resolve_dtype,
         teacher_fingerprint,
@@ -126,6 +91,15 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    replica = replica_of(
+        rank,
+        world,
+        int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        s.devices_per_teacher,
+        s.split,
+        torch.cuda.device_count() if device.type == "cuda" else 0,
+        accelerator.local_process_index,
+    )
     dtype = resolve_dtype(s.dtype, source.config, device)
     tokenizer = tokenizer_files(source)
     manifest = make_manifest(
@@ -139,8 +113,8 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         loss_mask=masked,
         **s.target_facts,  # targets, top_k, samples, sample_seed, codec
     )
-    writer = open_store_on_all_ranks(accelerator, s, manifest, tokenizer)
-    already = set(writer.committed())
+    # an existing store must agree before the teacher loads (which can take minutes)
+    open_store_on_all_ranks(accelerator, s, manifest, tokenizer, create=False)
 
     # Reading and tokenizing run in a background thread from here on, so the first shards are
     # planned while the teacher loads; results go through a bounded queue to the writer thread.
@@ -148,25 +122,15 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     plan_facts = PlanFacts()
     make_plan = lambda: shard_plan(s, files, stats, source, corpus, plan_facts)  # noqa: E731
     with closing(Prefetcher(make_plan, maxsize=2)) as plan:
-        model = load_model(source, dtype, device, trust_remote_code=s.trust_remote_code)
-        keep_freed_memory(device, large_blocks=False)  # CPU: no page faults per activation
-        targets = TeacherTargets(
-            model,
-            s.stored_top_k,
-            s.stored_samples,
-            s.sample_seed,
-            chunk_tokens=s.chunk_tokens,
-            real_vocab=real_vocab if real_vocab < vocab_size else None,
-        )
-        note = targets.self_check(torch.tensor([probe], device=device))
-        if note and accelerator.is_main_process:
-            click.echo(f"Note: {note}", err=True)
+        targets = load_teacher(accelerator, s, source, dtype, replica, probe)
+        writer = open_store_on_all_ranks(accelerator, s, manifest, tokenizer)
+        already = set(writer.committed())
         setup_seconds = time.perf_counter() - started
         estimate = corpus_bytes // 3 if s.max_tokens is None else min(s.max_tokens, corpus_bytes)
         with progress_bar(estimate, enabled=accelerator.is_main_process) as advance:
             try:
                 sampled = compute_shards(
-                    plan, writer, targets, device, s, already, rank, world, advance
+                    plan, writer, targets, device, s, already, replica, advance
                 )
             except CorpusError as e:  # a file damaged past the checks; committed shards stay
                 raise UserError(f"{e}; the shards committed so far are kept") from e
@@ -175,60 +139,24 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
     # distinct sampled ids over the positions every rank computed in this run
     sampled = accelerator.reduce(torch.tensor(sampled, device=device), reduction="sum").tolist()
     records = writer.committed()
+    method = targets.method if targets is not None else ""  # rank 0 always computes
     if not records:  # every example skipped: say why instead of finishing an empty store
         raise UserError(
             f"the corpus gave no sequence to cache ({stats.summary()}), {s.corpus}, "
             "check --seq-len, --train-on and the records"
         )
-    summary = summarize(records, already, stats, time.perf_counter() - started, targets.method)
+    summary = summarize(records, already, stats, time.perf_counter() - started, method)
     summary |= plan_facts.summary(corpus)
     if s.wants_samples:
         summary["samples"] = s.samples
         summary["sampled_distinct_per_position"] = sampled[0] / sampled[1] if sampled[1] else None
     summary["setup_seconds"] = round(setup_seconds, 3)  # config, store, model load, self-check
+    summary |= memory_facts(accelerator, replica, s)
     if accelerator.is_main_process:
         writer.mark_finished(summary)
         click.echo(summary_line(summary, s.out))
     accelerator.wait_for_everyone()
     return summary
-
-
-def shard_plan(
-    s: CacheSettings,
-    files: list[Path],
-    stats: CorpusStats,
-    source: Any,
-    corpus: dict[str, Any],
-    facts: PlanFacts,
-) -> Iterator[ShardPlan]:
-    """Documents → token ids (BOS/EOS as the tokenizer has them) → packed sequences with their
-    trained positions → the shard plan (every rank the same)."""
-    from kdcache.pipeline.cache.packing import conventions, plan_shards, tokenize_documents
-
-    tokenizer = source.tokenizer
-    rules = conventions(tokenizer, source.eos_id)
-    plan = plan_shards(
-        tokenize_documents(
-            iter_documents(files, stats, s.text_field),
-            tokenizer,
-            eval_fraction=s.eval_fraction,
-            max_tokens=s.max_tokens,
-            train_on=corpus["train_on"],
-            seq_len=s.seq_len,
-            packing=corpus["packing"],
-            stats=stats,
-            tokenizer_conventions=rules,
-        ),
-        seq_len=s.seq_len,
-        sequences_per_shard=max(1, s.shard_tokens // s.seq_len),
-        packing=corpus["packing"],
-        bos_id=rules.bos_id,
-        stats=stats,
-        masked=needs_loss_mask(corpus["kind"], corpus["packing"], corpus["train_on"]),
-    )
-    for shard in plan:
-        facts.count(shard)
-        yield shard
 
 
 def compute_shards(
@@ -238,12 +166,13 @@ def compute_shards(
     device: Any,
     s: CacheSettings,
     already: set[str],
-    rank: int,
-    world: int,
+    replica: Any,
     advance: Callable[..., None],
 ) -> tuple[int, int]:
-    """This rank's shards of the plan (index % world == rank), minus those committed before:
-    teacher forward and targets on the device, compression and commits in the writer thread.
+    """This replica's shards of the plan (index % replicas == its index), minus those committed
+    before: teacher forward and targets on the device; the replica's leader compresses and
+    commits them in the writer thread (the other members of a tensor-parallel replica run the
+    same forwards, and processes that only lend their device to a pipeline run none).
 
     Only the trained positions (the shard's loss masks; every position without them) get
     targets. Sequences of unequal length are batched longest first and right-padded: causal
@@ -266,10 +195,12 @@ def compute_shards(
     with ShardSink(writer, maxsize=8) as sink, torch.inference_mode():
         for shard in plan:
             name = f"{shard.split}-{shard.index:05d}"
-            if shard.index % world != rank or name in already:
-                advance(shard.num_tokens)  # another rank's work, or done in an earlier run
+            mine = shard.index % replica.count == replica.index and replica.computes
+            if not mine or name in already:
+                advance(shard.num_tokens)  # another replica's work, or done in an earlier run
                 continue
-            sink.open(shard.split, shard.index, shard.corpus_range)
+            if replica.leader:
+                sink.open(shard.split, shard.index, shard.corpus_range)
             lengths = [len(q) for q in shard.sequences]
             for group in teacher_batches(lengths, s.batch_size, pad=packing == "separate"):
                 batch = BatchSequences(
@@ -288,12 +219,14 @@ def compute_shards(
                 if s.wants_samples:  # (B, S, 4)
                     keys = position_keys(shard.split, shard.index, group, tokens.shape[1], device)
                 computed = targets(input_ids, keys, rows).compact(logprob_dtype, s.stored_samples)
-                arrays = computed.arrays()  # R rows (the trained positions), on the device
-                *host, event = to_host(*arrays.values())
-                sink.put(batch, dict(zip(arrays, host, strict=True)), event)
+                if replica.leader:
+                    arrays = computed.arrays()  # R rows (the trained positions), on the device
+                    *host, event = to_host(*arrays.values())
+                    sink.put(batch, dict(zip(arrays, host, strict=True)), event)
                 advance(sum(len(q) for q in batch.tokens))
-            sink.commit()
-            advance(0, shards_done=len(already) + sink.committed)
+            if replica.leader:
+                sink.commit()
+                advance(0, shards_done=len(already) + sink.committed)
     return sink.sampled_entries, sink.sampled_positions
 
 
@@ -346,6 +279,34 @@ def compute_shards(
     default="auto",
     show_default=True,
     help="auto (config dtype on CUDA, float32 on CPU), float32, bfloat16 or float16.",
+)
+@click.option(
+    "--devices-per-teacher",
+    default=1,
+    show_default=True,
+    help="Devices (one process each) per teacher replica: N consecutive processes of a node "
+    "share one teacher; the world forms world/N data-parallel replicas.",
+)
+@click.option(
+    "--split",
+    default="pipeline",
+    show_default=True,
+    help="How a replica spans its devices: pipeline (layers spread over the devices, "
+    "Accelerate big-model inference) or tensor (each layer split across the processes; refused "
+    "unless it matches the single-device forward).",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    help="Teacher weights one device may hold, e.g. 70GiB (on a CPU-only machine: the host); "
+    "the rest goes to host memory (add ,cpu=SIZE to cap it), then to disk. Default: what is "
+    "free.",
+)
+@click.option(
+    "--offload-dir",
+    default=None,
+    help="Directory for offloaded layers of checkpoints that are not safetensors "
+    "(safetensors files are read in place).",
 )
 @click.option(
     "--eval-fraction",

@@ -11,13 +11,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdcache.pipeline.cache import chat
 from kdcache.pipeline.cache.chat import TokenizerConventions, conventions
-from kdcache.pipeline.cache.corpus import CorpusStats, Document, is_eval_document
+from kdcache.pipeline.cache.corpus import CorpusStats, Document, is_eval_document, iter_documents
 from kdcache.pipeline.cache.long_text import PIECE_CHARS
 from kdcache.pipeline.cache.packer import PackedSequence, SequencePacker, pieces
 from kdcache.pipeline.cache.packer import pack_sequences as pack_sequences  # re-exported
@@ -273,3 +274,43 @@ def batches(sequences: list[np.ndarray], batch_size: int) -> list[list[np.ndarra
         else:
             groups.append([tokens])
     return groups
+
+
+def shard_plan(
+    s: Any,
+    files: list[Path],
+    stats: CorpusStats,
+    source: Any,
+    corpus: dict[str, Any],
+    facts: Any,
+) -> Iterator[ShardPlan]:
+    """Documents → token ids (BOS/EOS as the tokenizer has them) → packed sequences with their
+    trained positions → the shard plan (every rank the same).
+
+    Args:
+        s: the run's ``CacheSettings``; facts: its ``report.PlanFacts``, counting each shard.
+    """
+    tokenizer = source.tokenizer
+    rules = conventions(tokenizer, source.eos_id)
+    plan = plan_shards(
+        tokenize_documents(
+            iter_documents(files, stats, s.text_field),
+            tokenizer,
+            eval_fraction=s.eval_fraction,
+            max_tokens=s.max_tokens,
+            train_on=corpus["train_on"],
+            seq_len=s.seq_len,
+            packing=corpus["packing"],
+            stats=stats,
+            tokenizer_conventions=rules,
+        ),
+        seq_len=s.seq_len,
+        sequences_per_shard=max(1, s.shard_tokens // s.seq_len),
+        packing=corpus["packing"],
+        bos_id=rules.bos_id,
+        stats=stats,
+        masked=needs_loss_mask(corpus["kind"], corpus["packing"], corpus["train_on"]),
+    )
+    for shard in plan:
+        facts.count(shard)
+        yield shard

@@ -9,6 +9,7 @@ from typing import Any
 
 from kdcache.pipeline.cache.corpus import CorpusStats
 from kdcache.pipeline.cache.packing import ShardPlan
+from kdcache.pipeline.cache.placement import format_size
 from kdcache.pipeline.progress import progress
 
 
@@ -119,10 +120,15 @@ def summary_line(f: dict[str, Any], out: str) -> str:
             f"nothing to train, {f['untrained_sequences_dropped']} sequences without a trained "
             "position dropped"
         )
+    memory = ""
+    if f.get("peak_host_bytes"):
+        memory = f", peak memory: host {format_size(f['peak_host_bytes'])}"
+        if f.get("peak_device_bytes") is not None:
+            memory += f", GPU {format_size(f['peak_device_bytes'])}"
     return (
         f"cache-teacher: {f['sequences']:,} sequences, {f['tokens']:,} tokens, "
         f"{f['shards']} shards{resumed}, {f['bytes_per_token']:.1f} bytes/token{trained}{sampled}, "
-        f"{f['seconds']:.1f} s, {f['tokens_per_second']:,.0f} tokens/s, skipped documents: "
+        f"{f['seconds']:.1f} s, {f['tokens_per_second']:,.0f} tokens/s{memory}, skipped documents: "
         f"{f['empty_documents_skipped']} empty, {f['unparseable_documents_skipped']} unparseable "
         f"({f['invalid_utf8_documents_repaired']} with invalid UTF-8 repaired){examples} -> {out}"
     )

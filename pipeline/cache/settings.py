@@ -58,6 +58,10 @@ class CacheSettings:
     packing: str = "auto"
     train_on: str = "assistant"
     codec: str = DEFAULT_CODEC  # how the store keeps log-probs and ids (storage/_codec.py)
+    devices_per_teacher: int = 1  # processes (one device each) per teacher replica
+    split: str = "pipeline"  # how a replica spans its devices (placement.py)
+    max_memory: str | None = None  # SIZE[,cpu=SIZE]: weights per device (placement.py)
+    offload_dir: str | None = None  # where offloaded weights of non-safetensors checkpoints go
     chunk_tokens: int | None = None  # rows of vocab-wide floats at a time; None = 128 MiB worth
     storage_options: dict[str, Any] | None = None  # fsspec options of --out (--storage-options)
     # options given on the command line (not defaults): top_k, samples, sample_seed, train_on
@@ -123,6 +127,7 @@ def check_settings(s: CacheSettings) -> list[Path]:
     if s.codec not in CODECS:
         raise UserError(f"unknown --codec, {s.codec}, use one of {', '.join(CODECS)}")
     check_targets(s)
+    check_placement(s)
     for name, value in (("--batch-size", s.batch_size), ("--shard-tokens", s.shard_tokens)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}, pass a positive value")
@@ -143,6 +148,24 @@ def check_settings(s: CacheSettings) -> list[Path]:
         return resolve_corpus(s.corpus)
     except CorpusError as e:
         raise UserError(str(e)) from e
+
+
+def check_placement(s: CacheSettings) -> None:
+    """--devices-per-teacher, --split, --max-memory and --offload-dir (made if missing)."""
+    from kdcache.pipeline.cache.placement import (
+        check_offload_dir,
+        check_placement_options,
+        parse_max_memory,
+    )
+
+    check_placement_options(s.devices_per_teacher, s.split)
+    budget = parse_max_memory(s.max_memory)
+    if s.split == "tensor" and (budget.given or s.offload_dir is not None):
+        raise UserError(
+            "--split tensor keeps every weight on its device, got --max-memory/--offload-dir, "
+            "leave them out or use --split pipeline"
+        )
+    check_offload_dir(s.offload_dir)
 
 
 def check_targets(s: CacheSettings) -> None:

@@ -283,16 +283,18 @@ class TeacherTargets:
     ) -> RowTargets:
         b, s = input_ids.shape
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        hidden = hidden.reshape(b * s, -1)  # (B*S, H)
+        at = self.head.device  # where the head computes (a split model's last device)
+        hidden = hidden.reshape(b * s, -1).to(at)  # (B*S, H)
         if keys is not None:
-            keys = keys.reshape(b * s, -1)  # (B*S, 4)
+            keys = keys.reshape(b * s, -1).to(at)  # (B*S, 4)
         if rows is not None:  # only the positions a student trains on: (R, H), (R, 4)
-            flat = rows.reshape(-1)
+            flat = rows.reshape(-1).to(at)
             hidden = hidden[flat]
             keys = None if keys is None else keys[flat]
-        return chunked_targets(
-            hidden, self.head, self.spec, self.chunk_tokens, keys=keys, scratch=self.scratch
-        )
+        with self.head.resident():
+            return chunked_targets(
+                hidden, self.head, self.spec, self.chunk_tokens, keys=keys, scratch=self.scratch
+            )
 
     def _model_forward(
         self, input_ids: torch.Tensor, keys: torch.Tensor | None, rows: torch.Tensor | None
@@ -355,7 +357,8 @@ class TeacherTargets:
             ``None`` when they agree; otherwise a one-line explanation, and every later call
             uses the model's own forward.
         """
-        logits = self.model(input_ids=probe_ids, use_cache=False).logits[0].float()  # (P, V)
+        logits = self.model(input_ids=probe_ids, use_cache=False).logits[0]  # (P, V)
+        logits = logits.float().to(self.head.device)
         real = self.spec.real_vocab
         masked = logits
         if real is not None and real < logits.shape[-1]:  # as the chunked path masks padding

@@ -46,11 +46,24 @@ def command(teacher: Path | str, corpus: Path, out: Path) -> list[str]:
     ]
 
 
-def single(teacher: Path, corpus: Path, out: Path) -> subprocess.Popen[bytes]:
+def single(teacher: Path, corpus: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "kdcache.pipeline", *command(teacher, corpus, out)],
+        [sys.executable, "-m", "kdcache.pipeline", *command(teacher, corpus, out), *extra],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+
+
+def kill_9_after_the_first_commit(process: subprocess.Popen[bytes], out: Path) -> int:
+    """SIGKILL ``process`` once a shard of ``out`` is committed; returns the shards committed."""
+    deadline = time.monotonic() + 120
+    while not list((out / "shards").glob("[!.]*.json")) if (out / "shards").exists() else True:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert verify_store(str(out)) == []
+    return len(open_store(str(out)).shards)
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -101,17 +114,8 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_store(
     reference: Path, tmp_path: Path, tiny_teacher_dir: Path, small_corpus_dir: Path
 ) -> None:
     out = tmp_path / "store"
-    process = single(tiny_teacher_dir, small_corpus_dir, out)
-    deadline = time.monotonic() + 120
-    while not list((out / "shards").glob("[!.]*.json")) if (out / "shards").exists() else True:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    committed = len(open_store(str(out)).shards)
+    committed = kill_9_after_the_first_commit(single(tiny_teacher_dir, small_corpus_dir, out), out)
     assert 1 <= committed < len(open_store(str(reference)).shards)
-    assert verify_store(str(out)) == []
 
     rerun = single(tiny_teacher_dir, small_corpus_dir, out)
     stdout, err = rerun.communicate(timeout=300)
