@@ -199,6 +199,12 @@ def replica_of(
             f"--devices-per-teacher {n} needs one process per GPU, got {local_world} processes "
             f"for {cuda_devices} GPUs, launch {cuda_devices} processes per node"
         )
+    if split == "tensor" and world > n:
+        raise UserError(
+            f"--split tensor runs one replica: transformers wraps several tensor-parallel "
+            f"replicas in FSDP, whose forward cannot run in inference mode, got {world} "
+            f"processes for --devices-per-teacher {n}, launch {n} processes or use --split pipeline"
+        )
     first = local_rank - local_rank % n  # the group's first local rank
     devices = tuple(range(first, first + n)) if cuda_devices else ()
     return Replica(rank // n, world // n, rank % n, n, split, devices)

@@ -72,7 +72,7 @@ def test_eight_gpus_and_four_devices_per_teacher_make_two_replicas_per_node() ->
     assert [p.member for p in places] == [r % 4 for r in range(16)]
     assert places[12].device_indices == (4, 5, 6, 7) and places[12].leader
     assert places[13].device_indices == (4, 5, 6, 7) and not places[13].computes  # lends GPU 5
-    tensor = replica_of(13, 16, 8, 4, "tensor", 8, 5)
+    tensor = replica_of(1, 4, 4, 4, "tensor", 4, 1)
     assert tensor.computes and not tensor.leader  # every tensor-parallel rank runs the forward
 
 
@@ -85,6 +85,7 @@ def test_eight_gpus_and_four_devices_per_teacher_make_two_replicas_per_node() ->
         ((0, 2, 2, 2, "pipeline", 0, 0), "this machine has none"),
         ((0, 2, 2, 3, "tensor", 0, 0), "more than this node has (2 processes"),
         ((0, 2, 2, 0, "pipeline", 0, 0), "must be at least 1"),
+        ((0, 16, 8, 4, "tensor", 8, 0), "--split tensor runs one replica"),
         ((0, 2, 2, 2, "diagonal", 0, 0), "unknown --split, diagonal"),
     ],
 )
