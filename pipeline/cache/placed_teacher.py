@@ -144,10 +144,12 @@ def plan_placement(
             for i in replica.device_indices
         }
         max_memory: dict[Any, int] = {**per_device, "cpu": host}
-        smallest, what = min(per_device.values()), "one GPU's --max-memory"
+        smallest = min(per_device.values())
+        what = "one GPU's --max-memory" if budget.device is not None else "a GPU's free memory"
     else:
         max_memory = {"cpu": budget.device if budget.device is not None else host}
-        smallest, what = max_memory["cpu"], "--max-memory"
+        smallest = max_memory["cpu"]
+        what = "--max-memory" if budget.given else "the free host memory"
     layer = (names[0] if names else "", int(largest))
     if smallest < largest and (budget.given or total > smallest):
         raise UserError(

@@ -22,6 +22,7 @@ from test_cache_teacher_distributed import (
 )
 from transformers import AutoModelForCausalLM
 
+from kdcache.pipeline.errors import UserError
 from kdcache.storage import open_store, verify_store
 
 BUDGET = "200KB"  # the tiny teacher's weights take ~0.5 MB, its largest layer ~150 KB
@@ -100,6 +101,11 @@ def test_without_max_memory_a_teacher_beyond_the_free_memory_is_offloaded_not_ki
     )
     assert short.device_map is not None and "disk" in short.offloaded
     assert short.weights_bytes > 300_000 > short.largest_layer[1]
+    monkeypatch.setattr(placed_teacher, "_free_host_bytes", lambda: 50_000)  # not even a layer
+    with pytest.raises(UserError, match="the free host memory of 48.8 KiB is below the teacher"):
+        placed_teacher.plan_placement(
+            source, torch.float32, cpu, MemoryBudget(), trust_remote_code=False
+        )
 
 
 def test_a_budget_below_one_layer_names_the_layer_and_writes_nothing(
