@@ -69,7 +69,7 @@ STUDENT_ARGS = --store $(READ_STORE) --student $(STUDENT) --steps $(STEPS) --bat
 	$(TRAIN_ARGS)
 
 .PHONY: help install teacher cache-teacher train-student compare sweep test lint format \
-	readme bench fidelity clean distclean
+	readme bench fidelity fidelity-codec clean distclean
 
 help: ## list targets and variables
 	@echo "kdcache — offline knowledge distillation"
@@ -152,14 +152,20 @@ readme: install ## regenerate the CLI reference in README.md from --help
 	$(BIN)/python tests/test_readme.py --write
 
 bench: install ## run every bench/*.py, then assemble bench/RESULTS.md
-	@set -e; for script in $(sort $(filter-out bench/report.py,$(wildcard bench/*.py))); do \
+	@set -e; for script in $(sort $(filter-out bench/report.py bench/_%.py,$(wildcard bench/*.py))); do \
 		echo "== $$script"; $(BIN)/python $$script; done
 	@echo "== bench/cache_overhead.py --torch-threads 1 (one core left to the pipeline)"
 	$(BIN)/python bench/cache_overhead.py --torch-threads 1 --sizes 128x2,256x4
+	@echo "== bench/fidelity.py --codec-twins (reuses the fidelity run's teacher and students)"
+	$(BIN)/python bench/fidelity.py --codec-twins
 	$(BIN)/python bench/report.py
 
 fidelity: install ## only the fidelity benchmark (bench/fidelity.py, ~1 h): what each target kind keeps
 	$(BIN)/python bench/fidelity.py
+	$(BIN)/python bench/report.py
+
+fidelity-codec: install ## the store codec's fidelity (bench/fidelity.py --codec-twins, ~40 min): gaps vs raw
+	$(BIN)/python bench/fidelity.py --codec-twins
 	$(BIN)/python bench/report.py
 
 clean: ## remove artifacts/, runs/ and caches (keeps the venv)

@@ -7,6 +7,11 @@ with the teacher run live (online full-vocabulary KD: 100%), and from stores of 
 variants of one seed start from the same weights and see the same sequences in the same order
 (the stores hold the same sequences), so differences are paired by seed.
 
+``--codec-twins`` runs the store codec's comparison instead (CE only, online KD, and top-64
+ghost and sampled N=32 each from a `raw` store and from its `gaps` twin; writes
+`bench/results/fidelity_codec.md`): is a gaps student's eval CE within the seed spread of its
+raw twin's?
+
 For each variant: the store's bytes/token; the exact KL(teacher ‖ student) on the store's eval
 split (the teacher at hand, `kdcache compare`) and its share of the online gain
 (KL_ce − KL_x) / (KL_ce − KL_online), per seed then mean ± sd; eval CE (mean ± sd) and the same
@@ -17,15 +22,16 @@ share in CE; the paired CE difference to online KD; training tokens/s. Writes
 Runs are resumable: stores, students and comparisons already in the work directory are reused,
 so a killed run continues where it stopped.
 
-Usage: ``python bench/fidelity.py [--seeds 3] [--workdir DIR] [--quick]`` (``make fidelity``;
-about an hour on 2 CPU cores).
+Usage: ``python bench/fidelity.py [--seeds 3] [--workdir DIR] [--quick] [--codec-twins]``
+(``make fidelity``, about an hour on 2 CPU cores; ``make fidelity-codec``, ~35 min alone, ~15
+after ``make fidelity``: both share one work directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import end_to_end  # noqa: E402  (bench/ is a folder of scripts)
+from _fidelity_report import plot, report  # noqa: E402
 from report import machine_line  # noqa: E402
 
 # the Makefile's embedded default (the quickstart's settings, kept in bench/end_to_end.py),
@@ -47,8 +54,8 @@ QUICK = {key: end_to_end.QUICK[key] for key in SHARED}
 QUICK_TEACHER = end_to_end.QUICK_TEACHER
 TOPK = (8, 32, 128)
 SAMPLES = (8, 16, 32, 64)
-TARGET_SHARE = 0.95
 REFERENCE_STORE = "topk-32"  # data (and its order) for the CE-only and online students
+TWINS = {"topk-64": ["--top-k", "64"], "sampled-32": ["--targets", "sampled", "--samples", "32"]}
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Variant:
     store: str  # a store name under WORK/stores
     loss: str
     online: bool = False
+    twin: str | None = None  # a gaps variant: the raw variant it is compared with
 
 
 def variants() -> list[Variant]:
@@ -71,6 +79,22 @@ def variants() -> list[Variant]:
         ]
     out += [Variant(f"sampled N={n}", f"sampled-{n}", "sampled-kl") for n in SAMPLES]
     return out
+
+
+def codec_variants() -> list[Variant]:
+    """CE only, online KD, and each raw store's variant beside its gaps twin (``--codec-twins``)."""
+    out = variants()[:2]
+    for raw in (Variant("top-64 ghost", "topk-64", "ghost"),
+                Variant("sampled N=32", "sampled-32", "sampled-kl")):  # fmt: skip
+        twin = Variant(f"{raw.name} (gaps)", f"{raw.store}-gaps", raw.loss, twin=raw.name)
+        out += [raw, twin]
+    return out
+
+
+def known_variants() -> list[Variant]:
+    """Every variant this script can run, each once."""
+    out = variants()
+    return out + [v for v in codec_variants() if v.name not in {o.name for o in out}]
 
 
 def kdcache(*args: str) -> list[str]:
@@ -109,7 +133,13 @@ def build(
     common += ["--eval-fraction", str(s["eval_fraction"]), "--max-tokens", str(s["max_tokens"])]
     kinds = {f"topk-{k}": ["--top-k", str(k)] for k in TOPK}
     kinds |= {f"sampled-{n}": ["--targets", "sampled", "--samples", str(n)] for n in SAMPLES}
-    kinds = {name: options for name, options in kinds.items() if name in {v.store for v in chosen}}
+    kinds |= TWINS | {f"{name}-gaps": options for name, options in TWINS.items()}
+    # the codec explicitly: the stores stay what their names say whatever the default
+    kinds = {
+        name: [*options, "--codec", "gaps" if name.endswith("-gaps") else "raw"]
+        for name, options in kinds.items()
+        if name in {v.store for v in chosen}
+    }
     facts = {}
     for name, options in kinds.items():
         store = work / "stores" / name
@@ -148,8 +178,15 @@ def key(name: str) -> str:
 
 
 def exact_metrics(work: Path, teacher: Path, dirs: dict[str, Path], seed: int, log: Path) -> dict:
-    """Every student of one seed against the teacher on the eval split (exact KL), cached."""
+    """Every student of one seed against the teacher on the eval split (exact KL), cached (one
+    file per set of students: a run of other variants compares again)."""
     path = work / "students" / f"seed{seed}" / "compare.json"
+    if path.is_file() and not {key(n) for n in dirs} <= set(
+        json.loads(path.read_text())["students"]
+    ):
+        path = path.with_name(
+            f"compare-{hashlib.sha256(' '.join(sorted(dirs)).encode()).hexdigest()[:8]}.json"
+        )
     if not path.is_file():
         students = [arg for name, d in dirs.items() for arg in ("--student", f"{key(name)}={d}")]
         store = str(work / "stores" / REFERENCE_STORE)
@@ -158,22 +195,12 @@ def exact_metrics(work: Path, teacher: Path, dirs: dict[str, Path], seed: int, l
     return json.loads(path.read_text())
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values: list[float], digits: int = 4, percent: bool = False) -> str:
-    m, sd = mean_sd(values)
-    if percent:
-        return f"{100 * m:.1f}% ± {100 * sd:.1f}"
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
-
-
 def summarize(raw: dict) -> list[dict]:
     """Per variant: paired shares of the online gain, CE, spreads — from ``raw`` results."""
     rows = []
     seeds = sorted(raw["runs"])
-    for v in [v for v in variants() if v.name in raw["runs"][seeds[0]]]:
+    known = {v.name: v for v in known_variants()}
+    for v in [known[name] for name in raw["runs"][seeds[0]]]:  # in the order they ran
         kl, ce, share_kl, share_ce, d_ce, rate = [], [], [], [], [], []
         for seed in seeds:
             by = raw["runs"][seed]
@@ -188,119 +215,12 @@ def summarize(raw: dict) -> list[dict]:
             rate.append(x["train_tokens_per_s"])
         store = raw["stores"].get(v.store, {})
         rows.append({
-            "variant": v.name, "loss": v.loss, "online": v.online,
+            "variant": v.name, "loss": v.loss, "online": v.online, "twin": v.twin,
             "bytes_per_token": None if v.online or v.loss == "ce" else store["bytes_per_token"],
             "kl": kl, "ce": ce, "share_kl": share_kl, "share_ce": share_ce, "d_ce_online": d_ce,
             "tokens_per_s": rate,
         })  # fmt: skip
     return rows
-
-
-def verdict(rows: list[dict]) -> list[str]:
-    """Did sampled targets at no more bytes/token than top-32 keep >= 95% of the online gain?"""
-    budget = next((r["bytes_per_token"] for r in rows if r["variant"] == "top-32 ghost"), None)
-    if budget is None:
-        return ["- (no top-32 ghost variant in this run: no verdict)"]
-    online_ce_sd = mean_sd(next(r["ce"] for r in rows if r["online"]))[1]
-    lines = []
-    for r in rows:
-        if r["loss"] != "sampled-kl" or r["bytes_per_token"] > budget:
-            continue
-        share, d = mean_sd(r["share_kl"]), mean_sd(r["d_ce_online"])
-        ok_share = share[0] >= TARGET_SHARE
-        ok_ce = abs(d[0]) <= max(d[1], online_ce_sd)
-        lines.append(
-            f"- {r['variant']}: {r['bytes_per_token']:.1f} bytes/token (top-32: {budget:.1f}); "
-            f"{100 * share[0]:.1f}% ± {100 * share[1]:.1f} of the online KL gain "
-            f"({'meets' if ok_share else 'MISSES'} the ≥ {100 * TARGET_SHARE:.0f}% target); eval CE "
-            f"{d[0]:+.4f} ± {d[1]:.4f} nats from online KD, paired "
-            f"({'within' if ok_ce else 'OUTSIDE'} the seed spread {max(d[1], online_ce_sd):.4f})"
-        )
-    return lines or [f"- no sampled store at or below the top-32 store's {budget:.1f} bytes/token"]
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = {"kl": ("tab:blue", "s", "top-k kl"), "ghost": ("tab:orange", "^", "top-k ghost"),
-              "sampled-kl": ("tab:green", "o", "sampled")}  # fmt: skip
-    for loss, (color, marker, label) in styles.items():
-        mine = [r for r in rows if r["loss"] == loss and not r["online"]]
-        xs = [r["bytes_per_token"] for r in mine]
-        ys = [100 * mean_sd(r["share_kl"])[0] for r in mine]
-        es = [100 * mean_sd(r["share_kl"])[1] for r in mine]
-        ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, label=label, ls="-")
-        for r, x, y in zip(mine, xs, ys, strict=True):
-            ax.annotate(r["variant"].split()[1] if loss != "sampled-kl" else r["variant"][8:],
-                        (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)  # fmt: skip
-    ax.axhline(100, color="gray", ls="--", lw=1, label="online KD (100%)")
-    ax.axhline(100 * TARGET_SHARE, color="gray", ls=":", lw=1, label="95% target")
-    ax.set_xscale("log")
-    ax.set_xlabel("store bytes per token (log scale)")
-    ax.set_ylabel("share of the online KD gain in exact KL (%)")
-    ax.set_title("What a logit store keeps of the teacher (mean ± sd over seeds)")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def report(
-    raw: dict, rows: list[dict], s: dict, seconds: float, quick: bool, plot_name: str
-) -> str:
-    seeds = len(raw["runs"])
-    trained = {name: f["trained_fraction"] for name, f in raw["stores"].items()}
-    masked = [
-        f"{name}: {100 * share:.1f}% of positions trained, "
-        f"{raw['stores'][name]['bytes_per_token'] / share:.1f} bytes per trained position"
-        for name, share in trained.items()
-        if share < 1.0
-    ]
-    lines = [
-        "## Fidelity: what each kind of stored target keeps of the teacher (`bench/fidelity.py`)",
-        "",
-        f"Machine: {raw['machine']}. Wall time {seconds / 60:.0f} min.",
-        "",
-        "Settings: "
-        + ", ".join(f"{k}={v}" for k, v in s.items())
-        + (" (--quick)" if quick else "")
-        + f"; {seeds} seeds, every variant of a seed from the same initial weights and data order.",
-        "",
-        "Exact KL(teacher ‖ student) and eval CE on the store's held-out eval split, the teacher at "
-        "hand (`kdcache compare`). Share of the online gain = (x_ce − x) / (x_ce − x_online), per "
-        "seed, then mean ± sd over seeds; ΔCE vs online is the paired difference.",
-        "",
-        *(
-            [
-                "Loss mask (chat data: teacher targets, KD, CE and every metric on the trained "
-                "positions only): " + "; ".join(masked) + ".",
-                "",
-            ]
-            if masked
-            else []
-        ),
-        "| variant | bytes/token | exact KL to teacher | share of online gain (KL) | eval CE | "
-        "share of online gain (CE) | ΔCE vs online (paired) | train tokens/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        size = "—" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
-        share_kl = "0% (baseline)" if r["loss"] == "ce" else fmt(r["share_kl"], percent=True)
-        share_ce = "0% (baseline)" if r["loss"] == "ce" else fmt(r["share_ce"], percent=True)
-        if r["online"]:
-            share_kl = share_ce = "100% (reference)"
-        lines.append(
-            f"| {r['variant']} | {size} | {fmt(r['kl'])} | {share_kl} | {fmt(r['ce'])} | "
-            f"{share_ce} | {fmt(r['d_ce_online'])} | {statistics.fmean(r['tokens_per_s']):,.0f} |"
-        )
-    lines += ["", "Target: sampled targets at no more bytes/token than the top-32 store keep ≥ 95% "
-              "of the online gain in exact KL, with eval CE within the seed spread of online KD's.",
-              "", *verdict(rows), "", f"![fidelity](results/{plot_name})"]  # fmt: skip
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,17 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default=None, help="comma-separated variant names to run [all of them]"
     )
+    parser.add_argument(
+        "--codec-twins",
+        action="store_true",
+        help="CE only, online KD and raw/gaps store twins instead (out: results/fidelity_codec.md)",
+    )
     args = parser.parse_args(argv)
     s = dict(QUICK if args.quick else DEFAULTS)
     if args.corpus:
         s["corpus"] = args.corpus
-    chosen = variants()
+    chosen = codec_variants() if args.codec_twins else variants()
+    if args.codec_twins and args.out == HERE / "results" / "fidelity.md":
+        args.out = HERE / "results" / "fidelity_codec.md"
     if args.only:
         names = [name.strip() for name in args.only.split(",")]
-        unknown = sorted(set(names) - {v.name for v in chosen})
-        if unknown or REFERENCE_STORE not in {v.store for v in chosen if v.name in names}:
-            sys.exit(f"Error: --only takes names of {[v.name for v in chosen]}, got {unknown}")
-        chosen = [v for v in chosen if v.name in names]
+        known = known_variants()
+        unknown = sorted(set(names) - {v.name for v in known})
+        if unknown or REFERENCE_STORE not in {v.store for v in known if v.name in names}:
+            sys.exit(f"Error: --only takes names of {[v.name for v in known]}, got {unknown}")
+        chosen = [v for v in known if v.name in names]
     work = args.workdir / ("quick" if args.quick else "default")
     if s["corpus"] != DEFAULTS["corpus"]:
         work = work.with_name(f"{work.name}-{s['corpus'].replace('/', '_')}")
@@ -333,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     log = work / "log.txt"
     started = time.perf_counter()
     teacher, stores = build(work, s, args.quick, log, chosen)
-    raw: dict = {"settings": s, "machine": machine_line(), "stores": stores, "runs": {}}
+    command = " ".join(["python bench/fidelity.py", *(argv if argv is not None else sys.argv[1:])])
+    raw: dict = {"settings": s, "machine": machine_line(), "command": command, "stores": stores,
+                 "runs": {}}  # fmt: skip
     for seed in range(args.seeds):
         dirs = {v.name: train(work, s, teacher, v, seed, log) for v in chosen}
         compared = exact_metrics(work, teacher, dirs, seed, log)
@@ -345,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kl_to_teacher": compared["students"][key(v.name)]["kl_to_teacher"],
                 "cross_entropy": compared["students"][key(v.name)]["cross_entropy"],
                 "train_tokens_per_s": metrics["train"]["tokens"] / max(wall, 1e-9),
+                "train_seconds": wall,
             }
         raw["runs"][seed] = runs
     rows = summarize(raw)

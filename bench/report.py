@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -93,6 +94,13 @@ def machine_line() -> str:
     )
 
 
+def source_of(section: Path, text: str) -> str:
+    """The command that wrote ``section``: its ``Command:`` line (a script run with options,
+    e.g. one of several sections of bench/fidelity.py), else ``bench/<name>.py``."""
+    command = re.search(r"^Command: `([^`]+)`", text, re.MULTILINE)
+    return f"`{command.group(1)}`" if command else f"`bench/{section.stem}.py`"
+
+
 def build_report(results: Path) -> str:
     """The text of RESULTS.md: machine facts, then every ``results/*.md`` section in name order."""
     lines = [
@@ -113,7 +121,7 @@ def build_report(results: Path) -> str:
         text = section.read_text(encoding="utf-8").strip()
         if not text.startswith("## "):
             text = f"## {section.stem}\n\n{text}"
-        lines += [text, "", f"<sub>source: `bench/{section.stem}.py`</sub>", ""]
+        lines += [text, "", f"<sub>source: {source_of(section, text)}</sub>", ""]
     return "\n".join(lines)
 
 

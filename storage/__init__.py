@@ -28,8 +28,8 @@ Public API (see docs/architecture.md §3 and §8)::
 
 Layout: ``manifest.json``, ``shards/<split>-<index:05d>.zarr|.arrow`` and the commit record
 ``shards/<split>-<index:05d>.json`` (written last; only shards with a record exist for readers).
-This kdcache writes format_version 4 (codec ``raw`` or ``gaps``, ``make_manifest(codec=...)``)
-and reads 1 to 4 (docs/architecture.md §3).
+This kdcache writes format_version 5 (codec ``raw`` or ``gaps``, ``make_manifest(codec=...)``)
+and reads 1 to 5 (docs/architecture.md §3).
 """
 
 from ._arrays import ShardArrays, TeacherSequence

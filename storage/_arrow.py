@@ -18,6 +18,19 @@ bits. In a store of codec ``gaps`` (_codec.py) the log-prob columns and the tail
 levels and ``topk_ids`` holds codes; their field metadata say how to decode (``codec``,
 ``levels``, ``logprobs`` as JSON, ``decode``), and the schema metadata ``topk_id_table`` holds
 the shard's id table as JSON ``{"dtype": ..., "values": [...]}``: ids = table[codes].
+
+Format version 5 keeps a gaps store's two (T, k) columns as **byte planes, rank-major**
+(IPC compresses each buffer on its own and has no byte-shuffle: planes are the shuffle)::
+
+    topk_ids:      list<struct<b0r0: uint8, ..., b0r{k-1}, b1r0, ..., b1r{k-1}>>  # uint16 codes
+    topk_logprobs: list<struct<b0r0: uint8, ...>>                                # int16 levels
+
+child ``b{i}r{j}`` is byte i (little-endian) of rank j's value, so each child of a record
+batch is one compressed buffer of one byte of one rank (uint32 codes: 4 bytes, b0..b3). Field
+metadata ``planes_of`` names the integer dtype and ``layout`` the numpy line that rebuilds the
+rank-major (k, T) integers; ``decode`` then is the Zarr backend's rank-major one. Version 4
+kept them as ``list<fixed_size_list<int16|uint16|uint32>[k]>`` (read as ever).
+
 Readable without kdcache: ``pyarrow.ipc.open_file(path).read_all()``. The list offsets
 of a per-token column are the sequence boundaries (``seq_offsets`` of the Zarr backend); a
 row's M_s sampled entries belong to its target rows in order, ``sampled_distinct[r]`` each.
@@ -40,7 +53,8 @@ from ._arrays import (
     offsets_of,
 )
 from ._base import ShardCodec
-from ._stored import stored_shard
+from ._codec import transposed
+from ._stored import DECODE_RANK_MAJOR, StoredField, stored_shard
 from .errors import StoreCorrupt
 from .manifest import FORMAT_VERSION
 
@@ -49,13 +63,53 @@ BATCH_ENTRIES = 1 << 22  # ... and at most about this many sampled entries (int3
 # Arrow IPC has no byte-shuffle, so plain zstd needs a higher level than Zarr's blosc to get
 # close in size (level 1 stores ~30% more bytes per token on Zipf-like rows; see bench/store.py)
 ZSTD_LEVEL = 6
+PLANES_VERSION = 5  # from this format version on, rank-major (T, k) fields are byte planes
+# the "layout" metadata of a byte-plane column c (b: bytes per value, k: ranks, dtype: its type)
+PLANES = (
+    "q = np.moveaxis(np.stack([x.to_numpy() for x in c.combine_chunks().flatten().flatten()])"
+    ".reshape(b, k, -1), 0, -1).copy().view(dtype)[..., 0]  # (k, T) rank-major"
+)
 
 
-def _column(flat: npt.NDArray[Any], offsets: npt.NDArray[np.int32]) -> pa.Array:
-    values = pa.array(flat.reshape(-1))
-    if flat.ndim == 2:
-        values = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
+def _column(flat: npt.NDArray[Any], offsets: npt.NDArray[np.int32], planes: bool) -> pa.Array:
+    """A list column of ``flat`` (n,) or (n, k) values, the rows cut at ``offsets``; ``planes``:
+    (n, k) integers as a struct of their byte planes, rank by rank (``PLANES``)."""
+    if planes:
+        n, k = flat.shape
+        size = flat.dtype.itemsize
+        ranks = transposed(flat).view(np.uint8).reshape(k, n, size)  # (k, n, bytes)
+        values: pa.Array = pa.StructArray.from_arrays(
+            [pa.array(np.ascontiguousarray(ranks[j, :, i])) for i in range(size) for j in range(k)],
+            names=[f"b{i}r{j}" for i in range(size) for j in range(k)],
+        )  # (n,) structs of size * k uint8 children, byte i of rank j each
+    else:
+        values = pa.array(flat.reshape(-1))
+        if flat.ndim == 2:
+            values = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+
+
+def _from_planes(chunks: list[pa.StructArray], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """The (k, T) integers of byte-plane struct arrays (one per record batch, T in all)."""
+    size = dtype.itemsize
+    k = chunks[0].type.num_fields // size
+    if k * size != chunks[0].type.num_fields or k == 0:
+        raise ValueError(f"a byte-plane column of {dtype} has {chunks[0].type.num_fields} planes")
+    out = np.empty((k, sum(len(c) for c in chunks)), dtype)  # (k, T)
+    wide = out.view(f"<u{size}")
+    a = 0
+    for chunk in chunks:
+        b = a + len(chunk)
+        planes = [p.to_numpy() for p in chunk.flatten()]  # size * k of (t,) uint8
+        high = np.empty(b - a, wide.dtype)
+        for j in range(k):
+            row = wide[j, a:b]
+            row[...] = planes[j]
+            for i in range(1, size):
+                np.left_shift(planes[i * k + j], 8 * i, out=high, dtype=wide.dtype)
+                np.bitwise_or(row, high, out=row)
+        a = b
+    return out
 
 
 def _unit(name: str) -> str:
@@ -74,11 +128,20 @@ class ArrowCodec(ShardCodec):
     suffix = ".arrow"
 
     def encode(
-        self, arrays: ShardArrays, logprob_dtype: str, format_version: int = FORMAT_VERSION
+        self,
+        arrays: ShardArrays,
+        logprob_dtype: str,
+        codec: str,
+        format_version: int = FORMAT_VERSION,
     ) -> dict[str, bytes]:
-        stored = stored_shard(arrays, logprob_dtype)
+        stored = stored_shard(arrays, logprob_dtype, codec)
         fields = {f.name: f.data for f in stored if not f.per_shard}
-        field_meta = {f.name: _metadata(f.attributes) for f in stored if not f.per_shard}
+        planes = {f.name for f in stored if f.rank_major and format_version >= PLANES_VERSION}
+        field_meta = {
+            f.name: _metadata(_planes_attributes(f) if f.name in planes else f.attributes)
+            for f in stored
+            if not f.per_shard
+        }
         shard_meta = {
             "kdcache": json.dumps(
                 {"format_version": format_version, "logprob_dtype": logprob_dtype}
@@ -108,7 +171,8 @@ class ArrowCodec(ShardCodec):
                 edges = {"token": offsets, "target": rows, "sample": entries}[_unit(name)]
                 assert edges is not None
                 a, b = int(edges[s0]), int(edges[s1])
-                columns.append(_column(data[a:b], (edges[s0 : s1 + 1] - a).astype(np.int32)))
+                cut = (edges[s0 : s1 + 1] - a).astype(np.int32)
+                columns.append(_column(data[a:b], cut, name in planes))
             if schema is None:
                 schema = pa.schema(
                     [
@@ -132,18 +196,22 @@ class ArrowCodec(ShardCodec):
             if "tokens" not in names:
                 raise ValueError("no tokens column")
             labels = {}
+            planes: dict[str, np.dtype[Any]] = {}  # byte-plane columns: their integer dtype
             for key in names:
                 meta = reader.schema.field(key).metadata or {}
                 if b"codec" in meta:  # encoded by a codec: its name labels the stored numbers
                     labels[key] = meta[b"codec"].decode()
                 elif key in LOGPROB_FIELDS:
                     labels[key] = meta.get(b"dtype", b"").decode() or "float16"
+                if pa.types.is_struct(reader.schema.field(key).type.value_type):
+                    planes[key] = np.dtype(meta[b"planes_of"].decode())
             per_shard = {
                 key.decode(): json.loads(value)
                 for key, value in (reader.schema.metadata or {}).items()
                 if key != b"kdcache"
             }
             parts: dict[str, list[npt.NDArray[Any]]] = {key: [] for key in [*names, "offsets"]}
+            plane_parts: dict[str, list[pa.StructArray]] = {key: [] for key in planes}
             start = 0
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
@@ -158,15 +226,22 @@ class ArrowCodec(ShardCodec):
                     elif not np.array_equal(edges[unit], col_offsets):
                         raise ValueError(f"{key} has other row lengths than its sibling columns")
                     values = column.flatten()
-                    if isinstance(values.type, pa.FixedSizeListType):
+                    if key in planes:  # rebuilt once every batch is read
+                        plane_parts[key].append(values)
+                    elif isinstance(values.type, pa.FixedSizeListType):
                         k = values.type.list_size
                         parts[key].append(values.flatten().to_numpy().reshape(-1, k))
                     else:
                         parts[key].append(values.to_numpy())
-                _check_units(edges, {key: parts[key][-1] for key in names})
+                _check_units(edges, {key: parts[key][-1] for key in names if key not in planes})
                 offsets = edges["token"]
                 parts["offsets"].append(offsets[1:] + start if parts["offsets"] else offsets)
                 start += int(offsets[-1])
+            rank_major = {  # (k, T) -> a (T, k) view, as the Zarr backend returns them
+                key: _from_planes(chunks, planes[key]).T
+                for key, chunks in plane_parts.items()
+                if chunks
+            }
         except Exception as e:  # pyarrow raises many kinds on damaged files
             raise StoreCorrupt(
                 f"shard {name} cannot be decoded as Arrow IPC, {type(e).__name__}: {e}, "
@@ -179,7 +254,8 @@ class ArrowCodec(ShardCodec):
         def joined(chunks: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
             return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
-        fields = {key: joined(parts[key]) for key in names}
+        fields = {key: joined(parts[key]) for key in names if key not in planes}
+        fields |= rank_major
         fields["seq_offsets"] = joined(parts["offsets"])
         try:
             for key, value in per_shard.items():
@@ -190,6 +266,18 @@ class ArrowCodec(ShardCodec):
                 shard=name,
             ) from e
         return fields, labels
+
+
+def _planes_attributes(f: StoredField) -> dict[str, Any]:
+    """A byte-plane column's attributes: what its planes hold, how to rebuild and decode them."""
+    return {
+        **f.attributes,
+        "planes_of": str(f.data.dtype),
+        "layout": PLANES.replace("b, k", f"{f.data.dtype.itemsize}, {f.data.shape[1]}").replace(
+            "view(dtype)", f"view('<{f.data.dtype.str[1:]}')"
+        ),
+        "decode": DECODE_RANK_MAJOR[f.name],
+    }
 
 
 def _metadata(attributes: dict[str, Any]) -> dict[str, str] | None:

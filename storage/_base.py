@@ -145,9 +145,15 @@ class ShardCodec(ABC):
 
     @abstractmethod
     def encode(
-        self, arrays: ShardArrays, logprob_dtype: str, format_version: int = FORMAT_VERSION
+        self,
+        arrays: ShardArrays,
+        logprob_dtype: str,
+        codec: str,
+        format_version: int = FORMAT_VERSION,
     ) -> dict[str, bytes]:
-        """Encode every field present in ``arrays`` (log-probs as floats or raw bfloat16 bits)."""
+        """Encode every field present in ``arrays``, a shard in the stored representation of
+        the store's ``codec`` (raw: log-probs as floats or raw bfloat16 bits; gaps: int16
+        levels), laid out as ``format_version`` lays it out."""
 
     @abstractmethod
     def decode(

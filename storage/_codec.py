@@ -1,6 +1,6 @@
 """Store codecs: how a store keeps log-probs and top-k ids (docs/architecture.md §3, "Codecs").
 
-A store's manifest names its codec (``codec``, format version 4; older stores are ``raw``):
+A store's manifest names its codec (``codec``, format version 4 on; older stores are ``raw``):
 
 - ``raw``: log-probs as ``logprob_dtype`` floats (bfloat16 as its raw bits), ids as ids — the
   layout of format versions 1 to 3.
@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 CODECS = ("raw", "gaps")
-DEFAULT_CODEC = "raw"
+DEFAULT_CODEC = "gaps"
 
 # the gaps grid, from log-prob 0 downward: (lower end of the segment, step inside it)
 SEGMENTS: tuple[tuple[float, float], ...] = (
@@ -158,26 +158,51 @@ def encode_rows(logprobs: NDArray) -> npt.NDArray[np.int16]:
 def decode_rows(gaps: NDArray, dtype: str) -> NDArray:
     """int16 first levels and gaps (T, k) -> top-k log-probs (T, k), C-ordered, in ``dtype``.
 
-    ``gaps`` may be a rank-major array's transpose (a view of a C-ordered (k, T) array, as the
-    Zarr backend stores them): then the levels are summed up rank by rank in place, overwriting
-    ``gaps``, several times faster than a cumulative sum along each short row.
+    ``gaps`` may be a rank-major array's transpose (a view of a C-ordered (k, T) array, as both
+    backends return them): then the levels are summed up rank by rank in place, overwriting
+    ``gaps``, several times faster than a cumulative sum along each short row. Levels outside
+    the grid (damage, see ``checked_decode_rows``) are clipped into it.
     """
+    return _decode_rows(gaps, dtype, check=False)[0]
+
+
+def checked_decode_rows(gaps: NDArray, dtype: str) -> tuple[NDArray, str | None]:
+    """``decode_rows`` and ``level_problem(gaps, gaps=True)`` at once: (log-probs, problem).
+
+    For rank-major gaps the check costs two passes over the int16 levels, not a row sum."""
+    return _decode_rows(gaps, dtype, check=True)
+
+
+def _decode_rows(gaps: NDArray, dtype: str, *, check: bool) -> tuple[NDArray, str | None]:
     out = np.empty(gaps.shape, dtype)
     lut = _lookup(dtype)
     block = _ROWS_PER_BLOCK
     rank_major = gaps.T
     if gaps.ndim == 2 and not gaps.flags.c_contiguous and rank_major.flags.c_contiguous:
+        problem = None
+        if check and gaps.size and int(rank_major.min()) < 0:
+            problem = "a log-prob level gap is negative"
         if not rank_major.flags.writeable:
             rank_major = rank_major.copy()
         for j in range(1, rank_major.shape[0]):  # (k, T): rank j's levels from rank j - 1's
             np.add(rank_major[j], rank_major[j - 1], out=rank_major[j])
+        # with gaps >= 0, the first level beyond the grid is either > NEG_INF_LEVEL or, past
+        # int16's range, negative: so a sum gone wrong shows in the min or the max
+        if (
+            check
+            and problem is None
+            and gaps.size
+            and (int(rank_major.min()) < 0 or int(rank_major.max()) > NEG_INF_LEVEL)
+        ):
+            problem = f"a log-prob level exceeds the grid's {NEG_INF_LEVEL}"
         for a in range(0, gaps.shape[0], block):
             np.take(lut, rank_major[:, a : a + block].T, mode="clip", out=out[a : a + block])
-        return out
+        return out, problem
+    problem = level_problem(gaps, gaps=True) if check else None
     for a in range(0, gaps.shape[0], block):
         levels = np.cumsum(gaps[a : a + block], axis=1, dtype=LEVEL_DTYPE)
         np.take(lut, levels, mode="clip", out=out[a : a + block])
-    return out
+    return out, problem
 
 
 def level_problem(levels: NDArray, *, gaps: bool) -> str | None:
@@ -209,8 +234,8 @@ def rank_ids(ids: NDArray, vocab_size: int) -> tuple[NDArray, NDArray]:
 
 
 def unrank_ids(codes: NDArray, table: NDArray) -> NDArray:
-    """``table[codes]``, C-ordered (``codes`` may be a rank-major array's transpose, as the Zarr
-    backend stores them); codes beyond the table (damage, see ``code_problem``) are clipped."""
+    """``table[codes]``, C-ordered (``codes`` may be a rank-major array's transpose, as both
+    backends return them); codes beyond the table (damage, see ``code_problem``) are clipped."""
     if codes.ndim == 2 and not codes.flags.c_contiguous:
         out = np.empty(codes.shape, table.dtype)
         for a in range(0, codes.shape[0], _ROWS_PER_BLOCK):  # strided reads, contiguous writes
@@ -232,6 +257,16 @@ def code_problem(codes: NDArray, table: NDArray, vocab_size: int) -> str | None:
     if np.unique(table).shape[0] != table.shape[0]:
         return "topk_id_table lists an id twice"
     return None
+
+
+def transposed(values: NDArray) -> NDArray:
+    """(n, k) -> a C-ordered (k, n) copy, made in blocks of rows: numpy's own transposing copy
+    of a long array misses the cache on every element (~5x slower at k = 64)."""
+    out = np.empty(values.shape[::-1], values.dtype)
+    step = _ROWS_PER_BLOCK // 4  # (256, k) blocks: source and destination stay in cache
+    for a in range(0, values.shape[0], step):
+        out[:, a : a + step] = values[a : a + step].T
+    return out
 
 
 def _gather(table: NDArray, index: NDArray) -> NDArray:

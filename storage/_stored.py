@@ -24,9 +24,11 @@ from ._arrays import (
     stored_logprobs,
 )
 from ._codec import (
+    CODECS,
     GRID_LEVELS,
     GRID_LOGPROBS,
     LEVEL_DTYPE,
+    checked_decode_rows,
     code_problem,
     decode_rows,
     dequantize,
@@ -59,8 +61,8 @@ class StoredField:
     """One array a backend writes.
 
     ``rank_major``: a (T, k) array that compresses best rank by rank and decodes fastest so
-    (Zarr stores it transposed, as a (k, T) array, bit-shuffled; its ``decode`` attribute then
-    is ``DECODE_RANK_MAJOR``'s). ``per_shard``: not one entry per token, target row or sample
+    (Zarr stores it transposed, as a (k, T) array, bit-shuffled; Arrow, from format version 5,
+    as byte planes rank by rank; its ``decode`` attribute then is ``DECODE_RANK_MAJOR``'s). ``per_shard``: not one entry per token, target row or sample
     but one array for the shard (Arrow keeps it in the schema metadata).
     """
 
@@ -69,15 +71,6 @@ class StoredField:
     attributes: dict[str, Any] = field(default_factory=dict)
     rank_major: bool = False
     per_shard: bool = False
-
-
-def codec_of(arrays: ShardArrays) -> str:
-    """The codec a stored-representation shard is in: int16 log-prob levels are ``gaps``."""
-    for name in LEVEL_FIELDS:
-        values = getattr(arrays, name)
-        if values is not None:
-            return "gaps" if values.dtype == LEVEL_DTYPE else "raw"
-    return "raw"
 
 
 def _grid(name: str) -> dict[str, Any]:
@@ -89,10 +82,11 @@ def _grid(name: str) -> dict[str, Any]:
     }
 
 
-def stored_shard(arrays: ShardArrays, logprob_dtype: str) -> list[StoredField]:
-    """The arrays a backend writes for ``arrays`` (stored representation; decoded float
-    log-probs are accepted for a raw shard), in file order."""
-    codec = codec_of(arrays)
+def stored_shard(arrays: ShardArrays, logprob_dtype: str, codec: str) -> list[StoredField]:
+    """The arrays a backend writes for ``arrays``, a shard in the stored representation of
+    ``codec`` (decoded float log-probs are accepted for a raw shard), in file order."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec, {codec}, use one of {', '.join(CODECS)}")
     out: list[StoredField] = []
     for name, data in arrays.fields().items():
         if codec == "raw":
@@ -102,6 +96,8 @@ def stored_shard(arrays: ShardArrays, logprob_dtype: str) -> list[StoredField]:
             else:
                 out.append(StoredField(name, data))
         elif name in LEVEL_FIELDS:
+            if data.dtype != LEVEL_DTYPE:
+                raise ValueError(f"{name} of a gaps shard must be {LEVEL_DTYPE}, got {data.dtype}")
             dtype = {"dtype": logprob_dtype} if name in LOGPROB_FIELDS else {}
             attributes = {**dtype, **_grid(name)}
             out.append(StoredField(name, data, attributes, rank_major=data.ndim == 2))
@@ -181,14 +177,17 @@ def decode_fields(
         if name not in fields:
             continue
         levels = fields[name]
+        if name == "topk_logprobs":  # the rows' level check rides along with their decoding
+            if check:
+                raw_topk, found = checked_decode_rows(levels, out_dtype)
+                problem = problem or found
+            else:
+                raw_topk = decode_rows(levels, out_dtype)
+            fields[name] = raw_topk
+            continue
         if check:
-            problem = problem or level_problem(levels, gaps=name == "topk_logprobs")
-        if name == "topk_logprobs":
-            fields[name] = raw_topk = decode_rows(levels, out_dtype)
-        else:
-            fields[name] = dequantize(
-                levels, "float32" if name not in LOGPROB_FIELDS else out_dtype
-            )
+            problem = problem or level_problem(levels, gaps=False)
+        fields[name] = dequantize(levels, "float32" if name not in LOGPROB_FIELDS else out_dtype)
     if "topk_ids" in fields:
         table = fields.pop(ID_TABLE)
         if check:

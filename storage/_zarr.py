@@ -39,6 +39,7 @@ from zarr.storage import MemoryStore
 
 from ._arrays import LOGPROB_FIELDS, ShardArrays
 from ._base import ShardCodec
+from ._codec import transposed
 from ._stored import DECODE_RANK_MAJOR, StoredField, stored_shard
 from .errors import StoreCorrupt
 from .manifest import FORMAT_VERSION
@@ -83,7 +84,11 @@ class ZarrCodec(ShardCodec):
     suffix = ".zarr"
 
     def encode(
-        self, arrays: ShardArrays, logprob_dtype: str, format_version: int = FORMAT_VERSION
+        self,
+        arrays: ShardArrays,
+        logprob_dtype: str,
+        codec: str,
+        format_version: int = FORMAT_VERSION,
     ) -> dict[str, bytes]:
         files: dict[str, Any] = {}
         group = zarr.create_group(
@@ -94,13 +99,13 @@ class ZarrCodec(ShardCodec):
             },
         )
         stored = [
-            *stored_shard(arrays, logprob_dtype),
+            *stored_shard(arrays, logprob_dtype, codec),
             StoredField("seq_offsets", arrays.seq_offsets),
         ]
         for f in stored:
             data, attributes = f.data, f.attributes
             if f.rank_major:  # (k, T): compressed rank by rank, bit-shuffled (~10% smaller)
-                data = np.ascontiguousarray(data.T)
+                data = transposed(data)
                 attributes = {
                     **attributes,
                     "layout": RANK_MAJOR,

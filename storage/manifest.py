@@ -12,8 +12,8 @@ from ._codec import max_abs_error as max_abs_error
 from ._codec import max_prob_error as max_prob_error
 from .errors import StoreCorrupt, UnsupportedFormat
 
-FORMAT_VERSION = 4  # what this kdcache writes
-READABLE_VERSIONS = (1, 2, 3, 4)  # what it opens (docs/architecture.md §3, "Format versions")
+FORMAT_VERSION = 5  # what this kdcache writes
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # what it opens (docs/architecture.md §3, "Format versions")
 BACKENDS = ("zarr", "arrow")
 TARGETS = ("topk", "sampled", "topk+sampled")
 MAX_SAMPLES = 65535
@@ -154,7 +154,7 @@ def make_manifest(
     codec: str = DEFAULT_CODEC,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build and validate the manifest of a new store (format version 4).
+    """Build and validate the manifest of a new store (format version 5).
 
     Args:
         tokenizer: its fingerprint; ``tokenizer["size"]`` (optional, 1..vocab_size) is the

@@ -133,8 +133,8 @@ class ShardWriter:
         )
         self._parts = []
         store = self._store
-        codec = store.codec
-        blobs = codec.encode(arrays, self._layout.logprob_dtype, self._layout.format_version)
+        codec, layout = store.codec, self._layout
+        blobs = codec.encode(arrays, layout.logprob_dtype, layout.codec, layout.format_version)
         final = f"{SHARDS_DIR}/{self.name}{codec.suffix}"
         tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{uuid.uuid4().hex}-{self.name}{codec.suffix}"
         files: dict[str, dict[str, Any]] = {

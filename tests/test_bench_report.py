@@ -44,6 +44,21 @@ def test_report_has_machine_facts_then_sections_in_name_order(tmp_path: Path) ->
     assert "| 64 | 190 |" in text
 
 
+def test_a_section_written_with_options_names_its_command(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    head = "## Fidelity (`bench/fidelity.py`)\n\n"
+    (results / "fidelity_codec.md").write_text(
+        head + "Command: `python bench/fidelity.py --codec-twins`. Machine: x.\n"
+    )
+    (results / "fidelity.md").write_text(head + "Machine: x.\n")
+    out = tmp_path / "RESULTS.md"
+    assert load_report().main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "source: `bench/fidelity.py`</sub>" in text
+    assert "source: `python bench/fidelity.py --codec-twins`</sub>" in text
+
+
 def test_missing_results_directory_is_exit_2(tmp_path: Path) -> None:
     assert (
         load_report().main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "R.md")])

@@ -107,8 +107,9 @@ codec_option = click.option(
     "--codec",
     default=DEFAULT_CODEC,
     show_default=True,
-    help="How the store keeps log-probs and ids: raw (float16 log-probs) or gaps (int16 levels, "
-    "finest near log-prob 0, at most 1/16 nat off; ~40% smaller; docs/architecture.md §3).",
+    help="How the store keeps log-probs and ids: gaps (int16 levels, finest near log-prob 0, at "
+    "most 1/16 nat off; ~40% smaller, students train as from raw) or raw (the float16 log-probs "
+    "as computed); docs/architecture.md §3.",
 )
 
 

@@ -69,6 +69,7 @@ class StoreTests:
             "seq_len": 32,
             "corpus": {"spec": "stdlib", "eval_fraction": 0.1},
             "shard_tokens": 64,
+            "codec": "raw",  # the raw layout (its float invariants); gaps: test_store_codec.py
         }
         facts.update(overrides)
         return make_manifest(**facts)
@@ -315,7 +316,7 @@ class StoreTests:
         [
             (b"{not json", StoreCorrupt),
             (b"[1, 2]", StoreCorrupt),
-            (b'{"format_version": 5}', UnsupportedFormat),
+            (b'{"format_version": 6}', UnsupportedFormat),
             (b'{"format_version": true}', UnsupportedFormat),
             (b'{"format_version": 2}', StoreCorrupt),
             (b'{"format_version": 3}', StoreCorrupt),
@@ -399,7 +400,7 @@ class StoreTests:
         # re-encode unsorted rows with valid checksums: only the invariant check can catch it
         from kdcache.storage._base import get_codec, sha256
 
-        blobs = get_codec(self.backend).encode(arrays, "float16")
+        blobs = get_codec(self.backend).encode(arrays, "float16", "raw")
         files = {}
         for key, data in blobs.items():
             rel = f"{record.path}/{key}" if key else record.path
@@ -460,6 +461,7 @@ def test_torch_tensors_are_accepted(tmp_path: Path) -> None:
         corpus={},
         shard_tokens=100,
         logprob_dtype="bfloat16",
+        codec="raw",  # bit-exact bfloat16 back
     )
     writer = create_store(tmp_path / "s", manifest)
     lp_bf16 = torch.tensor(logprobs, dtype=torch.bfloat16)

@@ -28,6 +28,8 @@ from kdcache.storage import (
     verify_store,
 )
 from kdcache.storage._arrays import bf16_to_float32, float32_to_bf16
+from kdcache.storage._arrow import _column as arrow_column
+from kdcache.storage._arrow import _from_planes as from_planes
 from kdcache.storage._codec import (
     FLOOR,
     GRID_LEVELS,
@@ -254,7 +256,7 @@ def test_round_trip_within_the_bound(
     assert verify_store(url) == []
     store = open_store(url)
     m = store.manifest
-    assert (m["format_version"], m["codec"], m["codec_max_abs_error"]) == (4, "gaps", 1 / 16)
+    assert (m["format_version"], m["codec"], m["codec_max_abs_error"]) == (5, "gaps", 1 / 16)
     sequences = list(store.iter_sequences())
     assert len(sequences) == len(given) and len(store.shards) > 1
     decoded = "float16" if dtype == "float16" else "float32"
@@ -322,9 +324,9 @@ def test_older_stores_read_identically_and_resume_only_as_they_are(
                 seq.sampled_logprobs, want["sampled_logprobs"].astype(np.float16)
             )
     assert verify_store(url) == []
-    with pytest.raises(StoreIncompatible) as info:  # kdcache writes version 4 only
+    with pytest.raises(StoreIncompatible) as info:  # kdcache writes version 5 only
         create_store(url, current)
-    assert info.value.differences == [f"format_version: store has {version}, this run asks 4"]
+    assert info.value.differences == [f"format_version: store has {version}, this run asks 5"]
     with pytest.raises(StoreIncompatible) as info:
         create_store(url, manifest(targets, backend=backend))
     assert [d.split(":")[0] for d in info.value.differences] == [
@@ -383,23 +385,32 @@ def damage(url: str, name: str, change: Any, where: str = "array") -> None:
             change(values)
             meta[name.encode()] = json.dumps({**value, "values": values.tolist()}).encode()
         else:
-            column = table[name].combine_chunks()
-            inner = column.flatten()
-            flat = inner.flatten() if isinstance(inner, pa.FixedSizeListArray) else inner
-            values = flat.to_numpy().copy()
-            change(values)
-            rebuilt = pa.array(values, flat.type)
-            if isinstance(inner, pa.FixedSizeListArray):
-                rebuilt = pa.FixedSizeListArray.from_arrays(rebuilt, inner.type.list_size)
-            new = pa.ListArray.from_arrays(column.offsets, rebuilt)
             i = table.schema.get_field_index(name)
-            table = table.set_column(i, table.schema.field(name), new)
+            table = table.set_column(i, table.schema.field(name), damaged(table, name, change))
         table = table.replace_schema_metadata(meta)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as out:
             out.write_table(table)
         blobs = {"": sink.getvalue().to_pybytes()}
     rewrite(url, record, blobs)
+
+
+def damaged(table: pa.Table, name: str, change: Any) -> pa.Array:
+    """Arrow column ``name`` of ``table`` after ``change`` edits its values as numpy."""
+    column = table[name].combine_chunks()
+    inner = column.flatten()
+    if pa.types.is_struct(inner.type):  # format 5: byte planes of a (k, T) array
+        dtype = np.dtype(table.schema.field(name).metadata[b"planes_of"].decode())
+        values = from_planes([inner], dtype)  # (k, T), the Zarr backend's memory order
+        change(values)
+        return arrow_column(np.ascontiguousarray(values.T), column.offsets.to_numpy(), planes=True)
+    flat = inner.flatten() if isinstance(inner, pa.FixedSizeListArray) else inner
+    values = flat.to_numpy().copy()
+    change(values)
+    rebuilt = pa.array(values, flat.type)
+    if isinstance(inner, pa.FixedSizeListArray):
+        rebuilt = pa.FixedSizeListArray.from_arrays(rebuilt, inner.type.list_size)
+    return pa.ListArray.from_arrays(column.offsets, rebuilt)
 
 
 def set_at(index: int, value: int) -> Any:
@@ -499,8 +510,8 @@ def test_cache_teacher_codec_option(
         assert np.abs(seq.topk_logprobs.astype(np.float64) - at_ids).max() <= 1 / 16 + 0.01
         if i == 3:
             break
-    assert run(*common, "--out", str(out), "--codec", "gaps") == 0  # resumes: same settings
-    assert run(*common, "--out", str(out)) == 2  # raw asked of a gaps store: refused
+    assert run(*common, "--out", str(out)) == 0  # resumes: gaps is the default
+    assert run(*common, "--out", str(out), "--codec", "raw") == 2  # raw asked of a gaps store
 
 
 # What the README's store section shows (the lines below are run as written).
@@ -509,18 +520,24 @@ README_ZARR = """
 m = json.load(open(f"{store}/manifest.json"))  # m["codec"]: "raw" or "gaps"
 g = zarr.open_group(f"{store}/shards/train-00000.zarr", mode="r")
 a = g["topk_logprobs"]  # codec gaps: int16 (k, T), each row's first level, then the gaps
-logprobs = np.interp(np.cumsum(a[:], axis=0), a.attrs["levels"], a.attrs["logprobs"], right=-np.inf).T  # (T, k)
+levels, grid = a.attrs["levels"], a.attrs["logprobs"]  # the grid's knots
+logprobs = np.interp(np.cumsum(a[:], axis=0), levels, grid, right=-np.inf).T  # (T, k)
 ids = g["topk_id_table"][:][g["topk_ids"][:]].T  # (T, k): codes are ranks in the id table
-t = g["topk_tail_logprob"]  # and likewise sampled_logprobs: levels, no cumsum
-tail = np.interp(t[:], t.attrs["levels"], t.attrs["logprobs"], right=-np.inf)  # (T,)
+tail = np.interp(g["topk_tail_logprob"][:], levels, grid, right=-np.inf)  # (T,), no cumsum
 """
 README_ARROW = """
+m = json.load(open(f"{store}/manifest.json"))  # m["codec"]: "raw" or "gaps"
+k = m["top_k"]
 table = pyarrow.ipc.open_file(f"{store}/shards/train-00000.arrow").read_all()
 meta = table.schema.field("topk_logprobs").metadata  # codec gaps: levels, logprobs (JSON)
-q = np.stack(table["topk_logprobs"].combine_chunks().flatten().to_numpy(zero_copy_only=False))  # (T, k) int16
-logprobs = np.interp(np.cumsum(q, axis=-1), json.loads(meta[b"levels"]), json.loads(meta[b"logprobs"]), right=-np.inf)
-codes = np.stack(table["topk_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False))
-ids = np.array(json.loads(table.schema.metadata[b"topk_id_table"])["values"])[codes]  # (T, k)
+levels, grid = json.loads(meta[b"levels"]), json.loads(meta[b"logprobs"])
+def planes(column):  # (2k, T) uint8: the low bytes of ranks 0..k-1, then their high bytes
+    return np.stack([x.to_numpy() for x in table[column].combine_chunks().flatten().flatten()])
+b, c = planes("topk_logprobs"), planes("topk_ids")
+q = (b[k:].astype(np.uint16) << 8 | b[:k]).view(np.int16)  # (k, T) levels: first level, gaps
+logprobs = np.interp(np.cumsum(q, axis=0), levels, grid, right=-np.inf).T  # (T, k)
+id_table = np.array(json.loads(table.schema.metadata[b"topk_id_table"])["values"])
+ids = id_table[c[k:].astype(np.uint16) << 8 | c[:k]].T  # (T, k)
 """
 
 
@@ -532,6 +549,9 @@ def test_the_readme_numpy_lines_decode_a_gaps_store(tmp_path: Path, backend: str
     write(url, manifest("topk", backend=backend, shard_tokens=1000, loss_mask=True))  # 1 shard
     arrays = open_store(url).read_shard("train-00000")
     scope: dict[str, Any] = {"np": np, "json": json, "zarr": zarr, "pyarrow": pyarrow, "store": url}
+    lines = (README_ZARR if backend == "zarr" else README_ARROW).strip().splitlines()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    assert [line for line in lines if line not in readme] == []  # the README shows them
     exec(README_ZARR if backend == "zarr" else README_ARROW, scope)
     np.testing.assert_array_equal(scope["ids"], arrays.topk_ids)
     np.testing.assert_array_equal(scope["logprobs"], arrays.topk_logprobs.astype(np.float64))

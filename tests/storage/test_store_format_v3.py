@@ -51,6 +51,7 @@ def manifest(backend: str = "zarr", targets: str = "topk", **overrides: Any) -> 
         "targets": targets,
         "samples": 24 if sampled else 0,
         "sample_seed": 3 if sampled else None,
+        "codec": "raw",  # the raw layout (its float invariants); gaps: test_store_codec.py
     }
     facts.update(overrides)
     return make_manifest(**facts)
@@ -68,7 +69,7 @@ def older(facts: dict[str, Any], version: int) -> dict[str, Any]:
 
 
 def test_versions_and_defaults() -> None:
-    assert (FORMAT_VERSION, READABLE_VERSIONS) == (4, (1, 2, 3, 4))
+    assert (FORMAT_VERSION, READABLE_VERSIONS) == (5, (1, 2, 3, 4, 5))
     assert later_defaults(1) == {**V2_DEFAULTS, **V3_DEFAULTS, **V4_DEFAULTS}
     assert later_defaults(2) == {**V3_DEFAULTS, **V4_DEFAULTS}
     assert V3_DEFAULTS == {"loss_mask": False}
@@ -188,7 +189,7 @@ def test_version_2_store_written_today_opens_and_reads_as_before(
     # this kdcache writes version 3: a version-2 store resumes with a version-2 manifest only
     with pytest.raises(StoreIncompatible) as info:
         create_store(url, manifest(backend, targets))
-    assert info.value.differences == ["format_version: store has 2, this run asks 4"]
+    assert info.value.differences == ["format_version: store has 2, this run asks 5"]
     assert create_store(url, v2).manifest["format_version"] == 2
 
 
@@ -217,7 +218,7 @@ def test_inspect_a_masked_store(
     trained = reader.num_trained
     code, out, _ = run(["inspect", store, "--json"], capsys)
     facts = json.loads(out)
-    assert code == 0 and facts["format_version"] == 4 and facts["loss_mask"] is True
+    assert code == 0 and facts["format_version"] == 5 and facts["loss_mask"] is True
     assert facts["tokens"] == 128 and facts["trained_positions"] == trained
     assert 0 < trained < 128 and facts["trained_fraction"] == pytest.approx(trained / 128)
     assert facts["bytes_per_token"] == pytest.approx(facts["bytes_on_disk"] / 128)
@@ -270,7 +271,7 @@ def test_verify_names_a_shard_whose_mask_disagrees_with_its_rows(
     arrays.loss_mask = np.ones_like(arrays.loss_mask)  # every position, but T rows stored
     from kdcache.storage._base import get_codec
 
-    rewrite(store, record, get_codec("zarr").encode(arrays, "float16"), num_trained=48)
+    rewrite(store, record, get_codec("zarr").encode(arrays, "float16", "raw"), num_trained=48)
     code, out, _ = run(["verify", store], capsys)
     assert code == 1 and out.startswith(f"{record.name}: shard {record.name} is corrupt: top-k")
     assert out.count("\n") == 1

@@ -83,6 +83,7 @@ class MaskTests:
             "samples": 32 if sampled else 0,
             "sample_seed": 7 if sampled else None,
             "loss_mask": True,
+            "codec": "raw",  # the raw layout (its float invariants); gaps: test_store_codec.py
         }
         facts.update(overrides)
         return make_manifest(**facts)
@@ -222,7 +223,7 @@ class MaskTests:
         full_ids = np.concatenate([full["topk_ids"] for _, _, full, _ in seqs])  # (N, k)
         if self.backend == "zarr":
             g = zarr.open_group(shard_url, mode="r")
-            assert g.attrs["kdcache"]["format_version"] == 4
+            assert g.attrs["kdcache"]["format_version"] == 5
             m = g["loss_mask"][:].astype(bool)  # the README's lines
             assert g["loss_mask"].dtype == np.uint8 and m.shape == (15,)
             assert g["topk_ids"].shape == (m.sum(), K)
@@ -391,7 +392,7 @@ class MaskTests:
                 setattr(arrays, name, getattr(arrays, name)[m:])
             changes["num_trained"] = int(mask.sum())
         arrays.loss_mask = mask
-        rewrite(url, record, get_codec("zarr").encode(arrays, "float16"), **changes)
+        rewrite(url, record, get_codec("zarr").encode(arrays, "float16", "raw"), **changes)
 
     def damage_arrow(self, url: str, record: ShardRecord, how: str) -> None:
         """Rewrite the Arrow file with row 0 changed: its mask (then the row's units disagree),

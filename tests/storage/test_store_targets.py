@@ -91,7 +91,7 @@ def rewrite(url: str, record: ShardRecord, blobs: dict[str, bytes], **changes: A
 
 def rewrite_shard(url: str, record: ShardRecord, arrays: Any, dtype: str = "float16") -> None:
     """Re-encode ``arrays`` in place of ``record``'s shard with valid checksums."""
-    rewrite(url, record, get_codec(record.backend).encode(arrays, dtype))
+    rewrite(url, record, get_codec(record.backend).encode(arrays, dtype, "raw"))
 
 
 class TargetTests:
@@ -122,6 +122,7 @@ class TargetTests:
             "targets": targets,
             "samples": 32 if sampled else 0,
             "sample_seed": 7 if sampled else None,
+            "codec": "raw",  # the raw layout (its float invariants); gaps: test_store_codec.py
         }
         facts.update(overrides)
         return make_manifest(**facts)
@@ -226,7 +227,7 @@ class TargetTests:
             group = zarr.open_group(shard_url, mode="r")
             assert sorted(group.array_keys()) == sorted([*names, "seq_offsets"])
             got = {name: group[name][:] for name in names}
-            assert group.attrs["kdcache"]["format_version"] == 4
+            assert group.attrs["kdcache"]["format_version"] == 5
         else:
             table = pa.ipc.open_file(pa.BufferReader(StoreFS(shard_url).read(""))).read_all()
             assert table.column_names == names and table.num_rows == 2
@@ -371,7 +372,7 @@ class TargetTests:
         assert self.manifest("sampled", samples=65535)["count_dtype"] == "uint16"
         topk = self.manifest("topk")
         assert (topk["samples"], topk["sample_seed"], topk["count_dtype"]) == (0, None, None)
-        assert topk["format_version"] == 4 and topk["loss_mask"] is False
+        assert topk["format_version"] == 5 and topk["loss_mask"] is False
         for overrides, message in [
             ({"targets": "logits"}, "targets unknown"),
             ({"targets": "sampled", "top_k": 8}, "top_k must be 0 for sampled"),
@@ -458,7 +459,7 @@ class TargetTests:
         # this kdcache writes version 3: resuming a version-1 store is refused, by that fact only
         with pytest.raises(StoreIncompatible) as info:
             create_store(url, self.manifest("topk", logprob_dtype="float16"))
-        assert info.value.differences == ["format_version: store has 1, this run asks 4"]
+        assert info.value.differences == ["format_version: store has 1, this run asks 5"]
         assert create_store(url, self.v1_manifest()).manifest["format_version"] == 1
 
     def test_version_1_manifest_cannot_claim_samples(self) -> None:
@@ -576,6 +577,7 @@ def test_torch_tensors_are_accepted_for_sampled_targets(tmp_path: Path) -> None:
         targets="topk+sampled",
         samples=32,
         sample_seed=0,
+        codec="raw",  # bit-exact bfloat16 back
     )
     tensors = {name: torch.tensor(values) for name, values in arrays.items()}
     for name in ("topk_logprobs", "sampled_logprobs"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from chat_tokenizers import family, llama
 from conftest import save_tiny_model
+from test_cache_teacher import assert_stored
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdcache.pipeline.cli import main
@@ -123,9 +124,8 @@ def test_targets_are_stored_at_the_assistants_positions_only_and_are_exact(qwen_
         with torch.inference_mode():
             logits = model(input_ids=torch.from_numpy(tokens.astype(np.int64))[None]).logits[0]
         full = torch.log_softmax(logits.float(), -1).numpy()[mask]  # (T, V)
-        np.testing.assert_allclose(
-            sequence.topk_logprobs.astype(np.float32), -np.sort(-full)[:, :TOP_K], atol=2e-3
-        )
+        reference = -np.sort(-full)[:, :TOP_K]
+        assert_stored(sequence.topk_logprobs, reference, store.manifest["codec"])
         trained_total += int(mask.sum())
     assert 0 < trained_total < store.num_tokens / 2
     assert store.num_trained == trained_total

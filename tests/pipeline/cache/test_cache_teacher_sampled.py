@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cache_teacher import cache_args, run, tree
+from test_cache_teacher import assert_stored, cache_args, run, tree
 from transformers import AutoModelForCausalLM
 
 from kdcache.storage import open_store, verify_store
@@ -68,22 +68,18 @@ def test_topk_plus_sampled_holds_both_exactly(both: Path, tiny_teacher_dir: Path
             logits = model(input_ids=torch.from_numpy(sequence.tokens.astype(np.int64))[None])
         full = torch.log_softmax(logits.logits[0].float(), dim=-1).double().numpy()  # (L, V)
         ids = sequence.topk_ids.astype(np.int64)
-        np.testing.assert_allclose(
-            sequence.topk_logprobs.astype(np.float32), np.take_along_axis(full, ids, -1),
-            atol=2e-3, rtol=2e-3,
-        )  # fmt: skip
+        codec = manifest["codec"]
+        assert_stored(sequence.topk_logprobs, np.take_along_axis(full, ids, -1), codec)
         outside = full.copy()
         np.put_along_axis(outside, ids, -np.inf, -1)
         tail = np.log(np.exp(outside).sum(-1))  # the true tail in float64
-        np.testing.assert_allclose(sequence.topk_tail_logprob, tail, atol=1e-5, rtol=0)
+        assert_stored(sequence.topk_tail_logprob, tail, codec, tol=1e-5)
         offsets = np.concatenate([[0], np.cumsum(sequence.sampled_distinct, dtype=np.int64)])
         for t in range(len(sequence.tokens)):
             at = slice(offsets[t], offsets[t + 1])
             drawn = sequence.sampled_ids[at].astype(np.int64)
             assert (np.diff(drawn) > 0).all() and int(sequence.sampled_counts[at].sum()) == 16
-            np.testing.assert_allclose(
-                sequence.sampled_logprobs[at].astype(np.float32), full[t, drawn], atol=2e-3
-            )
+            assert_stored(sequence.sampled_logprobs[at], full[t, drawn], codec)
         if checked == 8:
             break
 
