@@ -96,9 +96,18 @@ def machine_line() -> str:
 
 def source_of(section: Path, text: str) -> str:
     """The command that wrote ``section``: its ``Command:`` line (a script run with options,
-    e.g. one of several sections of bench/fidelity.py), else ``bench/<name>.py``."""
+    e.g. one of several sections of bench/fidelity.py), else the bench script whose name is the
+    longest prefix of the section's (``fidelity_chat`` -> ``bench/fidelity.py``)."""
     command = re.search(r"^Command: `([^`]+)`", text, re.MULTILINE)
-    return f"`{command.group(1)}`" if command else f"`bench/{section.stem}.py`"
+    if command:
+        return f"`{command.group(1)}`"
+    bench = Path(__file__).parent
+    parts = section.stem.split("_")
+    for n in range(len(parts), 0, -1):
+        script = "_".join(parts[:n])
+        if (bench / f"{script}.py").is_file():
+            return f"`bench/{script}.py`"
+    return f"`bench/{section.stem}.py`"
 
 
 def build_report(results: Path) -> str:

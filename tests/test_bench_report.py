@@ -65,3 +65,13 @@ def test_missing_results_directory_is_exit_2(tmp_path: Path) -> None:
         == 2
     )
     assert not (tmp_path / "R.md").exists()
+
+
+def test_a_section_without_a_command_names_the_script_that_wrote_it() -> None:
+    report = load_report()
+    for stem, script in [
+        ("fidelity_chat", "bench/fidelity.py"),  # bench/fidelity.py --corpus stdlib-chat
+        ("cache_overhead_1_threads", "bench/cache_overhead.py"),
+        ("offload", "bench/offload.py"),
+    ]:
+        assert report.source_of(Path(f"{stem}.md"), "## a section\n") == f"`{script}`"
