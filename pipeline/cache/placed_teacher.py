@@ -28,7 +28,6 @@ import torch
 from kdcache.pipeline.cache.placement import (
     MemoryBudget,
     Replica,
-    check_offload_dir,
     format_size,
     parse_max_memory,
 )
@@ -327,7 +326,9 @@ def load_teacher(
     from kdcache.pipeline.host_memory import keep_freed_memory
 
     device, targets, failure, notes = accelerator.device, None, None, []
-    offload_dir, trust = check_offload_dir(s.offload_dir), s.trust_remote_code
+    # --offload-dir was made and proven writable with the settings (settings.check_placement)
+    offload_dir = Path(s.offload_dir).expanduser() if s.offload_dir is not None else None
+    trust = s.trust_remote_code
     if replica.computes:
         try:
             placement = None
