@@ -45,6 +45,16 @@ def results_paths(torch_threads: int) -> tuple[Path, Path]:
     return RESULTS_DIR / f"{name}.md", RESULTS_DIR / f"{name}.json"
 
 
+def bench_tokenizer(path: Path, *, files: int = 150, vocab_size: int = 4096) -> Path:
+    """A BPE tokenizer trained on the first ``files`` stdlib sources, saved to ``path``."""
+    from kdcache.pipeline.cache.corpus import stdlib_files
+    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
+
+    texts = [f.read_text(errors="replace") for f in stdlib_files()[:files]]
+    train_bpe_tokenizer(texts, vocab_size=vocab_size).save_pretrained(path)
+    return path
+
+
 def make_teacher(path: Path, tokenizer_dir: Path, hidden: int, layers: int, vocab: int) -> int:
     """A Llama-style teacher (random weights) with a 32k-vocab head; returns its parameters."""
     import torch
@@ -259,17 +269,13 @@ def main() -> None:
         write_results(raw["meta"], raw["measured"])
         return
 
-    from kdcache.pipeline.cache.corpus import stdlib_files
-    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
-
     started = time.perf_counter()
     facts = machine_line()
     print(facts)
     measured: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        texts = [f.read_text(errors="replace") for f in stdlib_files()[:150]]
-        train_bpe_tokenizer(texts, vocab_size=4096).save_pretrained(work / "tokenizer")
+        bench_tokenizer(work / "tokenizer")
         for size in args.sizes.split(","):
             hidden, layers = (int(x) for x in size.split("x"))
             teacher = work / f"teacher-{size}"

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cache_overhead import make_teacher
+from cache_overhead import bench_tokenizer, make_teacher
 from report import machine_line
 
 PLACEMENTS = ("memory", "half", "disk")
@@ -103,9 +103,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from kdcache.pipeline.cache.corpus import stdlib_files
     from kdcache.pipeline.cache.placement import format_size
-    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
 
     started = time.perf_counter()
     facts = machine_line()
@@ -113,8 +111,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        texts = [f.read_text(errors="replace") for f in stdlib_files()[:150]]
-        train_bpe_tokenizer(texts, vocab_size=4096).save_pretrained(work / "tokenizer")
+        bench_tokenizer(work / "tokenizer")
         for size in args.sizes.split(","):
             hidden, layers = (int(x) for x in size.split("x"))
             teacher = work / f"teacher-{size}"

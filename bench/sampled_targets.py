@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cache_overhead import make_teacher
+from cache_overhead import bench_tokenizer, make_teacher
 from report import machine_line
 
 VARIANTS = ("topk", "sampled", "topk+sampled")
@@ -67,15 +67,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from kdcache.pipeline.cache.corpus import stdlib_files
-    from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
-
     machine = machine_line()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        texts = [f.read_text(errors="replace") for f in stdlib_files()[:200]]
-        train_bpe_tokenizer(texts, vocab_size=512).save_pretrained(work / "tokenizer")
+        bench_tokenizer(work / "tokenizer", files=200, vocab_size=512)
         for size in args.sizes.split(","):
             shape, vocab = size.split(":")
             hidden, layers = (int(x) for x in shape.split("x"))
