@@ -43,7 +43,7 @@ def keep_freed_memory(device: Any, *, large_blocks: bool = True) -> bool:
             up to 32 MiB come from the heap and up to 64 MiB of freed heap is kept (stage one:
             the teacher's attention and MLP activations; its vocab-wide buffers are reused).
 
-    The settings last for the process (and the DataLoader workers it forks afterwards).
+    The settings last for the process (and any process it forks afterwards).
     """
     if getattr(device, "type", str(device)) != "cpu" or not sys.platform.startswith("linux"):
         return False

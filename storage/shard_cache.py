@@ -3,7 +3,7 @@
 ``CACHE/<sha256 of the store URL + endpoint>/<shard name>/<sha256 of its commit record>/<files>``:
 two stores or two versions of a shard never share an entry. An entry is written under a
 temporary name and renamed into place (concurrent fetches: one rename wins), under a per-shard
-``flock`` so the DataLoader workers of a run fetch a shard once. A fetch is checked against the
+``flock``, so the threads and ranks of a run fetch a shard once. A fetch is checked against the
 record (sizes, sha256), retried once, then ``StoreCorrupt``; its files get a fixed mtime, and a
 use re-hashes a file whose mtime changed (written since) — damaged: dropped and fetched again.
 Using an entry touches it; the oldest are evicted to fit the limit, never one in use here.
@@ -96,7 +96,7 @@ class ShardCacheConfig:
 
 @dataclass
 class _Process:
-    """What belongs to one process (a forked DataLoader worker starts its own)."""
+    """What belongs to one process (a forked process starts its own)."""
 
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kdcache-prefetch")

@@ -1,4 +1,4 @@
-"""Loader batches: compact dtypes, collation, a shared-memory ring for workers, device transfer.
+"""Loader batches: compact dtypes, collation, device transfer.
 
 A batch holds ``input_ids`` (B, L) int64, ``labels`` (B, L) int64, ``attention_mask`` (B, L)
 int64, ``loss_mask`` (B, L) int64, and the store's targets in its compact dtypes — a field the
@@ -23,7 +23,7 @@ KD term and metric counts ``loss_mask`` positions.
 ``batch_to_device`` moves a batch and widens ids and counts to int64 on the device.
 
 All fields are views of one flat byte buffer (``batch_layout``), so a batch is one piece of
-memory: one allocation, one shared-memory segment, one weak reference to know when it is free.
+memory: one allocation (page-locked for a CUDA device) and one copy to the device.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, widen_ids
 
@@ -215,7 +214,7 @@ def collate(
     Args:
         sequences: per sequence, numpy arrays in the store's dtypes.
         pad_id: ``input_ids`` value of padding.
-        out: a uint8 buffer to write the batch into (else fresh memory), e.g. a ring slot.
+        out: a uint8 buffer to write the batch into (else fresh memory), e.g. pinned memory.
     """
     layout = layout_of(sequences)
     if out is None:
@@ -251,71 +250,6 @@ def collate(
         if layout.counts:
             _place_samples(a, i, sequence, positions)
     return batch
-
-
-class SharedRing:
-    """Batch buffers in shared memory, reused: DataLoader workers write, the main process reads.
-
-    A fresh shared-memory tensor per batch costs a new shm file, a file descriptor passed
-    between processes per field, and a page fault per 4 KiB on both sides — more than collating
-    the batch. The main process creates this ring before the workers start (they inherit it);
-    worker ``w`` collates into a free slot of row ``w`` and sends only the slot's index. The main
-    process hands out views of the slot and clears its flag once nothing references them
-    (``release``). A worker finding no free slot (the consumer holds many batches) or a batch
-    too large falls back to a one-off buffer, so it never waits for the consumer.
-
-    Args:
-        workers: DataLoader workers.
-        slots: buffers per worker (prefetched batches + those the consumer holds).
-        slot_bytes: bytes per buffer; torch reserves ``workers · slots · slot_bytes`` of shared
-            memory (/dev/shm) at once, about what the prefetched batches took before.
-    """
-
-    def __init__(self, workers: int, slots: int, slot_bytes: int) -> None:
-        storage = torch.UntypedStorage._new_shared(workers * slots * slot_bytes)
-        self.buffers = torch.empty(0, dtype=torch.uint8).set_(storage).view(workers, slots, -1)
-        self.flags = torch.zeros((workers, slots), dtype=torch.int8)  # 1 = in use
-        self.flags.share_memory_()
-        self._held: list[tuple[StorageWeakRef, int, int]] = []  # main process: (ref, w, slot)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # sent to spawned workers before any batch: the main process's bookkeeping stays here
-        return {**self.__dict__, "_held": []}
-
-    def acquire(self, worker: int, nbytes: int) -> tuple[torch.Tensor | None, int]:
-        """Worker side: a free slot's buffer (flagged in use) and its index, or (None, -1)."""
-        flags = self.flags[worker].numpy()
-        free = np.flatnonzero(flags == 0)
-        if nbytes > self.buffers.shape[2] or free.size == 0:
-            return None, -1
-        flags[free[0]] = 1
-        return self.buffers[worker, int(free[0])], int(free[0])
-
-    def batch(self, worker: int, slot: int, layout: Layout, pin: bool) -> dict[str, torch.Tensor]:
-        """Main side: the batch in ``slot`` of ``worker``, tracked until it is dropped.
-
-        The views share a storage of their own (aliasing the slot), whose weak reference tells
-        when the consumer has let go of every view. With ``pin`` the batch is copied to pinned
-        memory and the slot is free at once.
-        """
-        nbytes = batch_layout(layout)[1]
-        flat = torch.from_numpy(self.buffers[worker, slot, :nbytes].numpy())  # own storage
-        if pin:
-            flat = flat.pin_memory()
-            self.flags[worker, slot] = 0
-        else:
-            self._held.append((StorageWeakRef(flat.untyped_storage()), worker, slot))
-        return carve(flat, layout)
-
-    def release(self) -> None:
-        """Main side: free the slots of every batch nothing references any more."""
-        held = []
-        for ref, worker, slot in self._held:
-            if ref.expired():
-                self.flags[worker, slot] = 0
-            else:
-                held.append((ref, worker, slot))
-        self._held = held
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
-"""Which sequence comes when: one global order per epoch, and the rule that deals it to slots.
+"""Which sequence comes when: one global order per epoch, and the rule that deals it to ranks.
 
 **The stream.** Epoch ``e`` of a split of N sequences is one permutation of them,
 ``epoch_order(counts, seed, e)``, a function of (seed, epoch) and the shards' sequence counts
-alone — never of the number of processes or DataLoader workers:
+alone — never of the number of processes or decoding threads:
 
 1. the shards are permuted with ``(seed, epoch)``;
 2. each shard's sequences are permuted and placed shard after shard (shard-sized runs: a reader
@@ -12,21 +12,20 @@ alone — never of the number of processes or DataLoader workers:
 
 The epochs follow each other into one endless stream: position ``p`` holds sequence
 ``order(p // N)[p % N]``. A loader's position is the number of positions consumed — global,
-the same on every rank — so a run resumed with other ranks or workers continues the same stream.
+the same on every rank — so a run resumed with other ranks or threads continues the same stream.
 
-**Slots.** A *slot* is one DataLoader worker of one rank. The stream is cut into global
-micro-batches of B positions (micro-batch ``m`` = positions ``[m·B, (m+1)·B)``), and who reads
-a position depends on that position alone (``Deal``):
+**The deal.** The stream is cut into global micro-batches of B positions (micro-batch ``m`` =
+positions ``[m·B, (m+1)·B)``), and which rank reads a position depends on that position alone
+(``Deal``):
 
 - ``rows`` (training): every rank takes its rows of every micro-batch — rank r of R the offsets
   ``[lo_r, hi_r)``, ``lo_r = r·(B // R) + min(r, B % R)`` (the first ``B % R`` ranks one row
   more) — so one optimizer step sees the same sequences for any R;
 - ``batches`` (eval): rank r takes the whole micro-batches ``m ≡ r (mod R)``, so each is the
-  batch a single process would evaluate.
+  batch a single process would see.
 
-A rank's micro-batches go to its W workers in turn, from the first one still to read (a
-DataLoader asks its workers round-robin, starting with worker 0). Each slot decodes, shard by
-shard, only the shards holding its positions.
+A rank's decoding threads share its reads (``shard_feed.py``): the number of threads never
+changes what is read.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ def epoch_order(
 
 @dataclass(frozen=True)
 class Deal:
-    """How the micro-batches of the stream are dealt to one rank's slots.
+    """How the micro-batches of the stream are dealt to the ranks.
 
     Attributes:
         batch: B, positions per global micro-batch.
@@ -93,11 +92,6 @@ class Deal:
         lo = self.rank * share + min(self.rank, extra)
         return lo, lo + share + (self.rank < extra)
 
-    def local_index(self, start: int) -> int:
-        """How many of this rank's micro-batches lie before stream position ``start``."""
-        first = -(-start // self.batch)  # the first micro-batch starting at or after ``start``
-        return first if self.rows else -(-(first - self.rank) // self.ranks)
-
     def consumed_after(self, micro_batch: int) -> int:
         """The stream position once this rank (and, in lockstep, every rank) has taken
         ``micro_batch``: the end of its micro-batch, or of its round of R micro-batches."""
@@ -105,19 +99,12 @@ class Deal:
             return (micro_batch + 1) * self.batch
         return (micro_batch // self.ranks + 1) * self.ranks * self.batch
 
-    def positions(
-        self, first: int, stop: int, *, start: int, worker: int, workers: int
-    ) -> np.ndarray:
-        """(n,) int64 ascending: the stream positions in ``[first, stop)`` that the slot reads —
-        worker ``worker`` of ``workers`` of this rank, its DataLoader started at ``start``."""
+    def positions(self, first: int, stop: int) -> np.ndarray:
+        """(n,) int64 ascending: the stream positions in ``[first, stop)`` this rank reads."""
         if stop <= first:
             return np.zeros(0, dtype=np.int64)
         b = self.batch
-        # the rank's j-th micro-batch is m = j (rows) or m = rank + j·R (batches); the worker
-        # takes j ≡ j0 + worker (mod W), j0 = the first j at or after ``start``
-        every, phase = (workers, 0) if self.rows else (workers * self.ranks, self.rank)
-        step = 1 if self.rows else self.ranks
-        phase += (self.local_index(start) + worker) % workers * step
+        every, phase = (1, 0) if self.rows else (self.ranks, self.rank)  # the rank's micro-batches
         m_first, m_last = first // b, (stop - 1) // b
         ms = np.arange(m_first + (phase - m_first) % every, m_last + 1, every, dtype=np.int64)
         lo, hi = self.span

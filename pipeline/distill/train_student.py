@@ -352,7 +352,12 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     show_default=True,
     help="Checkpoint every N steps (0: only at the end).",
 )
-@click.option("--workers", default=1, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    help="Threads decoding shards (in this process; 0 = 1).",
+)
 @click.option(
     "--buffer-size",
     default=1024,

@@ -381,7 +381,12 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--together", default=4, show_default=True, help="Candidates trained per data pass.")
-@click.option("--workers", default=1, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    help="Threads decoding shards (in this process; 0 = 1).",
+)
 @click.option(
     "--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps (0: never)."
 )

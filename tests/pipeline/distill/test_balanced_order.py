@@ -1,12 +1,14 @@
-"""One global order for any ranks × workers: exactly once per epoch, slot-independent, elastic.
+"""One global order for any ranks × workers: exactly once per epoch, worker-independent, elastic.
 
-Ranks are simulated in process (one ``TeacherDataset`` per rank, each with real DataLoader
-workers); the real-process check is the torchrun run of test_distributed_training.py, whose
+Ranks are simulated in process (one ``TeacherDataset`` per rank, each with its own decoding
+threads); the real-process check is the torchrun run of test_distributed_training.py, whose
 2-rank losses equal the 1-process run's step by step.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections import Counter
 
 import pytest
@@ -35,7 +37,7 @@ def keys(batch: dict[str, torch.Tensor]) -> list[int]:
 def stream(
     url: str, ranks: int, workers: int, batch: int, micro_batches: int, state: dict | None = None
 ) -> tuple[list[int], dict]:
-    """The global stream of ``micro_batches`` micro-batches read by ``ranks`` × ``workers`` slots
+    """The global stream of ``micro_batches`` micro-batches read by ``ranks`` ranks of ``workers``
     (rank by rank, as the ranks' rows make up each global batch), and the loader state after."""
     per_rank, states = [], []
     for rank in range(ranks):
@@ -53,7 +55,7 @@ def stream(
 
 
 def test_uneven_shards_with_two_workers_read_every_sequence_once_per_epoch(url: str) -> None:
-    # the reported bug: slots with fewer sequences started their next epoch sooner
+    # the reported bug: workers with fewer sequences started their next epoch sooner
     got, state = stream(url, 1, 2, 2, micro_batches=N)  # exactly two epochs
     assert Counter(got) == Counter({k: 2 for k in range(N)})
     assert sorted(got[:N]) == sorted(got[N:]) == list(range(N))
@@ -107,7 +109,7 @@ def test_eval_ranks_get_whole_batches_of_the_single_process_pass(url: str) -> No
             assert [keys(b) for b in limited] == single[:3][rank::world]
 
 
-def test_a_slot_decodes_only_the_shards_it_needs_once_per_epoch(
+def test_a_rank_decodes_only_the_shards_it_needs_once_per_epoch(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = open_store(url)
@@ -123,3 +125,38 @@ def test_a_slot_decodes_only_the_shards_it_needs_once_per_epoch(
     starts = [0, 7, 10, 22]
     needed = {f"train-{next(i for i in range(3) if k < starts[i + 1]):05d}" for k in got}
     assert sorted(decoded) == sorted(needed) and len(got) == len(set(got))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_share_each_decoded_shard_and_hold_few(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # 8 shards, a window mixing neighbours: every shard is decoded once per epoch whatever the
+    # number of workers (before: once per worker that read from it), and few are alive at once
+    lengths = {"train": [[8] * 5 for _ in range(8)]}
+    store = open_store(write_synthetic_store(str(tmp_path / "s"), lengths=lengths))
+    decoded: list[str] = []
+    arrays_read: list = []  # each shard's top-k log-probs: alive while anything else refers to them
+    read = store.read_shard
+
+    def counted(record, **kw):
+        arrays = read(record, **kw)
+        decoded.append(record.name)
+        arrays_read.append(arrays.topk_logprobs)
+        return arrays
+
+    monkeypatch.setattr(store, "read_shard", counted)
+    dataset = TeacherDataset(store, batch_size=4, seed=3, buffer_size=6)
+    loader = TeacherLoader(dataset, num_workers=workers)
+    most = 0
+    for _ in range(2 * 40 // 4):  # two epochs
+        next(loader)
+        gc.collect()
+        # referred to by more than the list and getrefcount's argument: still in memory
+        most = max(most, sum(sys.getrefcount(arrays_read[i]) > 2 for i in range(len(arrays_read))))
+    loader.close()
+    counts = Counter(decoded)  # threads finish out of order; the feed works ahead
+    assert set(counts) == {f"train-{i:05d}" for i in range(8)}
+    assert min(counts.values()) == 2 and sum(counts.values()) <= 16 + workers + 1
+    # in flight (workers + 1) and in use (a window of 6 spans at most 3 shards of 5)
+    assert most <= workers + 1 + 3
