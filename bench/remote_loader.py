@@ -4,7 +4,7 @@
 
 Builds the store of ``bench/loader.py`` (k=64, vocab 32k) on local disk, copies it to moto's S3
 server (a subprocess on 127.0.0.1: nothing leaves the loopback), then times one full pass of the
-stage-two loader (``TeacherLoader``, one epoch, in process and with 1 DataLoader worker) over:
+stage-two loader (``TeacherLoader``, one epoch, with 1 and 2 decoding threads) over:
 the local store; the S3 store with a fresh cache (cold: every shard fetched, the next ones in a
 background thread while the current one is decoded); the S3 store with the cache the cold pass
 left (warm: no fetch; every shard still checked against its record's sha256); and, for scale,
@@ -30,6 +30,7 @@ from loader import VOCAB, K, build_store
 
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
 from kdcache.storage import open_store
+from kdcache.storage.manifest import CODECS
 from kdcache.storage.shard_cache import ShardCacheConfig
 
 ENV = {
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--codec", default="gaps", choices=CODECS)
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "remote_loader.md")
     )
@@ -107,7 +109,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
             local = str(Path(tmp) / "store")
-            build_store(local, args.tokens, args.seq_len, "zarr", args.shards)
+            build_store(local, args.tokens, args.seq_len, "zarr", args.shards, args.codec)
             admin = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
             admin.mkdir("bench")
             started = time.perf_counter()
@@ -117,8 +119,8 @@ def main() -> None:
             probe = open_store(local)
             nbytes, shards = probe.nbytes, len(probe.shards)
             print(f"store: {probe.num_tokens:,} tokens, {shards} shards, {nbytes / 1e6:.1f} MB")
-            one_pass(probe, 0, args.batch_size)  # warm-up: imports, codec set-up, page cache
-            for workers in (0, 1):
+            one_pass(probe, 1, args.batch_size)  # warm-up: imports, codec set-up, page cache
+            for workers in (1, 2):
                 runs: dict[str, list[float]] = {}
                 tokens = 0
                 cache_dir = str(Path(tmp) / f"cache-{workers}")
@@ -137,15 +139,14 @@ def main() -> None:
                         runs.setdefault(what, []).append(seconds)
                 for what, seconds in runs.items():
                     rows.append((what, workers, min(seconds), tokens))
-                    print(f"{what}, {workers} workers: {tokens / min(seconds):,.0f} tokens/s")
+                    print(f"{what}, {workers} threads: {tokens / min(seconds):,.0f} tokens/s")
     finally:
         server.terminate()
         server.wait()
 
     local_rate = {w: t / s for what, w, s, t in rows if what == "local disk"}
     table = [
-        f"| {what} | {'in process' if w == 0 else f'{w} worker'} | {t / s:,.0f} | "
-        f"{t / s / local_rate[w]:.2f} |"
+        f"| {what} | {w} thread{'s' * (w > 1)} | {t / s:,.0f} | {t / s / local_rate[w]:.2f} |"
         for what, w, s, t in rows
     ]
     warm = min(t / s / local_rate[w] for what, w, s, t in rows if what == "S3, warm cache")
@@ -153,7 +154,8 @@ def main() -> None:
         "## Remote loader (`bench/remote_loader.py`)",
         "",
         f"Store: {args.tokens:,} synthetic tokens in {shards} shards ({nbytes / 1e6:.1f} MB, "
-        f"zarr, vocab {VOCAB:,}, k={K}, float16 log-probs, seq_len {args.seq_len}), batch "
+        f"zarr, codec {args.codec}, vocab {VOCAB:,}, k={K}, float16 log-probs, seq_len "
+        f"{args.seq_len}), batch "
         f"{args.batch_size}, one full epoch per figure, best of {args.repeats}. S3: moto's "
         f"server on 127.0.0.1 in a subprocess (uploaded in {upload:.1f} s). Machine: "
         + ", ".join(f"{k} {v}" for k, v in facts.items())
@@ -167,8 +169,8 @@ def main() -> None:
         f"ratio {warm:.2f}). A warm pass fetches nothing: it reads each shard from the cache "
         "directory and checks every file's size against the commit record (a file whose mtime "
         "changed since it was checked is re-hashed), as a local store's read checks sizes. A "
-        "cold pass fetches each shard once (the next two in a background thread while one is "
-        "decoded), checks every file's sha256 and writes the shard to the cache: on this "
+        "cold pass fetches each shard once (the next two in a background thread while the loader "
+        "decodes), checks every file's sha256 and writes the shard to the cache: on this "
         "machine it costs CPU that the decode and moto's Python server (same two cores) also "
         "need, so the cold figure says more about the server and the cores than about a real "
         "object store, and it trails the uncached read by the sha256 and the disk write. "
