@@ -34,6 +34,7 @@ and reads 1 to 5 (docs/architecture.md §3).
 
 from ._arrays import ShardArrays, TeacherSequence
 from ._base import ShardRecord
+from ._shard_writer import ShardWriter
 from .errors import (
     BucketNotFound,
     ShardExists,
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .manifest import make_manifest, manifest_differences, tokenizer_size
 from .reader import Store, open_store, verify_store
-from .writer import ShardWriter, StoreWriter, create_store
+from .writer import StoreWriter, create_store
 
 __all__ = [
     "BucketNotFound",

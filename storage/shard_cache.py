@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -27,6 +26,8 @@ from typing import Any
 
 from ._base import ShardRecord, sha256
 from ._fs import StoreFS
+from ._sizes import format_size
+from ._sizes import parse_size as parse_size  # re-exported: the --cache-limit parser
 from .errors import StoreCorrupt, StoreError
 
 try:
@@ -41,34 +42,10 @@ _TMP = ".tmp-"
 # the mtime of every cached file once it matched its record's sha256: any later write to the
 # file changes its mtime, so a file still carrying it needs only its size checked on use
 _STAMP_NS = 946_684_800 * 10**9  # 2000-01-01
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
 
 
 class ShardCacheError(StoreError):
     """The shard cache cannot be used: its directory is not writable, or its limit is too small."""
-
-
-def parse_size(text: str) -> int:
-    """Bytes of "20GB", "500 MB", "1.5GiB", "4096" (decimal units; "iB": binary)."""
-    match = _SIZE.match(str(text))
-    if match is None:
-        raise ValueError(f"not a size, {text!r}, write bytes with a unit such as 20GB or 512MiB")
-    number, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).upper()
-    scale = _UNITS[unit]
-    if suffix.startswith("I"):
-        if not unit:
-            raise ValueError(f"not a size, {text!r}, write bytes with a unit such as 20GB")
-        scale = 1024 ** (" KMGT".index(unit))
-    return int(number * scale)
-
-
-def format_size(nbytes: int) -> str:
-    """``nbytes`` rounded up to a tenth of its unit (what a limit must be at least)."""
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if nbytes >= scale:
-            return f"{-(-nbytes * 10 // scale) / 10:.1f}{unit}"
-    return f"{nbytes}B"
 
 
 def default_cache_dir() -> str:

@@ -19,38 +19,26 @@ This module is plain Python (no torch import): the settings are checked before a
 
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.pipeline.errors import UserError
+from kdcache.storage.shard_cache import parse_size as parse_bytes
 
 SPLITS = ("pipeline", "tensor")
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
 
 
 def parse_size(text: str, option: str = "--max-memory") -> int:
-    """``"70GiB"``, ``"500MB"``, ``"1.5gb"``, ``"123456"`` -> bytes (> 0)."""
-    match = _SIZE.match(text.lower())
-    if match is None or match.group(2) not in _UNITS:
+    """``"70GiB"``, ``"500MB"``, ``"1.5gb"``, ``"123456"`` -> bytes (> 0), read as every size
+    option reads them (``storage.shard_cache.parse_size``: decimal units, "iB" binary)."""
+    try:
+        size = parse_bytes(text)
+    except ValueError:
         raise UserError(
             f"cannot read {option} {text!r} as a size, give a number with a unit such as "
             "500MB, 70GiB or 1.5TB"
-        )
-    size = int(float(match.group(1)) * _UNITS[match.group(2)])
+        ) from None
     if size < 1:
         raise UserError(f"{option} must be positive, got {text!r}, give a size such as 70GiB")
     return size
