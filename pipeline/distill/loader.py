@@ -41,7 +41,7 @@ from kdcache.pipeline.distill.batches import (
 )
 from kdcache.pipeline.distill.epoch_order import Deal, epoch_order
 from kdcache.pipeline.distill.shard_feed import ShardFeed
-from kdcache.storage import Store, open_store
+from kdcache.storage import ShardArrays, Store, open_store
 
 ORDER_VERSION = 2  # the loader state's meaning; version 1 held per-slot positions
 # what a loader state must share with the loader it is loaded into
@@ -212,7 +212,7 @@ def _batches(ds: TeacherDataset, threads: int, pin: bool) -> Iterator[dict[str, 
     try:
         for epoch in reads:
             left = np.bincount(epoch.shard, minlength=len(ds.records))  # (S,) reads to come
-            held: dict[int, Any] = {}  # decoded shards with reads to come
+            held: dict[int, ShardArrays] = {}  # decoded shards with reads to come
             for shard, local, owner in zip(
                 epoch.shard.tolist(), epoch.local.tolist(), epoch.batch.tolist(), strict=True
             ):
