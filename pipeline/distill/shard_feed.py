@@ -4,7 +4,8 @@ Decoding a shard is C work that releases the GIL (blosc/zstd, numpy lookups and 
 few threads of the training process decode in parallel (2 threads: 2x the tokens/s of one on 2
 cores, bench/loader.py): every shard is decoded once per pass, the decoded arrays are used where
 they are, and nothing crosses a process boundary or /dev/shm. ``ShardFeed`` keeps ``threads + 1``
-shards in flight (all threads busy, one decoded shard ready) and hands them out in order.
+shards in flight (all threads busy, one decoded shard ready), never more than the split has
+shards (a small split would otherwise be decoded epochs ahead), and hands them out in order.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ class ShardFeed:
         store: the open store.
         records: the split's shard records.
         order: shard indices in the order they will be taken; may be endless, read lazily.
-        threads: decoding threads (at least 1).
+        threads: decoding threads (at least 1; at most one per shard of ``records``).
     """
 
     def __init__(
         self, store: Store, records: list[ShardRecord], order: Iterator[int], threads: int
     ) -> None:
         self.store, self.records, self.order = store, records, order
-        self.ahead = max(1, threads) + 1
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode")
+        self.ahead = min(max(1, threads) + 1, max(1, len(records)))
+        threads = min(max(1, threads), self.ahead)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self.queue: deque[tuple[int, Future[ShardArrays]]] = deque()
         self.done = False  # ``order`` is exhausted
 

@@ -160,3 +160,17 @@ def test_workers_share_each_decoded_shard_and_hold_few(
     assert min(counts.values()) == 2 and sum(counts.values()) <= 16 + workers + 1
     # in flight (workers + 1) and in use (a window of 6 spans at most 3 shards of 5)
     assert most <= workers + 1 + 3
+
+
+def test_many_workers_on_a_small_split_do_not_decode_epochs_ahead(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(write_synthetic_store(str(tmp_path / "s"), lengths={"train": [[8] * 3] * 2}))
+    decoded: list[str] = []
+    read = store.read_shard
+    monkeypatch.setattr(store, "read_shard", lambda r, **kw: decoded.append(r.name) or read(r))
+    loader = TeacherLoader(TeacherDataset(store, batch_size=3, seed=1), num_workers=16)
+    for _ in range(2):  # one epoch of 6 sequences
+        next(loader)
+    loader.close()
+    assert len(decoded) <= 2 + 2  # this epoch's 2 shards and at most the next epoch's
