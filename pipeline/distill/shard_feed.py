@@ -1,9 +1,9 @@
 """Decoded shards in the order a rank's batches first need them, decoded ahead by threads.
 
-Decoding a shard is C work that releases the GIL (blosc/zstd, numpy lookups and sums), so a
-few threads of the training process decode in parallel (2 threads: 2x the tokens/s of one on 2
-cores, bench/loader.py): every shard is decoded once per pass, the decoded arrays are used where
-they are, and nothing crosses a process boundary or /dev/shm. ``ShardFeed`` keeps ``threads + 1``
+Decoding a shard is C work that mostly releases the GIL (blosc/zstd, numpy lookups and sums), so
+a few threads of the training process decode in parallel (codec gaps on 2 cores: 2 threads decode
+1.56x the tokens/s of one, bench/loader.py): every shard is decoded once per pass, the decoded
+arrays are used where they are, and nothing crosses a process boundary or /dev/shm. ``ShardFeed`` keeps ``threads + 1``
 shards in flight (all threads busy, one decoded shard ready), never more than the split has
 shards (a small split would otherwise be decoded epochs ahead), and hands them out in order.
 """
