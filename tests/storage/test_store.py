@@ -44,12 +44,13 @@ def make_sequence(rng: np.random.Generator, length: int, vocab: int, k: int = K)
     return tokens, ids, logprobs
 
 
-class StoreTests:
-    """Every backend x filesystem subclass runs all of these."""
+class StoreSuite:
+    """Where a conformance suite's stores go (a fresh local or memory:// URL per store) and the
+    manifest they are made with; each backend x filesystem subclass picks ``backend``/``memory``."""
 
     backend = "zarr"
     memory = False
-    concurrent_shards = 12  # the reader re-reads every shard each round: O(shards²) requests
+    facts: dict[str, Any] = {}  # the suite's own manifest facts (its corpus, targets, mask, ...)
 
     @pytest.fixture(autouse=True)
     def _location(self, tmp_path: Path) -> None:
@@ -70,9 +71,27 @@ class StoreTests:
             "corpus": {"spec": "stdlib", "eval_fraction": 0.1},
             "shard_tokens": 64,
             "codec": "raw",  # the raw layout (its float invariants); gaps: test_store_codec.py
+            **self.facts,
+            **overrides,
         }
-        facts.update(overrides)
         return make_manifest(**facts)
+
+    def targets_manifest(self, targets: str, **overrides: Any) -> dict[str, Any]:
+        """The manifest of a store of ``targets`` (top-k of K, 32 samples, as the kind has)."""
+        sampled = "sampled" in targets
+        kind = {
+            "targets": targets,
+            "top_k": K if "topk" in targets else 0,
+            "samples": 32 if sampled else 0,
+            "sample_seed": 7 if sampled else None,
+        }
+        return StoreSuite.manifest(self, **{**kind, **overrides})  # not a subclass override
+
+
+class StoreTests(StoreSuite):
+    """Every backend x filesystem subclass runs all of these."""
+
+    concurrent_shards = 12  # the reader re-reads every shard each round: O(shards²) requests
 
     def write(self, url: str, sequences: list[tuple[Any, ...]], split: str = "train", **kw: Any):
         writer = create_store(url, self.manifest(**kw))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import zarr
+from test_store import StoreSuite
 from test_store_targets import KINDS, make_targets, rewrite
 
 from kdcache.storage import (
@@ -54,39 +54,13 @@ def masked_sequence(
     return tokens, mask, full, trained_rows(full, mask)
 
 
-class MaskTests:
+class MaskTests(StoreSuite):
     """Every backend subclass runs all of these."""
 
-    backend = "zarr"
-    memory = False
-
-    @pytest.fixture(autouse=True)
-    def _location(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-
-    def new_url(self) -> str:
-        name = f"store-{uuid.uuid4().hex[:12]}"
-        return f"memory://{name}" if self.memory else str(self.tmp_path / name)
+    facts = {"corpus": {"spec": "chat"}, "loss_mask": True}
 
     def manifest(self, targets: str = "topk+sampled", **overrides: Any) -> dict[str, Any]:
-        sampled = "sampled" in targets
-        facts: dict[str, Any] = {
-            "backend": self.backend,
-            "teacher": {"name": "tiny"},
-            "tokenizer": {"sha256": "0" * 64},
-            "vocab_size": 1000,
-            "top_k": K if "topk" in targets else 0,
-            "seq_len": 32,
-            "corpus": {"spec": "chat"},
-            "shard_tokens": 64,
-            "targets": targets,
-            "samples": 32 if sampled else 0,
-            "sample_seed": 7 if sampled else None,
-            "loss_mask": True,
-            "codec": "raw",  # the raw layout (its float invariants); gaps: test_store_codec.py
-        }
-        facts.update(overrides)
-        return make_manifest(**facts)
+        return self.targets_manifest(targets, **overrides)
 
     def write(
         self, targets: str, lengths: list[int], fraction: float = 0.3, **overrides: Any
