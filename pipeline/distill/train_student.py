@@ -354,9 +354,9 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option(
     "--workers",
-    default=1,
+    default=2,
     show_default=True,
-    help="Threads decoding shards (in this process; 0 = 1).",
+    help="Threads decoding shards, in this process (0 = 1; idle when the student is the bottleneck).",
 )
 @click.option(
     "--buffer-size",
