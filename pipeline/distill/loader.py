@@ -46,6 +46,7 @@ from kdcache.storage import ShardArrays, Store, open_store
 ORDER_VERSION = 2  # the loader state's meaning; version 1 held per-slot positions
 # what a loader state must share with the loader it is loaded into
 ORDER_FACTS = ("split", "seed", "shuffle", "buffer_size", "batch_size")
+DATA_WAIT_NOTE = 0.05  # a consumer waiting for batches beyond this share of its time: a note
 
 
 @dataclass(frozen=True)
@@ -311,3 +312,14 @@ def eval_batches(
     if max_batches is None:
         return batches
     return islice(batches, len(range(rank, max_batches, world_size)))
+
+
+def data_wait_note(wall: float, waited: float, steps: int, workers: int) -> str | None:
+    """A note when the student waited for batches more than DATA_WAIT_NOTE of ``wall`` seconds
+    (``waited`` of them) after its first batch, over enough ``steps`` to tell."""
+    if steps < 20 or wall <= 0 or waited / wall <= DATA_WAIT_NOTE:
+        return None
+    return (
+        f"the student waited for data {waited / wall:.0%} of its training time; more threads "
+        f"decoding the store may help, e.g. --workers {2 * max(workers, 1)}"
+    )

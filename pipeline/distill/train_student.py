@@ -43,7 +43,12 @@ from kdcache.pipeline.distill.checks import (
     check_store,
 )
 from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
+from kdcache.pipeline.distill.loader import (
+    TeacherDataset,
+    TeacherLoader,
+    data_wait_note,
+    eval_batches,
+)
 from kdcache.pipeline.distill.losses import LOSSES
 from kdcache.pipeline.distill.run_dir import RUN_FILE, prepare_out, truncate_log
 from kdcache.pipeline.distill.student import build_student, count_parameters, load_store_tokenizer
@@ -216,6 +221,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     start_step, started = trainee.step, time.perf_counter()
     stop_at = min(s["steps"], start_step + s["stop_after"]) if s["stop_after"] else s["steps"]
     data_seconds, tokens_this_run, trained_this_run = 0.0, 0, 0
+    first: tuple[float, float] | None = None  # (seconds, data seconds) up to the first batch
     bar = progress(
         total=s["steps"], initial=start_step, unit="step", disable=not main, dynamic_ncols=True
     )
@@ -227,6 +233,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             micro_batches = [next(train_loader) for _ in range(s["grad_accum"])]
             data_seconds += time.perf_counter() - t0
+            first = first or (time.perf_counter() - started, data_seconds)  # start-up waits
             row = train_step(trainee, micro_batches, accelerator)
             tokens_this_run += int(row["tokens"])
             trained_this_run += int(row["trained_tokens"])
@@ -289,6 +296,9 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
             f"{tokens_this_run:,} tokens{trained} in {wall:.1f} s ({rate:,.0f} tokens/s); "
             f"{quality}; saved to {out}"
         )
+        steady = (wall - first[0], data_seconds - first[1]) if first else (0.0, 0.0)
+        if note := data_wait_note(*steady, trainee.step - start_step, s["workers"]):
+            click.echo(f"Note: {note}", err=True)
     accelerator.wait_for_everyone()
     return metrics
 

@@ -309,3 +309,34 @@ def test_gradient_accumulation_equals_one_big_batch(
     # Adam's first update g / (|g| + eps) amplifies float noise where g ≈ 0: compare in bulk
     diff = max(float((a - b).abs().max()) for a, b in zip(*params, strict=True))
     assert diff < 1e-4  # one update moves weights by ~lr = 1e-2
+
+
+def test_a_student_kept_waiting_for_data_is_told_to_raise_workers(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from kdcache.pipeline.distill import loader
+
+    collate = loader.collate
+    # a slow loader: every batch takes 30 ms to collate, far more than the tiny student's step
+    monkeypatch.setattr(loader, "collate", lambda *a, **kw: time.sleep(0.03) or collate(*a, **kw))
+    argv = ["--store", store, "--out", str(tmp_path / "out"), "--steps", "24", "--eval-every", "0",
+            "--eval-batches", "1", "--student", "tiny", *FAST]  # fmt: skip
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "waited for data" in line]
+    assert len(notes) == 1 and notes[0].startswith("Note: ") and "--workers 4" in notes[0]
+    wait = json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["data_wait_share"]
+    assert wait > 0.05
+
+
+def test_the_data_wait_note_needs_enough_steps_and_waiting() -> None:
+    from kdcache.pipeline.distill.loader import data_wait_note
+
+    assert data_wait_note(10.0, 0.4, 100, 2) is None  # 4%: no note
+    assert data_wait_note(10.0, 5.0, 10, 2) is None  # too few steps to tell
+    assert data_wait_note(0.0, 0.0, 100, 2) is None
+    assert "50%" in data_wait_note(10.0, 5.0, 100, 0) and "--workers 2" in data_wait_note(
+        10.0, 5.0, 100, 0
+    )
