@@ -25,6 +25,12 @@ allow_unfinished_option = click.option(
     help="Use the committed shards of a store whose cache-teacher run did not finish "
     "(default: refuse it).",
 )
+workers_option = click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    help="Threads decoding shards, in this process (0 = 1; idle when the student is the bottleneck).",
+)
 
 
 def check_finished(store: Any, allow_unfinished: bool, doing: str = "training on") -> str | None:

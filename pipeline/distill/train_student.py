@@ -41,6 +41,7 @@ from kdcache.pipeline.distill.checks import (
     check_finished,
     check_settings,
     check_store,
+    workers_option,
 )
 from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
 from kdcache.pipeline.distill.loader import (
@@ -362,12 +363,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     show_default=True,
     help="Checkpoint every N steps (0: only at the end).",
 )
-@click.option(
-    "--workers",
-    default=2,
-    show_default=True,
-    help="Threads decoding shards, in this process (0 = 1; idle when the student is the bottleneck).",
-)
+@workers_option
 @click.option(
     "--buffer-size",
     default=1024,

@@ -34,7 +34,12 @@ from typing import Any
 import click
 import torch
 
-from kdcache.pipeline.distill.checks import allow_unfinished_option, check_finished, check_store
+from kdcache.pipeline.distill.checks import (
+    allow_unfinished_option,
+    check_finished,
+    check_store,
+    workers_option,
+)
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.distill.student import build_student, count_parameters, load_store_tokenizer
@@ -381,12 +386,7 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--together", default=4, show_default=True, help="Candidates trained per data pass.")
-@click.option(
-    "--workers",
-    default=2,
-    show_default=True,
-    help="Threads decoding shards, in this process (0 = 1; idle when the student is the bottleneck).",
-)
+@workers_option
 @click.option(
     "--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps (0: never)."
 )
