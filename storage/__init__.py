@@ -6,6 +6,7 @@ Public API (see docs/architecture.md §3 and §8)::
     store = open_store("/data/store")          # or "memory://s", "s3://bucket/s"
     store.targets, store.has_topk, store.has_samples   # "topk" | "sampled" | "topk+sampled"
     store.has_loss_mask, store.tokenizer_size         # v3: targets at trained positions only
+    store.read_shard(store.shards[0])              # a ShardArrays; sequences=[...]: only those
     for seq in store.iter_sequences(split="train"):
         seq.tokens, seq.loss_mask                     # (L,) int32, (L,) uint8 or None
         seq.trained_positions                         # (T,) int64: position of each target row

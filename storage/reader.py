@@ -26,6 +26,7 @@ from ._base import (
     temporary_target,
 )
 from ._fs import StoreFS
+from ._select import layout_problem, picked_sequences, select_sequences
 from ._stored import decode_fields, stored_dtypes
 from ._validate import check_invariants
 from .errors import StoreCorrupt, StoreError, StoreNotFound
@@ -99,11 +100,13 @@ def decode_shard(
     *,
     check: bool,
     thorough: bool = False,
+    sequences: npt.NDArray[np.int64] | None = None,
 ) -> ShardArrays:
     """Decode ``files`` of ``record`` and check dtypes (always) and invariants (``check``).
 
     ``thorough`` (``verify``): check every decoded value, also those a codec's checked levels
-    and codes already guarantee (a gaps store's top-k rows: sorted, <= 0, ids in range)."""
+    and codes already guarantee (a gaps store's top-k rows: sorted, <= 0, ids in range).
+    ``sequences`` ((s,) ascending): decode only those sequences (``_select.py``)."""
     name = record.name
     if check:
         for rel, info in record.files.items():
@@ -137,6 +140,13 @@ def decode_shard(
             )
     if fields["seq_offsets"].dtype.kind not in "iu":
         raise StoreCorrupt(f"shard {name} has non-integer seq_offsets", shard=name)
+    if sequences is not None:  # the record's counts are checked on the whole shard, here
+        problem = layout_problem(fields, record)
+        if problem is not None:
+            raise StoreCorrupt(
+                f"shard {name} is corrupt: {problem}, run `kdcache verify`", shard=name
+            )
+        fields = select_sequences(fields, sequences)
     fields, raw_topk = decode_fields(fields, layout, check=check, shard=name)
     seq_offsets = fields.pop("seq_offsets").astype(np.int64, copy=False)
     arrays = ShardArrays.from_fields(fields, seq_offsets, name)
@@ -150,7 +160,7 @@ def decode_shard(
             arrays,
             layout=layout,
             raw_topk_logprobs=raw_topk,
-            record=record,
+            record=record if sequences is None else None,
             decoded_by_codec=layout.codec != "raw" and not thorough,
         )
     return arrays
@@ -249,8 +259,15 @@ class Store:
     def shards_of(self, split: str | None = None) -> list[ShardRecord]:
         return [r for r in self.shards if split is None or r.split == split]
 
-    def read_shard(self, shard: ShardRecord | str, *, check: bool = True) -> ShardArrays:
-        """Decode one whole shard: every field of the store's targets kind (see ShardArrays)."""
+    def read_shard(
+        self, shard: ShardRecord | str, *, check: bool = True, sequences: Any = None
+    ) -> ShardArrays:
+        """Decode one shard: every field of the store's targets kind (see ShardArrays); with
+        ``sequences`` (distinct indices, ascending) only those sequences, in that order.
+
+        Raises:
+            ValueError: ``sequences`` are not ascending indices of the shard's sequences.
+        """
         name = shard if isinstance(shard, str) else shard.name
         record = self._by_name.get(name)
         if record is None:
@@ -258,8 +275,9 @@ class Store:
                 f"no committed shard named {name!r} in {self.url}, "
                 f"committed: {len(self.shards)} shards (call refresh() to re-list)"
             )
+        picked = None if sequences is None else picked_sequences(sequences, record.num_sequences)
         files = self.cache.read(record) if self.cache else read_files(self._fs, record)
-        return decode_shard(record, files, self.manifest, check=check)
+        return decode_shard(record, files, self.manifest, check=check, sequences=picked)
 
     def prefetch(self, records: list[ShardRecord]) -> None:
         """Hint: the shards in the order they will be read, so a remote store's cache fetches

@@ -44,6 +44,33 @@ def make_sequence(rng: np.random.Generator, length: int, vocab: int, k: int = K)
     return tokens, ids, logprobs
 
 
+SEQUENCE_FIELDS = ("tokens", "loss_mask", "topk_ids", "topk_logprobs", "topk_tail_logprob",
+                   "sampled_distinct", "sampled_ids", "sampled_counts", "sampled_logprobs")  # fmt: skip
+
+
+def assert_sequences_pick(store: Any) -> None:
+    """Decoding chosen sequences of each shard gives exactly those sequences of the whole shard."""
+    rng = np.random.default_rng(0)
+    for record in store.shards:
+        whole = store.read_shard(record)
+        s = whole.num_sequences
+        half = sorted(rng.choice(s, max(1, s // 2), replace=False).tolist())
+        for picked in ([0], [s - 1], list(range(0, s, 2)), half, list(range(s))):
+            part = store.read_shard(record, sequences=picked)
+            assert part.num_sequences == len(picked), (record.name, picked)
+            for i, j in enumerate(picked):
+                got, want = part.sequence(i), whole.sequence(j)
+                for name in SEQUENCE_FIELDS:
+                    a, b = getattr(got, name), getattr(want, name)
+                    assert (a is None) == (b is None), name
+                    if a is not None:
+                        assert a.dtype == b.dtype, name
+                        np.testing.assert_array_equal(a, b, err_msg=f"{record.name} {j} {name}")
+    for wrong in ([1, 0], [0, 0], [-1], [s], []):
+        with pytest.raises(ValueError, match="ascending distinct indices"):
+            store.read_shard(record, sequences=wrong)
+
+
 class StoreSuite:
     """Where a conformance suite's stores go (a fresh local or memory:// URL per store) and the
     manifest they are made with; each backend x filesystem subclass picks ``backend``/``memory``."""
@@ -540,3 +567,28 @@ def test_unreachable_locations_are_store_errors() -> None:
             with pytest.raises(StoreUnavailable, match=message) as raised:
                 call(url)
             assert url in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_stored_arrays_that_cannot_be_cut_by_sequence_say_why() -> None:
+    from types import SimpleNamespace
+
+    from kdcache.storage._select import layout_problem
+
+    record = SimpleNamespace(num_sequences=2, num_tokens=5, num_trained=None)
+    ids = np.zeros((5, 2), np.uint16)
+    good = {"seq_offsets": np.array([0, 2, 5]), "tokens": np.arange(5), "topk_ids": ids}
+    assert layout_problem(good, record) is None
+    bad = [
+        ({"seq_offsets": np.array([0, 5])}, "record says 2"),
+        ({"seq_offsets": np.array([0, 2, 4])}, "do not span"),
+        ({"seq_offsets": np.array([0, 0, 5])}, "empty or offsets decrease"),
+        ({"topk_ids": ids[:4]}, "4 rows for 5 trained positions"),
+        ({"loss_mask": np.array([1, 0, 2, 1, 1], np.uint8)}, "not one 0/1 per token"),
+    ]
+    for change, message in bad:
+        assert message in layout_problem({**good, **change}, record), message
+    masked = {**good, "loss_mask": np.array([1, 0, 1, 1, 0], np.uint8), "topk_ids": ids[:3]}
+    assert layout_problem(masked, SimpleNamespace(**{**vars(record), "num_trained": 3})) is None
+    assert "record says 4" in layout_problem(
+        masked, SimpleNamespace(**{**vars(record), "num_trained": 4})
+    )

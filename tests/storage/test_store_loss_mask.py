@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import zarr
-from test_store import StoreSuite
+from test_store import StoreSuite, assert_sequences_pick
 from test_store_targets import KINDS, make_targets, rewrite
 
 from kdcache.storage import (
@@ -75,6 +75,13 @@ class MaskTests(StoreSuite):
         return url, seqs
 
     # -- round trip -----------------------------------------------------------------------
+
+    @pytest.mark.parametrize("codec", ["raw", "gaps"])
+    @pytest.mark.parametrize("targets", KINDS)
+    def test_some_sequences_decode_as_in_the_whole_shard(self, targets: str, codec: str) -> None:
+        url, _ = self.write(targets, [20, 1, 32, 9, 14, 3, 25, 7], codec=codec)
+        assert len(open_store(url).shards) > 1
+        assert_sequences_pick(open_store(url))
 
     @pytest.mark.parametrize("targets", KINDS)
     def test_round_trip(self, targets: str) -> None:

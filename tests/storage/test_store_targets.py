@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import zarr
-from test_store import StoreSuite
+from test_store import StoreSuite, assert_sequences_pick
 
 from kdcache.storage import (
     StoreCorrupt,
@@ -101,6 +101,18 @@ class TargetTests(StoreSuite):
         return self.targets_manifest(targets, **overrides)
 
     # -- round trip -----------------------------------------------------------------------
+
+    @pytest.mark.parametrize("codec", ["raw", "gaps"])
+    @pytest.mark.parametrize("targets", KINDS)
+    def test_some_sequences_decode_as_in_the_whole_shard(self, targets: str, codec: str) -> None:
+        rng = np.random.default_rng(3)
+        seqs = [make_targets(rng, n, 1000, targets) for n in [20, 1, 32, 9, 14, 3, 25, 7]]
+        url = self.new_url()
+        with create_store(url, self.manifest(targets, codec=codec)) as writer:
+            for tokens, arrays in seqs:
+                writer.append("train", tokens, **arrays)
+        assert len(open_store(url).shards) > 1
+        assert_sequences_pick(open_store(url))
 
     @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
     @pytest.mark.parametrize("vocab", [1000, 70_000])
