@@ -4,10 +4,11 @@
 back to back in one stream) and ``Deal`` which positions each rank reads, by position alone:
 every sequence once per epoch, the same stream for any number of ranks. The loader's position
 is the number of stream positions consumed (global), so resuming is cheap and elastic. A rank
-decodes whole shards (``Store.read_shard``) in the order its reads first need them, each once
-per pass, ``workers`` at a time in threads of its own process (``shard_feed.py``), and collates
-straight from the decoded shards, which it holds until their last sequence is read: memory is
-a shuffle window plus the shards in flight (``workers + 1``) and in use (two or three).
+decodes the shards its reads need (``Store.read_shard``), in the order first needed, each once
+per pass and only the sequences it reads of it (a rank of R reads ~1/R of every shard),
+``workers`` at a time in threads of its own process (``shard_feed.py``), and collates straight
+from the decoded shards, which it holds until their last sequence is read: memory is a shuffle
+window plus the shards in flight (``workers + 1``) and in use (two or three).
 
 Batches (torch tensors, in the store's compact dtypes — see ``batches.py`` for every field):
 ``input_ids`` (B, L) int64, ``labels`` (B, L) int64 (the next token; -100 at the last position
@@ -54,9 +55,10 @@ class EpochReads:
     """What a rank reads of one epoch from where its pass starts, in stream order (p reads)."""
 
     shard: np.ndarray  # (p,) int64: the shard of each sequence read
-    local: np.ndarray  # (p,) int64: its index inside the shard
+    index: np.ndarray  # (p,) int64: its index among the sequences decoded of its shard
     batch: np.ndarray  # (p,) int64: the global micro-batch it belongs to
     decode: list[int]  # the shards read, in the order first needed
+    picks: list[np.ndarray | None]  # per decoded shard: the sequences read (None: all of them)
 
 
 class TeacherDataset:
@@ -174,20 +176,34 @@ class TeacherDataset:
             ids = order[positions - epoch * n]  # (p,) global sequence indices
             shard = np.searchsorted(self.starts, ids, side="right") - 1  # (p,)
             shards, first_use = np.unique(shard, return_index=True)
+            decode = shards[np.argsort(first_use)].tolist()
+            # the sequences read of each shard: a rank of R reads ~1/R of every shard, and only
+            # those are decoded (``Store.read_shard(sequences=...)``)
+            read, inverse = np.unique(ids, return_inverse=True)  # (u,) ascending, (p,)
+            read_shard = np.searchsorted(self.starts, read, side="right") - 1  # (u,)
+            first_read = np.searchsorted(read_shard, np.arange(len(self.records) + 1))  # (S+1,)
+            picks: list[np.ndarray | None] = []
+            for s in decode:
+                picked = read[first_read[s] : first_read[s + 1]] - self.starts[s]
+                picks.append(None if picked.size == self.counts[s] else picked)
             yield EpochReads(
                 shard=shard,
-                local=ids - self.starts[shard],
+                index=inverse - first_read[shard],
                 batch=positions // self.batch_size,
-                decode=shards[np.argsort(first_use)].tolist(),
+                decode=decode,
+                picks=picks,
             )
             epoch += 1
 
 
-def _decode_order(ds: TeacherDataset, reads: Iterator[EpochReads]) -> Iterator[int]:
-    """The shards to decode, epoch after epoch; tells a remote store's cache each epoch's."""
+def _decode_order(
+    ds: TeacherDataset, reads: Iterator[EpochReads]
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """(shard, the sequences read of it) to decode, epoch after epoch; tells a remote store's
+    cache each epoch's shards."""
     for epoch in reads:
         ds.store.prefetch([ds.records[s] for s in epoch.decode])
-        yield from epoch.decode
+        yield from zip(epoch.decode, epoch.picks, strict=True)
 
 
 def _batches(ds: TeacherDataset, threads: int, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -214,8 +230,8 @@ def _batches(ds: TeacherDataset, threads: int, pin: bool) -> Iterator[dict[str, 
         for epoch in reads:
             left = np.bincount(epoch.shard, minlength=len(ds.records))  # (S,) reads to come
             held: dict[int, ShardArrays] = {}  # decoded shards with reads to come
-            for shard, local, owner in zip(
-                epoch.shard.tolist(), epoch.local.tolist(), epoch.batch.tolist(), strict=True
+            for shard, index, owner in zip(
+                epoch.shard.tolist(), epoch.index.tolist(), epoch.batch.tolist(), strict=True
             ):
                 if owner != micro_batch and pending:
                     yield batch()
@@ -224,7 +240,7 @@ def _batches(ds: TeacherDataset, threads: int, pin: bool) -> Iterator[dict[str, 
                 arrays = held.get(shard)
                 if arrays is None:
                     arrays = held[shard] = feed.next(expected=shard)
-                pending.append(sequence_fields(arrays.sequence(local)))  # views of the shard
+                pending.append(sequence_fields(arrays.sequence(index)))  # views of the shard
                 left[shard] -= 1
                 if not left[shard]:
                     del held[shard]  # freed once the batches holding its views are collated

@@ -2,7 +2,7 @@
 
 Decoding a shard is C work that mostly releases the GIL (blosc/zstd, numpy lookups and sums), so
 a few threads of the training process decode in parallel (codec gaps on 2 cores: 2 threads decode
-1.56x the tokens/s of one, bench/loader.py): every shard is decoded once per pass, the decoded
+1.3-1.6x the tokens/s of one, bench/loader.py): every shard is decoded once per pass, the decoded
 arrays are used where they are, and nothing crosses a process boundary or /dev/shm. ``ShardFeed`` keeps ``threads + 1``
 shards in flight (all threads busy, one decoded shard ready), never more than the split has
 shards (a small split would otherwise be decoded epochs ahead), and hands them out in order.
@@ -14,21 +14,28 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+
 from kdcache.storage import ShardArrays, ShardRecord, Store
 
 
 class ShardFeed:
-    """The shards ``order`` names (indices into ``records``), decoded, one ``next()`` each.
+    """The shards ``order`` names, decoded, one ``next()`` each.
 
     Args:
         store: the open store.
         records: the split's shard records.
-        order: shard indices in the order they will be taken; may be endless, read lazily.
+        order: (index into ``records``, the sequences to decode of it or None for all) in the
+            order they will be taken; may be endless, read lazily.
         threads: decoding threads (at least 1; at most one per shard of ``records``).
     """
 
     def __init__(
-        self, store: Store, records: list[ShardRecord], order: Iterator[int], threads: int
+        self,
+        store: Store,
+        records: list[ShardRecord],
+        order: Iterator[tuple[int, np.ndarray | None]],
+        threads: int,
     ) -> None:
         self.store, self.records, self.order = store, records, order
         self.ahead = min(max(1, threads) + 1, max(1, len(records)))
@@ -39,11 +46,13 @@ class ShardFeed:
 
     def _fill(self) -> None:
         while not self.done and len(self.queue) < self.ahead:
-            shard = next(self.order, None)
-            if shard is None:
+            item = next(self.order, None)
+            if item is None:
                 self.done = True
                 break
-            self.queue.append((shard, self.pool.submit(self.store.read_shard, self.records[shard])))
+            shard, picks = item
+            read = self.pool.submit(self.store.read_shard, self.records[shard], sequences=picks)
+            self.queue.append((shard, read))
 
     def next(self, expected: int) -> ShardArrays:
         """The next shard of the order, which must be ``expected`` (the reader's own plan).

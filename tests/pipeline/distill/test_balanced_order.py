@@ -115,7 +115,9 @@ def test_a_rank_decodes_only_the_shards_it_needs_once_per_epoch(
     store = open_store(url)
     decoded: list[str] = []
     read = store.read_shard
-    monkeypatch.setattr(store, "read_shard", lambda r, **kw: decoded.append(r.name) or read(r))
+    monkeypatch.setattr(
+        store, "read_shard", lambda r, **kw: decoded.append(r.name) or read(r, **kw)
+    )
     # window 1: shards in runs; rank 1 of 4 reads one row in 8 per global batch of 8 — every
     # shard it needs, once
     dataset = TeacherDataset(
@@ -168,7 +170,9 @@ def test_many_workers_on_a_small_split_do_not_decode_epochs_ahead(
     store = open_store(write_synthetic_store(str(tmp_path / "s"), lengths={"train": [[8] * 3] * 2}))
     decoded: list[str] = []
     read = store.read_shard
-    monkeypatch.setattr(store, "read_shard", lambda r, **kw: decoded.append(r.name) or read(r))
+    monkeypatch.setattr(
+        store, "read_shard", lambda r, **kw: decoded.append(r.name) or read(r, **kw)
+    )
     loader = TeacherLoader(TeacherDataset(store, batch_size=3, seed=1), num_workers=16)
     for _ in range(2):  # one epoch of 6 sequences
         next(loader)

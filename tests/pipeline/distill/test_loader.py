@@ -271,3 +271,79 @@ def test_a_topk_batch_has_no_sampled_fields(store_url: str) -> None:
     names = [name for name, *_ in batch_layout(layout)[0]]
     assert names == list(batch) == ["input_ids", "labels", "attention_mask", "loss_mask",
                                     "topk_logprobs", "topk_ids", "topk_tail_logprob"]  # fmt: skip
+
+
+def _rows_of_ranks(store, ranks: int, **kw):
+    """(batch, row, key) of every row of one epoch of each of ``ranks`` ranks' loaders."""
+    for rank in range(ranks):
+        dataset = TeacherDataset(store, infinite=False, rank=rank, world_size=ranks, **kw)
+        for batch in TeacherLoader(dataset, num_workers=2):
+            for i, key in enumerate(_keys(batch)):
+                yield batch, i, key
+
+
+@pytest.mark.parametrize("targets", ["topk", "sampled"])
+def test_each_rank_decodes_only_its_sequences_and_gets_them_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, targets: str
+) -> None:
+    # 3 ranks: each reads a third of every shard's sequences and decodes only those
+    lengths = {"train": [[12] * 9, [12] * 7 + [5], [12] * 8]}
+    url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths, targets=targets, samples=20)
+    store = open_store(url)
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    picked: list[int] = []
+    read = store.read_shard
+    monkeypatch.setattr(
+        store,
+        "read_shard",
+        lambda r, sequences=None, **kw: (
+            picked.append(r.num_sequences if sequences is None else len(sequences))
+            or read(r, sequences=sequences, **kw)
+        ),
+    )
+    seen: list[int] = []
+    for batch, i, key in _rows_of_ranks(store, 3, batch_size=6, seed=3, buffer_size=10):
+        seq = by_key[key]
+        n = len(seq.tokens)
+        np.testing.assert_array_equal(batch["input_ids"][i, :n], seq.tokens)
+        if targets == "topk":
+            np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], seq.topk_logprobs)
+            np.testing.assert_array_equal(batch["topk_ids"][i, :n].long(), seq.topk_ids)
+        else:
+            _assert_samples(batch, i, seq)
+        seen.append(key)
+    assert sorted(seen) == sorted(by_key)  # every sequence once over the ranks
+    assert sum(picked) == len(by_key) and max(picked) < 9  # each rank decoded only its share
+
+
+def test_ranks_of_a_masked_store_get_their_sequences_whole(tmp_path: Path) -> None:
+    from kdcache.storage import create_store, make_manifest
+
+    rng = np.random.default_rng(5)
+    manifest = make_manifest(
+        backend="arrow", teacher={"name": "t"}, tokenizer={"name": "t"}, vocab_size=500, top_k=4,
+        seq_len=16, corpus={"spec": "chat"}, shard_tokens=60, loss_mask=True,
+    )  # fmt: skip
+    url = str(tmp_path / "masked")
+    with create_store(url, manifest) as writer:
+        for key in range(20):
+            n = int(rng.integers(4, 17))
+            mask = rng.random(n) < 0.5
+            mask[-1] = True
+            t = int(mask.sum())
+            ids = np.stack([rng.choice(500, 4, replace=False) for _ in range(t)])
+            logprobs = -np.sort(rng.uniform(0.1, 4.0, (t, 4)), axis=1)
+            tokens = np.concatenate([[key], rng.integers(0, 500, n - 1)])
+            writer.append("train", tokens, ids, logprobs, loss_mask=mask)
+    store = open_store(url)
+    assert len(store.shards) > 2
+    by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
+    seen = []
+    for batch, i, key in _rows_of_ranks(store, 2, batch_size=4, seed=1, buffer_size=5):
+        seq = by_key[key]
+        positions = seq.trained_positions
+        assert batch["loss_mask"][i].nonzero().flatten().tolist() == positions.tolist()
+        np.testing.assert_array_equal(batch["topk_logprobs"][i, positions], seq.topk_logprobs)
+        np.testing.assert_array_equal(batch["topk_ids"][i, positions].long(), seq.topk_ids)
+        seen.append(key)
+    assert sorted(seen) == list(range(20))
