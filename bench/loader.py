@@ -68,10 +68,16 @@ def build_store(
 
 
 def loader_rate(
-    url: str, workers: int, batch_size: int, tokens: int, epochs: int
+    url: str,
+    workers: int,
+    batch_size: int,
+    tokens: int,
+    epochs: int,
+    rank: tuple[int, int] = (0, 1),
 ) -> tuple[float, float, float, int]:
     """Steady-state loader throughput: (first batch s, wall s, CPU s, tokens) over ``epochs``
-    passes over the store (``tokens`` each), timed after a first, untimed pass.
+    passes over the store (``tokens`` each), timed after a first, untimed pass; ``rank`` (r, R):
+    the loader of rank r of R, which reads its rows of every batch (``tokens / R`` a pass).
 
     The first pass is not timed because a shuffle window as large as the store makes the first
     batches decode most shards, work that a window of one epoch would miss; timed over whole
@@ -80,7 +86,9 @@ def loader_rate(
     is what one dedicated core delivers, whatever else the machine is running.
     """
     started = time.perf_counter()
-    loader = TeacherLoader(TeacherDataset(url, batch_size=batch_size), num_workers=workers)
+    dataset = TeacherDataset(url, batch_size=batch_size, rank=rank[0], world_size=rank[1])
+    loader = TeacherLoader(dataset, num_workers=workers)
+    tokens //= rank[1]
     seen = int(next(loader)["attention_mask"].sum())
     first = time.perf_counter() - started
     while seen < tokens:
@@ -138,12 +146,14 @@ def measure(url: str, args: argparse.Namespace) -> dict:
                 label = f"decode only (read_shard), {threads} thread{'s' * (threads > 1)}"
                 runs.append((label, "", m / wall, m / wall / threads, m / cpu))
         rows.append(max(runs, key=lambda row: row[4]))  # the best repeat, by tokens per CPU-second
-    for workers in (1, 2):
+    for workers, rank in ((1, (0, 1)), (2, (0, 1)), (1, (1, 4))):
         label = f"{workers} thread{'s' * (workers > 1)}"
+        if rank[1] > 1:  # reads its rows of every batch, decodes only those sequences
+            label += f", rank {rank[0] + 1} of {rank[1]}"
         runs = []
         for _ in range(args.repeats):
             first, wall, cpu, tokens = loader_rate(
-                url, workers, args.batch_size, args.tokens, args.epochs
+                url, workers, args.batch_size, args.tokens, args.epochs, rank
             )
             per = tokens / wall / workers
             runs.append((f"loader, {label}", f"{first:.2f} s", tokens / wall, per, tokens / cpu))
@@ -171,6 +181,7 @@ def verdict(codec: str, m: dict) -> str:
     workers."""
     (_, _, one_wall, one, one_cpu), (_, _, two_wall, two, two_cpu) = m["rows"][2], m["rows"][3]
     decode_cpu, decode_one, decode_two = m["rows"][0][4], m["rows"][0][2], m["rows"][1][2]
+    ranked_cpu = m["rows"][4][4]  # rank 2 of 4, per token it reads
 
     def met(rate: float) -> str:
         return "met" if rate >= 1e6 else "not met"
@@ -183,8 +194,11 @@ def verdict(codec: str, m: dict) -> str:
         f"({met(two_cpu)} for a dedicated core per thread). Decoding alone "
         f"{decode_cpu:,.0f} tokens per CPU-second ({1e6 / decode_cpu:.2f} µs per token; 2 threads "
         f"decode {decode_two / decode_one:.2f}x the tokens/s of one), the "
-        f"loader adds {1e6 / one_cpu - 1e6 / decode_cpu:.2f} µs; `tiny` student waiting on data "
-        f"**{m['share']:.2%}** of step time ({m['step']:.2f} s/step; target < 2%)."
+        f"loader adds {1e6 / one_cpu - 1e6 / decode_cpu:.2f} µs; rank 2 of 4 (its rows of every "
+        f"batch, only those sequences decoded) {1e6 / ranked_cpu:.2f} µs per token it reads, "
+        f"{one_cpu / ranked_cpu:.2f}x a single rank's (4x if it decoded whole shards); `tiny` "
+        f"student waiting on data **{m['share']:.2%}** of step time ({m['step']:.2f} s/step; "
+        "target < 2%)."
     )
 
 
