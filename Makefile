@@ -40,6 +40,8 @@ READ_STORE = $(or $(STORE),$(shell cat $(LAST_STORE_FILE) 2>/dev/null),artifacts
 TARGETS ?= sampled
 TOPK ?= 32
 SAMPLES ?= 32
+# the temperature the draws are made at: sampled-kl trains at that temperature only
+SAMPLE_TEMPERATURE ?= $(TEMPERATURE)
 SEQLEN ?= 256
 FORMAT ?= zarr
 EVAL_FRACTION ?= 0.02
@@ -68,7 +70,7 @@ STUDENT_ARGS = --store $(READ_STORE) --student $(STUDENT) --steps $(STEPS) --bat
 	--seed $(SEED) $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(ALPHA),--alpha $(ALPHA)) \
 	$(TRAIN_ARGS)
 
-.PHONY: help install teacher cache-teacher train-student compare sweep test lint format \
+.PHONY: help install teacher cache-teacher train-student compare sweep test test-floors lint format \
 	readme bench fidelity fidelity-codec clean distclean
 
 help: ## list targets and variables
@@ -85,6 +87,7 @@ help: ## list targets and variables
 	@echo "  TEACHER_CORPUS=$(TEACHER_CORPUS)  what the default teacher is trained on"
 	@echo "  STORE=$(STORE)  logit store: local path or fsspec URL (s3://...); empty = $(CACHE_STORE) for cache-teacher, the last one written for the others"
 	@echo "  TARGETS=$(TARGETS) (topk|sampled|topk+sampled)  TOPK=$(TOPK)  SAMPLES=$(SAMPLES) (draws per position)"
+	@echo "  SAMPLE_TEMPERATURE=$(SAMPLE_TEMPERATURE)  temperature of the draws (empty = TEMPERATURE, else 1)"
 	@echo "  SEQLEN=$(SEQLEN)  FORMAT=$(FORMAT) (zarr|arrow)"
 	@echo "  MAX_TOKENS=$(MAX_TOKENS)  cap on cached corpus tokens (empty = whole corpus)"
 	@echo "  EVAL_FRACTION=$(EVAL_FRACTION)  share of documents held out (teacher and store agree)"
@@ -116,7 +119,8 @@ $(DEFAULT_TEACHER)/config.json: | install
 cache-teacher: install $(if $(TEACHER),,teacher) ## cache the teacher's soft targets (TARGETS) into STORE (resumable)
 	$(KDCACHE) cache-teacher --teacher $(TEACHER_DIR) --corpus $(CORPUS) --out $(CACHE_STORE) \
 		--targets $(TARGETS) $(if $(filter topk topk+sampled,$(TARGETS)),--top-k $(TOPK)) \
-		$(if $(filter sampled topk+sampled,$(TARGETS)),--samples $(SAMPLES)) \
+		$(if $(filter sampled topk+sampled,$(TARGETS)),--samples $(SAMPLES) \
+			$(if $(SAMPLE_TEMPERATURE),--sample-temperature $(SAMPLE_TEMPERATURE))) \
 		--seq-len $(SEQLEN) --format $(FORMAT) --eval-fraction $(EVAL_FRACTION) \
 		$(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS))
 	@mkdir -p $(dir $(LAST_STORE_FILE)) && echo "$(CACHE_STORE)" > $(LAST_STORE_FILE)
@@ -145,6 +149,23 @@ format: install ## apply ruff's fixes and formatting
 
 test: lint ## lint, then the whole pytest suite (no test collected = failure)
 	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "Error: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
+
+# a venv made anew on every run, so nothing newer than a floor is left from an earlier one
+FLOORS_VENV ?= build/floors-venv
+FLOORS_BIN := $(FLOORS_VENV)/bin
+
+test-floors: ## the tests marked floors, on every dependency at its declared minimum (FLOORS_VENV)
+	rm -rf $(FLOORS_VENV) && $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_BIN)/python .ci/floors.py --extra dev --torch "$(TORCH_CPU)" > $(FLOORS_VENV)/floors.txt
+	@cat $(FLOORS_VENV)/floors.txt
+	$(FLOORS_BIN)/python -m pip install --quiet "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(FLOORS_BIN)/python -m pip install --quiet -r $(FLOORS_VENV)/floors.txt
+	@# --no-deps: the pins stay as they are, and pip check fails if they do not meet kdcache's own
+	$(FLOORS_BIN)/python -m pip install --quiet --no-deps -e .
+	$(FLOORS_BIN)/python -m pip check
+	@status=0; $(FLOORS_BIN)/python -m pytest -m floors $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "Error: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
 

@@ -7,7 +7,7 @@
 - ``search/``: the architecture search, many students from one store (``kdcache sweep``).
 - here: the CLI (``cli.py``, ``__main__.py``), ``verify``/``inspect`` (``store_commands.py``),
   ``ls`` (``catalog.py``) and helpers every stage may use: ``errors``, ``files``,
-  ``host_memory``, ``teacher``, ``logit_head``, ``progress``.
+  ``host_memory``, ``teacher``, ``logit_head``, ``precision``, ``progress``.
 
 Imports: ``cache`` and ``distill`` never import each other; ``search`` builds on ``distill``;
 everything may import ``kdcache.storage`` and the helpers here; only ``cli.py`` imports a

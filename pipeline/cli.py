@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import click
 
+from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.progress import prepare_for_logs
 from kdcache.storage.errors import StoreError
 
@@ -27,6 +30,28 @@ COMMANDS: dict[str, str] = {
     "ls": "kdcache.pipeline.catalog:ls",
 }
 
+# the commands that run models; the store commands need neither torch nor transformers
+MODEL_COMMANDS = ("cache-teacher", "train-student", "sweep", "build-teacher", "compare")
+# pyproject.toml keeps torch>=2.4, but transformers (>=5.23, our floor) turns its PyTorch
+# support off below 2.6: say so in one line instead of failing inside transformers
+TORCH_FLOOR = (2, 6)
+
+
+def check_torch() -> None:
+    """Refuse, in one line, a torch that transformers will not use."""
+    try:
+        found = version("torch")
+    except PackageNotFoundError as e:
+        raise UserError(
+            "torch is not installed, kdcache runs models with it, pip install 'torch>=2.6'"
+        ) from e
+    release = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
+    if release < TORCH_FLOOR:
+        raise UserError(
+            f"torch {'.'.join(map(str, TORCH_FLOOR))} or later is needed (transformers turns "
+            f"PyTorch off below it), found torch {found}, pip install 'torch>=2.6'"
+        )
+
 
 class LazyGroup(click.Group):
     """A click group whose commands are imported on first use."""
@@ -37,6 +62,8 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:
             return super().get_command(ctx, cmd_name)
+        if cmd_name in MODEL_COMMANDS:
+            check_torch()
         module_name, attribute = COMMANDS[cmd_name].split(":")
         try:
             module = importlib.import_module(module_name)

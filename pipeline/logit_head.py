@@ -172,17 +172,86 @@ class ChunkScratch:
         return buffer[: shape[0]]  # (rows, V), contiguous
 
 
+def head_gap(
+    model: Any, head: LogitHead, probe_ids: torch.Tensor, vocab: int | None = None
+) -> tuple[float, float]:
+    """How far ``head`` is from ``model``'s own final-logit transform, both in float32.
+
+    The model's forward runs on ``probe_ids`` (1, P) with its body's hidden states upcast to
+    float32; its output embedding reads them in their own dtype and its output is upcast, so
+    everything after the body but the projection runs in float32. ``head`` then runs on those
+    same hidden states. The body's rounding and the projection are common to both: what differs
+    is what ``head`` repeats (hidden-state scaling, logit scaling, soft-capping), and an error
+    far below a low-precision model's own rounding shows.
+
+    Args:
+        vocab: compare the log-softmax over the first ``vocab`` ids (None: all).
+
+    Returns:
+        The largest log-prob difference, and the largest |logit| of the model's (float32).
+    """
+    seen: list[torch.Tensor] = []  # the body's (1, P, H) hidden states, upcast
+    body_dtype: list[torch.dtype] = []
+
+    def upcast_body(_module: Any, _args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        body_dtype.append(hidden.dtype)
+        seen.append(hidden.float())
+        if isinstance(output, tuple):
+            return (seen[-1], *output[1:])
+        output.last_hidden_state = seen[-1]
+        return output
+
+    def head_input(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0].to(body_dtype[0]), *args[1:])  # the projection as the model runs it
+
+    def head_output(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.float()
+
+    hooks = [
+        model.base_model.register_forward_hook(upcast_body),
+        head.lm_head.register_forward_pre_hook(head_input),
+        head.lm_head.register_forward_hook(head_output),
+    ]
+    try:
+        theirs = model(input_ids=probe_ids, use_cache=False).logits[0].float()  # (P, V)
+        if len(seen) != 1:
+            raise RuntimeError(f"its forward ran the body {len(seen)} times, not once")
+        with head.resident():
+            ours = head(seen[0].to(head.device))[0].float()  # (P, V), the model's call shape
+    finally:
+        for hook in hooks:
+            hook.remove()
+    theirs, ours = theirs.to(ours.device)[:, :vocab], ours[:, :vocab]  # (P, V')
+    a, b = torch.log_softmax(ours, dim=-1), torch.log_softmax(theirs, dim=-1)
+    gap = torch.where(a == b, 0.0, a - b).abs().max()  # equal -inf: no gap (not NaN)
+    return float(gap), float(theirs.abs().max())
+
+
 def split_verdict(
-    model: Any, head: LogitHead, logits: torch.Tensor, largest_error: Callable[[], float]
+    model: Any,
+    head: LogitHead,
+    logits: torch.Tensor,
+    largest_error: Callable[[], float],
+    *,
+    probe_ids: torch.Tensor,
+    vocab: int | None = None,
 ) -> str | None:
     """Does the chunked body + head reproduce ``model``'s own forward? None when it does.
+
+    Two checks: the whole chunked path against the model's forward, within the rounding of the
+    model's dtype; and ``head`` against the model's final-logit transform in float32
+    (``head_gap``), within float32 rounding: a bfloat16 logit near 30 rounds by 0.1, a wrong
+    transform of 0.05 nats must not pass as rounding.
 
     Args:
         model: the causal LM.
         head: its ``LogitHead``.
-        logits: (P, V) the model's own logits on a probe, which set the tolerance.
+        logits: (P, V) the model's own logits on the probe, which set the tolerance.
         largest_error: runs the chunked path on the probe and returns its largest log-prob
             difference from the model's own log-softmax.
+        probe_ids: (1, P) the probe's ids.
+        vocab: the ids the log-probs cover (the tokenizer's; None: every row of the head).
 
     Returns:
         ``None``, or one line saying why the caller must use the model's own forward instead.
@@ -192,11 +261,18 @@ def split_verdict(
     tolerance = 1e-3 + 4 * torch.finfo(dtype).eps * float(logits.abs().max())
     try:
         error = largest_error()
+        gap, largest = head_gap(model, head, probe_ids, vocab)
     except Exception as e:  # an unusual architecture: the body or head cannot be split off
         return f"cannot split {name} into body and head ({e}); using its own forward"
-    if error > tolerance:
+    if not error <= tolerance:  # NaN too
         return (
             f"chunked {head.describe()} differs from {name}'s own forward by {error:.3g} "
             f"(tolerance {tolerance:.3g}); using its own forward"
+        )
+    exact = 1e-3 + 4 * torch.finfo(torch.float32).eps * largest
+    if not gap <= exact:
+        return (
+            f"chunked {head.describe()} differs from {name}'s own final-logit transform by "
+            f"{gap:.3g} in float32 (tolerance {exact:.3g}); using its own forward"
         )
     return None

@@ -240,6 +240,7 @@ def describe(store: str, storage_options: dict[str, Any] | None = None) -> dict[
         "top_k": reader.top_k,
         "samples": reader.samples,
         "sample_seed": m["sample_seed"],
+        "sample_temperature": m["sample_temperature"],  # None without samples
         "seq_len": reader.seq_len,
         "id_dtype": m["id_dtype"],
         "logprob_dtype": m["logprob_dtype"],

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.precision import teacher_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -162,19 +163,14 @@ def open_teacher(name_or_path: str, *, trust_remote_code: bool = False) -> Teach
 
 
 def resolve_dtype(name: str, config: Any, device: torch.device) -> torch.dtype:
-    """``auto`` = the config's dtype on CUDA (bfloat16 when it is unset), float32 on CPU."""
+    """``auto`` = the config's dtype where ``device`` runs it natively, float32 on the CPU
+    (``precision.teacher_dtype``)."""
     if name != "auto":
         return DTYPES[name]
-    if device.type != "cuda":
-        return torch.float32
     wanted = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None)
     if isinstance(wanted, str):
         wanted = DTYPES.get(wanted)
-    if wanted not in (torch.float32, torch.bfloat16, torch.float16):
-        wanted = torch.bfloat16
-    if wanted == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        wanted = torch.float16
-    return wanted
+    return teacher_dtype(wanted, device)
 
 
 def pretrained_target(source: TeacherSource) -> tuple[str, dict[str, Any]]:

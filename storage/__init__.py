@@ -48,7 +48,7 @@ from .errors import (
     StoreUnreachable,
     UnsupportedFormat,
 )
-from .manifest import make_manifest, manifest_differences, tokenizer_size
+from .manifest import make_manifest, manifest_differences, sample_temperature, tokenizer_size
 from .reader import Store, open_store, verify_store
 from .writer import StoreWriter, create_store
 
@@ -73,6 +73,7 @@ __all__ = [
     "make_manifest",
     "manifest_differences",
     "open_store",
+    "sample_temperature",
     "tokenizer_size",
     "verify_store",
 ]

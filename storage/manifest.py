@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ._codec import CODECS as CODECS  # the codec facts, re-exported for the pipeline
 from ._codec import DEFAULT_CODEC as DEFAULT_CODEC
 from ._codec import max_abs_error as max_abs_error
 from ._codec import max_prob_error as max_prob_error
+from ._targets import MAX_SAMPLES as MAX_SAMPLES  # the targets facts, re-exported
+from ._targets import SAMPLE_TEMPERATURE, default_sample_temperature, validate_targets
+from ._targets import TARGETS as TARGETS
+from ._targets import count_dtype_for as count_dtype_for
+from ._targets import has_samples as has_samples
+from ._targets import has_topk as has_topk
+from ._targets import sample_temperature as sample_temperature
 from .errors import StoreCorrupt, UnsupportedFormat
 
 FORMAT_VERSION = 5  # what this kdcache writes
 READABLE_VERSIONS = (1, 2, 3, 4, 5)  # what it opens (docs/architecture.md §3, "Format versions")
 BACKENDS = ("zarr", "arrow")
-TARGETS = ("topk", "sampled", "topk+sampled")
-MAX_SAMPLES = 65535
 LOGPROB_DTYPES = ("float16", "float32", "bfloat16")
 ID_DTYPES = ("uint16", "uint32")
 # version-2 facts and what a version-1 manifest means by them
@@ -67,19 +72,12 @@ def kdcache_version() -> str:
 
 def utc_now() -> str:
     """Current UTC time as ISO 8601 with a trailing Z."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def id_dtype_for(vocab_size: int) -> str:
     """The narrowest unsigned integer type that holds every id of the vocabulary."""
     return "uint16" if vocab_size <= 65536 else "uint32"
-
-
-def count_dtype_for(samples: int) -> str | None:
-    """The narrowest unsigned integer type that holds a count of ``samples`` draws (None for 0)."""
-    if samples == 0:
-        return None
-    return "uint8" if samples <= 255 else "uint16"
 
 
 def later_defaults(version: Any) -> dict[str, Any]:
@@ -93,16 +91,6 @@ def later_defaults(version: Any) -> dict[str, Any]:
         if added > version
         for key, value in facts.items()
     }
-
-
-def has_topk(manifest: dict[str, Any]) -> bool:
-    """True when the store holds top-k targets (``topk`` or ``topk+sampled``)."""
-    return "topk" in str(manifest.get("targets", "topk")).split("+")
-
-
-def has_samples(manifest: dict[str, Any]) -> bool:
-    """True when the store holds sampled targets (``sampled`` or ``topk+sampled``)."""
-    return "sampled" in str(manifest.get("targets", "topk")).split("+")
 
 
 def _tokenizer_size_problem(manifest: dict[str, Any]) -> str | None:
@@ -150,6 +138,7 @@ def make_manifest(
     targets: str = "topk",
     samples: int = 0,
     sample_seed: int | None = None,
+    sample_temperature: float = 1.0,
     loss_mask: bool = False,
     codec: str = DEFAULT_CODEC,
     extra: dict[str, Any] | None = None,
@@ -163,6 +152,8 @@ def make_manifest(
         top_k: k of the top-k targets; 0 when ``targets`` is "sampled".
         samples: draws N per position (1..65535) for sampled targets; 0 otherwise.
         sample_seed: the seed of the draws; required for sampled targets, else None.
+        sample_temperature: T_s > 0: the draws come from ``p^(1/T_s)``, normalized (ignored
+            without samples: the manifest's fact is then null).
         loss_mask: True: every sequence carries a per-position ``loss_mask`` and targets are
             stored only at its trained positions (docs/architecture.md §3, "Loss mask").
         codec: how log-probs and top-k ids are stored: "raw" (``logprob_dtype`` floats) or
@@ -181,6 +172,7 @@ def make_manifest(
         "top_k": top_k,
         "samples": samples,
         "sample_seed": sample_seed,
+        SAMPLE_TEMPERATURE: sample_temperature if has_samples({"targets": targets}) else None,
         "logprob_dtype": logprob_dtype,
         "id_dtype": id_dtype_for(vocab_size) if isinstance(vocab_size, int) else "uint32",
         "count_dtype": (
@@ -262,7 +254,7 @@ def validate_manifest(
     problem = _tokenizer_size_problem(manifest)
     if problem is not None:
         raise error(f"{where} {problem}")
-    _validate_targets(manifest, where, error)
+    validate_targets(manifest, where, error)
     _validate_codec(manifest, where, error)
     if manifest["logprob_dtype"] not in LOGPROB_DTYPES:
         raise error(
@@ -277,44 +269,6 @@ def validate_manifest(
             f"vocab {manifest['vocab_size']}, recreate the store"
         )
     return checked
-
-
-def _validate_targets(manifest: dict[str, Any], where: str, error: type[Exception]) -> None:
-    """The targets kind and the facts that follow from it: top_k, samples, seed, count dtype."""
-    targets, top_k, samples = manifest["targets"], manifest["top_k"], manifest["samples"]
-    if targets not in TARGETS:
-        raise error(f"{where} targets unknown, {targets!r}, use one of {', '.join(TARGETS)}")
-    if has_topk(manifest):
-        if not 1 <= top_k <= manifest["vocab_size"]:
-            raise error(
-                f"{where} top_k must be in 1..vocab_size ({manifest['vocab_size']}) for "
-                f"{targets} targets, {top_k}, fix top_k"
-            )
-    elif top_k != 0:
-        raise error(f"{where} top_k must be 0 for {targets} targets, {top_k}, set top_k=0")
-    seed, count_dtype = manifest.get("sample_seed"), manifest.get("count_dtype")
-    if not has_samples(manifest):
-        if samples != 0 or seed is not None or count_dtype is not None:
-            raise error(
-                f"{where} samples/sample_seed/count_dtype must be 0/null/null for {targets} "
-                f"targets, {samples}/{seed!r}/{count_dtype!r}, use targets=topk+sampled to sample"
-            )
-        return
-    if not 1 <= samples <= MAX_SAMPLES:
-        raise error(
-            f"{where} samples must be in 1..{MAX_SAMPLES} for {targets} targets, {samples}, "
-            "fix samples"
-        )
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise error(
-            f"{where} sample_seed must be an integer for {targets} targets, {seed!r}, "
-            "pass sample_seed"
-        )
-    if count_dtype not in ("uint8", "uint16") or (count_dtype == "uint8" and samples > 255):
-        raise error(
-            f"{where} count_dtype does not fit {samples} samples, {count_dtype!r}, "
-            "recreate the store"
-        )
 
 
 def _validate_codec(manifest: dict[str, Any], where: str, error: type[Exception]) -> None:
@@ -356,6 +310,7 @@ def manifest_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> li
     for manifest, out in ((existing, a), (wanted, b)):
         # compared as read: an older version with the later versions' facts filled in
         manifest = {**later_defaults(manifest.get("format_version")), **manifest}
+        manifest.setdefault(SAMPLE_TEMPERATURE, default_sample_temperature(manifest))
         _flatten({k: v for k, v in manifest.items() if k not in IGNORED_FACTS}, "", out)
     lines = []
     for key in sorted(set(a) | set(b)):

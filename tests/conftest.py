@@ -121,6 +121,7 @@ def write_synthetic_store(
     seed: int = 0,
     targets: str = "topk",
     samples: int = 32,
+    sample_temperature: float = 1.0,
     logprob_dtype: str = "float16",
     finished: bool = True,
 ) -> str:
@@ -130,7 +131,8 @@ def write_synthetic_store(
     distribution puts most mass on that next token, so a student can learn something. Top-k rows
     are a real full-vocabulary log-softmax's top-k, sorted descending, with the exact tail mass;
     sampled targets (``targets`` "sampled" or "topk+sampled") are ``samples`` draws from that
-    softmax with their exact log-probs (``top_k`` is ignored for "sampled"). Sequence s of split
+    softmax at ``sample_temperature`` with their exact log-probs at T = 1 (``top_k`` is ignored
+    for "sampled"). Sequence s of split
     ``x`` starts with token ``s`` mod vocab, so tests can recognise sequences by their first
     token and shard. ``finished``: marked finished, as cache-teacher leaves a complete store
     (False: as a killed or running cache-teacher leaves it; train-student needs
@@ -161,6 +163,7 @@ def write_synthetic_store(
         targets=targets,
         samples=samples if with_samples else 0,
         sample_seed=seed if with_samples else None,
+        sample_temperature=sample_temperature,
     )
     writer = create_store(url, manifest)
     if tokenizer_dir is not None:
@@ -194,7 +197,7 @@ def write_synthetic_store(
                             topk_tail_logprob=tail,
                         )
                     if with_samples:
-                        probs = np.exp(logprobs)
+                        probs = np.exp(logprobs / sample_temperature)
                         drawn = rng.multinomial(samples, probs / probs.sum(-1, keepdims=True))
                         rows, cols = np.nonzero(drawn)  # (M,) each; ids ascending per row
                         arrays.update(
@@ -289,3 +292,24 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     for key, value in s3_environment(s3_server).items():
         monkeypatch.setenv(key, value)
     return create_bucket(s3_server)
+
+
+def cache_small_store(
+    tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, corpus_texts: list[str]
+) -> Path:
+    """A small top-8 store with an eval split, cached by ``teacher_dir`` from 8 documents."""
+    from kdcache.pipeline.cli import main
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(corpus_texts[:8]):
+        (corpus / f"doc{i:02d}.txt").write_text(text[:2000], encoding="utf-8")
+    out = tmp_path_factory.mktemp("stores") / "store"
+    try:
+        main([
+            "cache-teacher", "--teacher", str(teacher_dir), "--corpus", str(corpus),
+            "--out", str(out), "--top-k", "8", "--seq-len", "32", "--eval-fraction", "0.3",
+            "--shard-tokens", "2048",
+        ])  # fmt: skip
+    except SystemExit as e:
+        assert e.code in (0, None)
+    return out

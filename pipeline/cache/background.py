@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from kdcache.pipeline.cache.targets import RAGGED
+from kdcache.pipeline.cache.row_targets import RAGGED
 
 T = TypeVar("T")
 _POLL = 0.1  # seconds between checks of the other side's health
@@ -144,7 +144,7 @@ def to_host(*tensors: torch.Tensor) -> tuple[Any, ...]:
 def split_sequences(
     arrays: dict[str, np.ndarray], rows_per_sequence: Sequence[int]
 ) -> Iterator[dict[str, np.ndarray]]:
-    """A batch's targets (see ``targets.RowTargets``), one sequence at a time, as views.
+    """A batch's targets (see ``row_targets.RowTargets``), one sequence at a time, as views.
 
     Args:
         arrays: per-row fields of R = sum(rows_per_sequence) rows ((R, k) or (R,)), and the

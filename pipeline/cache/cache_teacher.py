@@ -111,7 +111,7 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         corpus=corpus,
         shard_tokens=s.shard_tokens,
         loss_mask=masked,
-        **s.target_facts,  # targets, top_k, samples, sample_seed, codec
+        **s.target_facts,  # targets, top_k, samples, sample_seed, sample_temperature, codec
     )
     # an existing store must agree before the teacher loads (which can take minutes)
     open_store_on_all_ranks(accelerator, s, manifest, tokenizer, create=False)
@@ -262,6 +262,13 @@ def compute_shards(
     show_default=True,
     help="Seed of the draws; each position's draws depend only on it and the position.",
 )
+@click.option(
+    "--sample-temperature",
+    default=1.0,
+    show_default=True,
+    help="Draw from the teacher at this temperature T (p^(1/T), normalized); sampled-kl then "
+    "trains at --temperature T only. The stored log-probs stay those at T = 1.",
+)
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per teacher input.")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per forward.")
 @click.option(
@@ -278,7 +285,8 @@ def compute_shards(
     "--dtype",
     default="auto",
     show_default=True,
-    help="auto (config dtype on CUDA, float32 on CPU), float32, bfloat16 or float16.",
+    help="auto (the config's dtype on a GPU that runs it natively: bfloat16 becomes float16 "
+    "before CUDA compute capability 8.0; float32 on CPU), float32, bfloat16 or float16.",
 )
 @click.option(
     "--devices-per-teacher",
@@ -353,7 +361,7 @@ def command(format_: str, **options: Any) -> None:
     ctx = click.get_current_context()
     explicit = frozenset(
         name
-        for name in ("top_k", "samples", "sample_seed", "train_on")
+        for name in ("top_k", "samples", "sample_seed", "sample_temperature", "train_on")
         if ctx.get_parameter_source(name)
         not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
     )

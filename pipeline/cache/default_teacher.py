@@ -41,6 +41,7 @@ from kdcache.pipeline.cache.corpus import (
 from kdcache.pipeline.cache.packing import pack_sequences
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.pipeline.precision import native_bf16
 from kdcache.pipeline.progress import progress
 
 METADATA_FILE = "kdcache_teacher.json"
@@ -234,7 +235,7 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, warmup, s["steps"])
     )
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = native_bf16(device)  # not the emulated bfloat16 of a T4 or V100
 
     # 3. the training loop: seeded shuffles of the packed sequences, epoch after epoch
     generator = torch.Generator().manual_seed(s["seed"])

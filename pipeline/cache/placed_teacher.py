@@ -365,6 +365,7 @@ def load_teacher(
                     s.stored_samples,
                     s.sample_seed,
                     chunk_tokens=s.chunk_tokens,
+                    sample_temperature=s.sample_temperature,
                     real_vocab=real_vocab if real_vocab < source.vocab_size else None,
                 )
                 notes.append(targets.self_check(probe_ids))

@@ -1,5 +1,6 @@
-"""Sampled teacher targets: N draws per position from the full-vocabulary softmax, kept as
-distinct ids with counts (an unbiased estimate of the teacher; docs/architecture.md §3).
+"""Sampled teacher targets: N draws per position from the full-vocabulary softmax at the store's
+sample temperature, kept as distinct ids with counts (an unbiased estimate of that tempered
+teacher; docs/architecture.md §3).
 
 Draws are deterministic per position. Draw j of the position with key (split, shard index,
 sequence index in the shard, t) uses a uniform number that is a counter-based hash of
@@ -98,18 +99,24 @@ def position_keys(
     return keys
 
 
-def draw(logprobs: torch.Tensor, u: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+def draw(
+    logprobs: torch.Tensor, u: torch.Tensor, cdf: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Inverse-CDF sampling: the first id whose cumulative probability exceeds u * total.
 
     Args:
         logprobs: (C, V) float32 log-softmax rows.
         u: (C, N) float64 uniforms in [0, 1).
         cdf: (C, V) float64 scratch, overwritten with the rows' cumulative probabilities.
+        temperature: T > 0: draw from ``p^(1/T)``, normalized (the tempered teacher).
 
     Returns:
         (C, N) int64 ids. An id of probability 0 is never drawn: its cdf equals the one before.
     """
-    cdf.copy_(logprobs).exp_().cumsum_(-1)  # (C, V), in place: no vocab-wide temporary
+    cdf.copy_(logprobs)  # (C, V), in place from here on: no vocab-wide temporary
+    if temperature != 1.0:  # exp((l − max l) / T): the total cannot underflow, even for small T
+        cdf.sub_(cdf.amax(-1, keepdim=True)).div_(temperature)
+    cdf.exp_().cumsum_(-1)
     threshold = u * cdf[:, -1:]  # (C, N) in [0, total): u < 1 and float64 rounding keeps it below
     ids = torch.searchsorted(cdf, threshold, right=True)  # (C, N)
     return ids.clamp_(max=cdf.shape[-1] - 1)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class CacheSettings:
     targets: str = "topk"
     samples: int = 32
     sample_seed: int = 0
+    sample_temperature: float = 1.0  # draws from the teacher's p^(1/T), normalized
     packing: str = "auto"
     train_on: str = "assistant"
     codec: str = DEFAULT_CODEC  # how the store keeps log-probs and ids (storage/_codec.py)
@@ -64,7 +66,8 @@ class CacheSettings:
     offload_dir: str | None = None  # where offloaded weights of non-safetensors checkpoints go
     chunk_tokens: int | None = None  # rows of vocab-wide floats at a time; None = 128 MiB worth
     storage_options: dict[str, Any] | None = None  # fsspec options of --out (--storage-options)
-    # options given on the command line (not defaults): top_k, samples, sample_seed, train_on
+    # options given on the command line (not defaults): top_k, samples, sample_seed,
+    # sample_temperature, train_on
     explicit: frozenset[str] = frozenset()
 
     def resolved_packing(self, kind: str) -> str:
@@ -99,6 +102,7 @@ class CacheSettings:
             "top_k": self.stored_top_k,
             "samples": self.stored_samples,
             "sample_seed": self.sample_seed if self.wants_samples else None,
+            "sample_temperature": self.sample_temperature,  # null in the manifest without samples
             "codec": self.codec,
         }
 
@@ -170,7 +174,8 @@ def check_placement(s: CacheSettings) -> None:
 
 
 def check_targets(s: CacheSettings) -> None:
-    """--targets and the options that belong to it: --top-k, --samples, --sample-seed."""
+    """--targets and the options that belong to it: --top-k, --samples, --sample-seed,
+    --sample-temperature."""
     if s.targets not in TARGETS:
         raise UserError(f"unknown --targets, {s.targets}, use one of {', '.join(TARGETS)}")
     if not s.wants_topk and "top_k" in s.explicit:
@@ -181,6 +186,7 @@ def check_targets(s: CacheSettings) -> None:
     for name, option, value in (
         ("samples", "--samples", s.samples),
         ("sample_seed", "--sample-seed", s.sample_seed),
+        ("sample_temperature", "--sample-temperature", s.sample_temperature),
     ):
         if not s.wants_samples and name in s.explicit:
             raise UserError(
@@ -201,6 +207,11 @@ def check_targets(s: CacheSettings) -> None:
             raise UserError(
                 f"--sample-seed must be in [0, 2**64), got {s.sample_seed}, pass a non-negative "
                 "integer"
+            )
+        if not (math.isfinite(s.sample_temperature) and s.sample_temperature > 0):
+            raise UserError(
+                f"--sample-temperature must be a positive number, got {s.sample_temperature}, "
+                "pass the temperature the students will train at, e.g. 1.0"
             )
 
 

@@ -13,11 +13,12 @@ when they disagree, e.g. for a remote-code model with a final-logit transform we
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kdcache.pipeline.cache.row_targets import RowTargets
 from kdcache.pipeline.cache.sampling import (
     distinct_counts,
     draw,
@@ -31,110 +32,11 @@ from kdcache.pipeline.logit_head import (
     split_verdict,
 )
 
-RAGGED = ("sampled_ids", "sampled_counts", "sampled_logprobs")  # sampled_distinct[r] per row
-
-
-@dataclass
-class RowTargets:
-    """The targets of R token rows, on one device; fields the targets kind lacks are ``None``.
-
-    Sampled entries are ragged: row r owns ``sampled_distinct[r]`` consecutive entries, rows in
-    order, so the first M = ``sampled_distinct.sum()`` entries of the sampled buffers hold them.
-    The buffers are sized for the worst case (R * min(N, V) + 1; the last entry takes writes that
-    go nowhere), so they are filled without asking the device for M: no host sync.
-    """
-
-    topk_ids: torch.Tensor | None = None  # (R, k) int32
-    topk_logprobs: torch.Tensor | None = None  # (R, k) float32, sorted descending
-    topk_tail_logprob: torch.Tensor | None = None  # (R,) float32, log of the mass outside
-    sampled_distinct: torch.Tensor | None = None  # (R,) int32, >= 1
-    sampled_ids: torch.Tensor | None = None  # (capacity,) int32, ascending per row
-    sampled_counts: torch.Tensor | None = None  # (capacity,) int32, a row's sum to N
-    sampled_logprobs: torch.Tensor | None = None  # (capacity,) float32
-    filled: torch.Tensor | None = None  # () int64 on the device: sampled entries written so far
-
-    @classmethod
-    def empty(
-        cls, rows: int, top_k: int, samples: int, vocab: int, device: torch.device
-    ) -> RowTargets:
-        out = cls()
-        if top_k:
-            out.topk_ids = torch.empty((rows, top_k), dtype=torch.int32, device=device)
-            out.topk_logprobs = torch.empty((rows, top_k), dtype=torch.float32, device=device)
-            out.topk_tail_logprob = torch.empty(rows, dtype=torch.float32, device=device)
-        if samples:
-            capacity = rows * min(samples, vocab) + 1
-            out.sampled_distinct = torch.empty(rows, dtype=torch.int32, device=device)
-            # only the first M entries are ever written or read: no need to touch the rest
-            out.sampled_ids = torch.empty(capacity, dtype=torch.int32, device=device)
-            out.sampled_counts = torch.empty(capacity, dtype=torch.int32, device=device)
-            out.sampled_logprobs = torch.empty(capacity, dtype=torch.float32, device=device)
-            out.filled = torch.zeros((), dtype=torch.int64, device=device)
-        return out
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        """The stored fields that this targets kind has, by name (``filled`` is not one)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "filled" and getattr(self, f.name) is not None
-        }
-
-    def compact(self, logprob_dtype: torch.dtype, samples: int) -> RowTargets:
-        """The same targets in the dtypes that travel to the host: log-probs in the store's
-        float type, counts as uint8 when N <= 255. On the CPU, where M costs no device sync,
-        the sampled buffers are cut to their M entries first."""
-        count_dtype = torch.uint8 if samples <= 255 else torch.int32
-        casts = {"topk_logprobs": logprob_dtype, "sampled_logprobs": logprob_dtype}
-        casts |= {"sampled_distinct": count_dtype, "sampled_counts": count_dtype}
-        arrays = self.arrays()
-        if self.filled is not None and self.filled.device.type == "cpu":
-            m = int(self.filled)
-            arrays |= {name: arrays[name][:m] for name in RAGGED}
-        return RowTargets(
-            **{name: values.to(casts.get(name, values.dtype)) for name, values in arrays.items()}
-        )
-
-    def put_samples(
-        self,
-        at: slice,
-        distinct: torch.Tensor,
-        unique: torch.Tensor,
-        counts: torch.Tensor,
-        logprobs: torch.Tensor,
-    ) -> None:
-        """Append the draws of rows ``at`` (C rows, in order after the rows before them):
-        distinct (C,), and unique ids, counts and log-probs (C, N) left-aligned."""
-        assert self.sampled_distinct is not None and self.filled is not None
-        assert self.sampled_ids is not None
-        n = unique.shape[1]
-        column = torch.arange(n, device=unique.device)  # (N,)
-        ends = distinct.cumsum(0)  # (C,) inclusive
-        target = self.filled + (ends - distinct)[:, None] + column  # (C, N)
-        spill = self.sampled_ids.shape[0] - 1
-        target = torch.where(column < distinct[:, None], target, spill)
-        for buffer, values in (
-            (self.sampled_ids, unique),
-            (self.sampled_counts, counts),
-            (self.sampled_logprobs, logprobs),
-        ):
-            assert buffer is not None
-            buffer.index_copy_(0, target.view(-1), values.reshape(-1).to(buffer.dtype))
-        self.sampled_distinct[at] = distinct
-        self.filled += ends[-1]
-
-    def put_topk(
-        self, at: slice, values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor
-    ) -> None:
-        """The top-k of rows ``at``: log-probs and ids (C, k), the tail's log-mass (C,)."""
-        assert self.topk_ids is not None and self.topk_logprobs is not None
-        assert self.topk_tail_logprob is not None
-        self.topk_logprobs[at], self.topk_ids[at], self.topk_tail_logprob[at] = values, ids, tail
-
 
 @dataclass
 class TargetSpec:
-    """What to compute per position: top-k (k > 0) and/or N draws (N > 0) with a seed."""
+    """What to compute per position: top-k (k > 0) and/or N draws (N > 0) with a seed, from the
+    teacher at ``temperature`` (the log-probs stored beside them stay those at T = 1)."""
 
     top_k: int = 0
     samples: int = 0
@@ -142,6 +44,7 @@ class TargetSpec:
     # ids the tokenizer can produce; rows of a padded embedding beyond them are masked out of
     # the softmax (probability 0: never in the top-k, never drawn). None: every row is real.
     real_vocab: int | None = None
+    temperature: float = 1.0
 
 
 def chunked_targets(
@@ -197,7 +100,8 @@ def chunked_targets(
             assert keys is not None, "sampling needs the rows' position keys"
             u = uniforms(spec.seed, keys[start:stop], spec.samples)  # (C, N) float64
             cdf = scratch.get("cdf", chunk, tuple(chunk.shape), torch.float64)  # (C, V)
-            distinct, unique, counts = distinct_counts(draw(chunk, u, cdf))  # (C,), (C, N) x 2
+            ids = draw(chunk, u, cdf, spec.temperature)  # (C, N)
+            distinct, unique, counts = distinct_counts(ids)  # (C,), (C, N) x 2
             out.put_samples(at, distinct, unique, counts, chunk.gather(-1, unique))
         if spec.top_k:  # last: it overwrites the chunk
             out.put_topk(at, *topk_and_tail(chunk, spec.top_k))
@@ -249,6 +153,7 @@ class TeacherTargets:
         chunk_tokens: rows per chunk of the vocab-wide computation (default: 128 MiB of scratch).
         real_vocab: the tokenizer's size when the embedding is padded beyond it (those rows get
             probability 0); None when every row is a real id.
+        sample_temperature: T > 0, the draws come from the teacher at T.
     """
 
     def __init__(
@@ -259,10 +164,11 @@ class TeacherTargets:
         seed: int = 0,
         chunk_tokens: int | None = None,
         real_vocab: int | None = None,
+        sample_temperature: float = 1.0,
     ) -> None:
         assert top_k or samples, "nothing to compute"
         self.model = model
-        self.spec = TargetSpec(top_k, samples, seed, real_vocab)
+        self.spec = TargetSpec(top_k, samples, seed, real_vocab, sample_temperature)
         self.head = logit_head(model)
         weight = self.head.lm_head.weight
         vocab, itemsize = int(weight.shape[0]), weight.element_size()
@@ -373,6 +279,8 @@ class TeacherTargets:
             lambda: _largest_error(
                 self._chunked(probe_ids, keys, None), reference, self.spec.top_k
             ),
+            probe_ids=probe_ids,
+            vocab=real,
         )
         self.use_model_forward = note is not None
         return note

@@ -9,6 +9,7 @@ same lines.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
@@ -17,7 +18,9 @@ from kdcache.pipeline.distill.divergences import SAMPLED_LOSSES, TOPK_LOSSES
 from kdcache.pipeline.distill.live_teacher import ONLINE_LOSSES
 from kdcache.pipeline.distill.losses import resolve_loss
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.precision import PRECISIONS
 from kdcache.pipeline.store_commands import describe_committed
+from kdcache.storage import sample_temperature
 
 allow_unfinished_option = click.option(
     "--allow-unfinished",
@@ -30,6 +33,16 @@ workers_option = click.option(
     default=2,
     show_default=True,
     help="Threads decoding shards, in this process (0 = 1; idle when the student is the bottleneck).",
+)
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    metavar="PRECISION",
+    default="auto",
+    show_default=True,
+    help="Autocast of training and eval: no (float32), bf16, fp16 or auto = accelerate launch's "
+    "--mixed_precision if given, else bf16 on GPUs that run it natively (CUDA 8.0+), fp16 on older "
+    "CUDA GPUs, no on the CPU and MPS (docs/architecture.md §5).",
 )
 
 
@@ -65,19 +78,30 @@ def check_settings(s: dict[str, Any]) -> None:
             raise UserError(f"{flag} must be 0 or more, got {s[name]}, pass 0 or a positive number")
     if not s["lr"] > 0:
         raise UserError(f"--lr must be positive, got {s['lr']}, use e.g. 1e-3")
-    if not s["temperature"] > 0:
-        raise UserError(f"--temperature must be positive, got {s['temperature']}, use e.g. 1.0")
+    if not (math.isfinite(s["temperature"]) and s["temperature"] > 0):
+        raise UserError(
+            f"--temperature must be a positive number, got {s['temperature']}, use e.g. 1.0"
+        )
     if not 0.0 <= s["alpha"] <= 1.0:
         raise UserError(f"--alpha must be between 0 and 1, got {s['alpha']}, use e.g. 0.5")
 
 
-def check_store(store: Any, loss: str, *, online: bool = False) -> str:
+def check_store(
+    store: Any,
+    loss: str,
+    *,
+    online: bool = False,
+    temperature: float | None = None,
+    candidate: str | None = None,
+) -> str:
     """The store must hold training data and the targets ``loss`` needs; returns the loss to use.
 
     ``auto`` resolves to ``sampled-kl`` for a store with samples, else ``ghost``. A top-k loss
-    on a store without top-k targets, or ``sampled-kl`` on one without samples, is refused.
-    ``online`` (the teacher runs live, the store gives only the data): ``auto`` is ``kl``, and
-    only the full-vocabulary losses ``kl``, ``reverse-kl`` (and ``ce``) apply.
+    on a store without top-k targets, or ``sampled-kl`` on one without samples, is refused, and
+    so is ``sampled-kl`` at a ``temperature`` other than the store's sample temperature (checked
+    when given; ``candidate``: the sweep candidate it belongs to). ``online`` (the teacher runs
+    live, the store gives only the data): ``auto`` is ``kl``, and only the full-vocabulary
+    losses ``kl``, ``reverse-kl`` (and ``ce``) apply.
     """
     if not store.shards_of("train"):
         raise UserError(
@@ -114,4 +138,32 @@ def check_store(store: Any, loss: str, *, online: bool = False) -> str:
             f"--loss {loss} assumes log-probs captured at temperature 1, the store has "
             f"{store.manifest['capture_temperature']}, re-create the store at temperature 1"
         )
+    if loss in SAMPLED_LOSSES and temperature is not None:
+        check_sample_temperature(store, temperature, candidate)
     return loss
+
+
+def check_sample_temperature(store: Any, temperature: float, candidate: str | None = None) -> None:
+    """``sampled-kl`` trains at the temperature the store's draws were made at, T = T_s, where
+    ``counts / N`` is an unbiased estimate of p_T. Elsewhere the draws would have to be
+    reweighted by ``p^(1/T − 1/T_s)``, a bias that stays large at any N a store holds on a large
+    vocabulary (docs/architecture.md §5), so another temperature is refused."""
+    drawn_at = sample_temperature(store.manifest)
+    if drawn_at is None or math.isclose(temperature, drawn_at, rel_tol=1e-6):
+        return
+    other = ", or --loss ghost" if store.has_topk else ""
+    setting = "--temperature" if candidate is None else "temperature"
+    raise UserError(
+        ("" if candidate is None else f"candidate {candidate}: ")
+        + "--loss sampled-kl trains at the temperature the store's draws were made at, "
+        f"{setting} {temperature:g} on a store drawn at {drawn_at:g}, use {setting} "
+        f"{drawn_at:g}, or a store from cache-teacher --sample-temperature {temperature:g}{other}"
+    )
+
+
+gradient_checkpointing_option = click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    help="Recompute the student's layer activations in the backward instead of keeping them: "
+    "less memory for long sequences and large students, about a third more compute.",
+)

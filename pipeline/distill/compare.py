@@ -22,7 +22,11 @@ from typing import Any
 
 import click
 
-from kdcache.pipeline.distill.checks import allow_unfinished_option, check_finished
+from kdcache.pipeline.distill.checks import (
+    allow_unfinished_option,
+    check_finished,
+    precision_option,
+)
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import write_text_atomic
 from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
@@ -71,8 +75,10 @@ def evaluate_models(
     storage_options: dict[str, Any] | None = None,
     allow_unfinished: bool = False,
     shard_cache: Any = None,
+    precision: str = "auto",
 ) -> list[tuple[str, dict[str, float]]]:
-    """The teacher and each student on the store's eval split, the teacher run beside each."""
+    """The teacher and each student on the store's eval split, the teacher run beside each, under
+    the autocast train-student and the sweep evaluate in (``precision.eval_context``)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -82,7 +88,8 @@ def evaluate_models(
     from kdcache.pipeline.distill.loader import eval_batches
     from kdcache.pipeline.distill.vocabulary import check_embedding, embedding_rows
     from kdcache.pipeline.host_memory import keep_freed_memory
-    from kdcache.storage import open_store
+    from kdcache.pipeline.precision import compute_device, eval_context, mixed_precision
+    from kdcache.storage import open_store, sample_temperature
 
     store = open_store(store_url, storage_options=storage_options, cache=shard_cache)
     note = check_finished(store, allow_unfinished, "evaluating on")  # refused unless allowed
@@ -92,7 +99,8 @@ def evaluate_models(
         raise UserError(
             f"the store has no eval split, {store_url}, re-cache it with --eval-fraction > 0"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
+    autocast = mixed_precision(precision, device)  # every row under the same autocast
     live = load_live_teacher(teacher, store, device, "float32")
     keep_freed_memory(device)  # CPU only: no page-fault storm per vocab-wide tensor
     pad_id = live.model.config.pad_token_id if live.model.config.pad_token_id is not None else 0
@@ -100,9 +108,16 @@ def evaluate_models(
     def measure(model: Any) -> dict[str, float]:
         # the same pass train-student evaluates on: the eval split in stored order, one epoch
         batches = eval_batches(store, batch_size, pad_id, pin_memory=device.type == "cuda")
-        return evaluate(
-            model, batches, device=device, max_batches=max_batches, teacher=live, vocab=live.vocab
-        )
+        with eval_context(device, autocast):
+            return evaluate(
+                model,
+                batches,
+                device=device,
+                max_batches=max_batches,
+                teacher=live,
+                vocab=live.vocab,
+                sample_temperature=sample_temperature(store.manifest) or 1.0,
+            )
 
     rows = [("teacher", measure(live.model))]
     hf_logging.disable_progress_bar()
@@ -229,6 +244,7 @@ def write_output(path: str, text: str, flag: str) -> None:
     default=None,
     help="Cap on eval batches [default: the first student's].",
 )
+@precision_option
 @click.option(
     "--markdown",
     type=click.Path(dir_okay=False),
@@ -250,6 +266,7 @@ def command(
     named: tuple[str, ...],
     batch_size: int | None,
     eval_batches: int | None,
+    precision: str,
     markdown: str | None,
     json_path: str | None,
     storage_options: dict[str, Any] | None,
@@ -277,6 +294,7 @@ def command(
         storage_options=storage_options,
         allow_unfinished=allow_unfinished,
         shard_cache=shard_cache,
+        precision=precision,
     )
     by_name = dict(rows)
     line = ""

@@ -1,23 +1,21 @@
 """The KD divergence of each token row against cached teacher targets (docs/architecture.md §5).
 
-Notation per row: student logits ``z`` (V,), ``s_T = log_softmax(z / T)``. A top-k row holds the
-teacher's k log-probs ``l`` (full-vocabulary log-softmax at T = 1, sorted descending) at ids
-``ids``, and ``topk_tail_logprob`` = log of the teacher's mass outside them (format v2; v1 rows
-fall back to ``log(1 − Σ exp(l))``). A sampled row holds the distinct ids of N draws from the
-teacher, their counts (summing to N) and the teacher's log-probs ``lp`` at those ids.
+One target for every loss: the teacher's full-vocabulary distribution at temperature T,
+``p_T ∝ p^{1/T}``, against the student's ``s_T = log_softmax(z / T)``; each loss is
+``T² · D(p_T, s_T)`` for a divergence D restricted to what the store holds. A top-k row holds
+log-probs ``l`` (T = 1, sorted descending) at ids K and ``topk_tail_logprob`` = log of the mass
+outside K (format v2; v1 rows fall back to ``log(1 − Σ exp(l))``); a sampled row the distinct ids
+of N draws from ``p_{T_s}`` (the store's sample temperature), their counts and ``lp`` = log p.
 
-- ``kl``: ``p = softmax(l / T)`` over the k ids; ``T² · Σ p (log p − s_T[ids])``.
-- ``ghost``: k + 1 categories, the ids plus a tail bucket. Teacher ``[l, tail]``; student
-  ``[s[ids], log of its mass outside the ids]``, the latter a logsumexp over the other logits
-  (exact for a tail of 1e-30, where ``log(1 − Σ exp)`` rounds to log 0). Both tempered as
-  categoricals (``log_softmax(x / T)``); ``T² · KL(teacher ‖ student)``.
-- ``reverse-kl``: the same k + 1 categories, ``T² · KL(student ‖ teacher)``: the student's mass
-  outside the teacher's ids is pushed back through the tail bucket.
-- ``sampled-kl``: weights ``w ∝ counts · exp((1/T − 1) · lp)`` over the drawn ids,
-  self-normalized per row (``counts / N`` at T = 1, an unbiased estimate of the teacher);
-  ``T² · Σ w (log w − s_T[ids])``. At T = 1 its gradient ``softmax(z) − counts / N`` is an
-  unbiased estimate of the full forward KL's gradient; at T ≠ 1 the self-normalized weights
-  estimate the tempered teacher ``p^{1/T}`` with a bias of order 1/N.
+- ``kl``: p_T conditioned on K, ``softmax(l / T)``: ``T² · Σ_K p_T|K (log p_T|K − s_T)``.
+- ``ghost``/``reverse-kl``: p_T and s_T lumped into k + 1 buckets, the ids and the rest.
+  Teacher: ``exp(l / T)`` at K (exact up to the normalizer) and the tempered tail
+  ``Σ_{j∉K} p_j^{1/T}``, which a top-k row does not determine: its mass spread evenly over
+  the V − k other ids (``tempered_tail``). Student: ``s_T`` at K and its tempered mass outside
+  K, a logsumexp (exact however small). ``T² · KL(teacher ‖ student)`` /
+  ``T² · KL(student ‖ teacher)``.
+- ``sampled-kl``: weights ``w ∝ counts · exp((1/T − 1/T_s) · lp)``, self-normalized:
+  ``counts / N`` at T = T_s, an unbiased estimate of p_T; ``T² · Σ w (log w − s_T[ids])``.
 
 Padding entries of a sampled row have count 0 and contribute nothing. Rows the loss masks out
 (padding, and positions a store's loss mask leaves untrained: all-zero target rows) must still
@@ -25,6 +23,8 @@ be finite, so no term here is ever ``0 · ∞``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -60,7 +60,8 @@ def log_tail_from_topk(logprobs: torch.Tensor) -> torch.Tensor:
 def student_log_tail(
     logits: torch.Tensor, ids: torch.Tensor, log_norm: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """log of the student's mass outside ``ids`` at T = 1: (N, V), (N, k) int64 → (N,) float32.
+    """log of softmax(logits)'s mass outside ``ids``: (N, V), (N, k) int64 → (N,) float32
+    (``logits / T``: the tempered student's).
 
     A logsumexp over the logits with ``ids`` scattered to −inf, minus the logsumexp over all
     (``log_norm`` (N,), when already at hand): exact however small the tail; −inf when ``ids``
@@ -79,6 +80,20 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (log_a.exp() * diff).sum(-1)
 
 
+def tempered_tail(tail_logprob: torch.Tensor, temperature: float, outside: int) -> torch.Tensor:
+    """log Σ_{j∉K} p_j^{1/T}, with the tail's mass spread evenly over its ``outside`` ids:
+    (N,) → (N,), ``tail / T + (1 − 1/T) · log(outside)``.
+
+    The maximum-entropy completion of a top-k row; exact at T = 1 and for a flat tail, an upper
+    bound for T > 1 and a lower bound for T < 1 (docs/architecture.md §5). −inf stays −inf.
+    """
+    t = float(temperature)
+    if t == 1.0:
+        return tail_logprob
+    spread = (1.0 - 1.0 / t) * math.log(max(outside, 1))
+    return torch.where(torch.isneginf(tail_logprob), tail_logprob, tail_logprob / t + spread)
+
+
 def topk_kd(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -90,7 +105,7 @@ def topk_kd(
     """The top-k KD loss of each token row, T² included.
 
     Args:
-        logits: (N, V) student logits, any float dtype.
+        logits: (N, V) student logits, any float dtype (V: every id the teacher's tail covers).
         topk_ids: (N, k) teacher ids, int64 or a loader's compact dtype (widened here).
         topk_logprobs: (N, k) teacher log-probs at temperature 1.
         loss: "kl", "ghost" or "reverse-kl".
@@ -103,40 +118,44 @@ def topk_kd(
     """
     t = float(temperature)
     ids = widen_ids(topk_ids)  # (N, k) int64; a no-op for int64 ids
-    teacher = topk_logprobs.float()  # (N, k)
+    z = logits.float() if t == 1.0 else logits.float() / t  # (N, V): no copy of float32 at T = 1
+    log_norm = torch.logsumexp(z, dim=-1)  # (N,)
+    student_top = z.gather(-1, ids) - log_norm[:, None]  # (N, k) s_T at the ids
+    teacher = topk_logprobs.float() / t  # (N, k) log p^{1/T}: p_T up to its normalizer
     if loss == "kl":
-        student_top = torch.log_softmax(logits.float() / t, dim=-1).gather(-1, ids)  # (N, k)
-        log_p = torch.log_softmax(teacher / t, dim=-1)  # (N, k) teacher renormalized over its ids
-        return (t * t) * _kl(log_p, student_top)
+        return (t * t) * _kl(torch.log_softmax(teacher, dim=-1), student_top)
     if loss not in ("ghost", "reverse-kl"):
         raise ValueError(f"unknown top-k loss {loss!r}; choose one of {', '.join(TOPK_LOSSES)}")
-    z = logits.float()
-    log_norm = torch.logsumexp(z, dim=-1)  # (N,)
-    student_top = z.gather(-1, ids) - log_norm[:, None]  # (N, k) at T = 1
-    student_tail = student_log_tail(z, ids, log_norm)  # (N,)
-    tail = log_tail_from_topk(teacher) if tail_logprob is None else tail_logprob.float()  # (N,)
+    student_tail = student_log_tail(z, ids, log_norm)  # (N,) s_T's mass outside the ids
+    tail = log_tail_from_topk(topk_logprobs) if tail_logprob is None else tail_logprob.float()
+    tail = tempered_tail(tail, t, z.shape[-1] - ids.shape[-1])  # (N,)
     # ids covering the whole vocabulary leave no tail bucket on either side
     tail = torch.where(torch.isneginf(student_tail), student_tail, tail)
-    log_p = torch.log_softmax(torch.cat([teacher, tail[:, None]], -1) / t, dim=-1)  # (N, k+1)
-    log_q = torch.log_softmax(torch.cat([student_top, student_tail[:, None]], -1) / t, dim=-1)
+    log_p = torch.log_softmax(torch.cat([teacher, tail[:, None]], -1), dim=-1)  # (N, k+1)
+    log_q = torch.cat([student_top, student_tail[:, None]], -1)  # (N, k+1), sums to 1
     if loss == "ghost":
         return (t * t) * _kl(log_p, log_q)
     return (t * t) * _kl(log_q, log_p)
 
 
 def sampled_weights(
-    counts: torch.Tensor, logprobs: torch.Tensor, temperature: float = 1.0
+    counts: torch.Tensor,
+    logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    sample_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-normalized target weights of sampled rows: (N, m) counts and log-probs → (w, log w).
+    """Target weights of sampled rows drawn at ``sample_temperature`` T_s, for p at
+    ``temperature`` T: (N, m) counts and log-probs → (w, log w), each (N, m).
 
-    ``w ∝ counts · exp((1/T − 1) · lp)`` per row, ``counts / N`` at T = 1. Entries with count 0
-    (padding) get ``w = 0`` and ``log w = 0``; a row without draws is all zeros.
+    ``w ∝ counts · exp((1/T − 1/T_s) · lp)``, self-normalized per row: ``counts / N`` when
+    T = T_s. Entries with count 0 (padding) get ``w = 0`` and ``log w = 0``; a row without
+    draws is all zeros.
     """
-    t = float(temperature)
+    t, drawn_at = float(temperature), float(sample_temperature)
     drawn = counts > 0  # (N, m)
     log_w = torch.log(counts.float())  # (N, m), −inf at count 0
-    if t != 1.0:
-        log_w = log_w + (1.0 / t - 1.0) * logprobs.float()
+    if t != drawn_at:
+        log_w = log_w + (1.0 / t - 1.0 / drawn_at) * logprobs.float()
     log_w = torch.where(drawn, log_w, float("-inf"))
     norm = torch.logsumexp(log_w, dim=-1, keepdim=True)  # (N, 1), −inf for a row without draws
     norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
@@ -150,8 +169,14 @@ def sampled_kd(
     sampled_counts: torch.Tensor,
     sampled_logprobs: torch.Tensor,
     temperature: float = 1.0,
+    *,
+    sample_temperature: float = 1.0,
 ) -> torch.Tensor:
     """The ``sampled-kl`` loss of each token row, T² included.
+
+    At T = T_s its gradient ``T · (softmax(z / T) − counts / N)`` is an unbiased estimate of the
+    gradient of ``T² · KL(p_T ‖ s_T)``; at T ≠ T_s the reweighted draws are biased (train-student
+    refuses it: ``checks.check_store``).
 
     Args:
         logits: (N, V) student logits, any float dtype.
@@ -159,13 +184,16 @@ def sampled_kd(
         sampled_counts: (N, m) draws per id (padding: 0), any integer dtype.
         sampled_logprobs: (N, m) the teacher's log-probs at those ids (T = 1).
         temperature: T > 0.
+        sample_temperature: T_s, the temperature the draws were made at (the store's
+            ``sample_temperature``; 1.0 for stores that do not record it).
 
     Returns:
         (N,) float32.
     """
     t = float(temperature)
     ids = widen_ids(sampled_ids)  # (N, m)
-    w, log_w = sampled_weights(widen_ids(sampled_counts), sampled_logprobs, t)  # (N, m) each
+    counts = widen_ids(sampled_counts)
+    w, log_w = sampled_weights(counts, sampled_logprobs, t, sample_temperature)  # (N, m) each
     student = torch.log_softmax(logits.float() / t, dim=-1).gather(-1, ids)  # (N, m)
     return (t * t) * (w * (log_w - student)).sum(-1)
 
@@ -175,13 +203,16 @@ def sampled_kl_to_teacher(
     sampled_ids: torch.Tensor,
     sampled_counts: torch.Tensor,
     sampled_logprobs: torch.Tensor,
+    *,
+    sample_temperature: float = 1.0,
 ) -> torch.Tensor:
-    """``Σ counts/N · (lp − s[ids])`` per row: an unbiased estimate of KL(teacher ‖ student).
+    """``Σ w · (lp − s[ids])`` per row, an estimate of KL(teacher ‖ student) at T = 1.
 
     (N, V) logits and (N, m) sampled fields → (N,) float32; 0 for a row without draws, and 0
-    when the student's log-probs at the drawn ids are the teacher's.
+    when the student's log-probs at the drawn ids are the teacher's. ``w = counts / N`` for
+    draws at T_s = 1 (unbiased); otherwise the draws reweighted to p (``sampled_weights``).
     """
-    counts = widen_ids(sampled_counts).float()  # (N, m)
-    n = counts.sum(-1, keepdim=True).clamp(min=1.0)  # (N, 1)
+    counts = widen_ids(sampled_counts)  # (N, m)
+    w, _ = sampled_weights(counts, sampled_logprobs, 1.0, sample_temperature)  # (N, m)
     student = torch.log_softmax(logits.float(), dim=-1).gather(-1, widen_ids(sampled_ids))
-    return (counts / n * (sampled_logprobs.float() - student)).sum(-1)
+    return (w * (sampled_logprobs.float() - student)).sum(-1)

@@ -8,7 +8,8 @@ teacher is reported depends on the targets the store holds, and each is named fo
 Positions: every metric counts the trained positions only (``loss_mask``: every real position
 of a store without a loss mask); those with a label are the trained positions that have a next
 token (``labels`` is -100 elsewhere). The model's logits, and the teacher's, are over the
-store's tokenizer ids only (``vocab``; ``vocabulary.student_logits``).
+store's tokenizer ids only (``vocab``), computed from the model's final hidden states a chunk
+of rows at a time (``student_head.py``).
 
 - ``cross_entropy``: mean ``−log s[label]`` in nats over positions with a label (the true next
   token; ``labels != -100``); ``perplexity = exp(cross_entropy)``.
@@ -51,13 +52,13 @@ from kdcache.pipeline.distill.batches import batch_to_device
 from kdcache.pipeline.distill.divergences import sampled_kl_to_teacher, topk_kd
 from kdcache.pipeline.distill.live_teacher import LiveTeacher, exact_kl
 from kdcache.pipeline.distill.losses import (
-    DEFAULT_CHUNK_TOKENS,
     IGNORE_INDEX,
     SAMPLED_FIELDS,
     TOPK_FIELDS,
+    chunk_rows,
     trained_mask,
 )
-from kdcache.pipeline.distill.vocabulary import student_logits
+from kdcache.pipeline.distill.student_head import student_head
 
 ECE_BINS = 15
 # every metric evaluate() may report, in table order; a store's targets decide which it does
@@ -72,6 +73,11 @@ METRICS = (
     "tokens",
 )
 TEACHER_DISTANCES = ("kl_to_teacher", "ghost_kl_to_teacher", "sampled_kl_to_teacher")
+
+
+def _sum64(values: torch.Tensor) -> float:
+    """Σ values in float64, on the CPU (MPS has no float64): (n,) → a Python float."""
+    return float(values.detach().cpu().double().sum())
 
 
 class _Totals:
@@ -95,6 +101,7 @@ class _Totals:
         labels: torch.Tensor,
         mask: torch.Tensor,
         targets: dict[str, torch.Tensor],
+        sample_temperature: float = 1.0,
     ) -> None:
         """Accumulate one chunk: logits (n, V), labels/mask (n,), target rows (n, ...)."""
         log_s = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
@@ -102,7 +109,7 @@ class _Totals:
         has_label = labels != IGNORE_INDEX  # (n,)
         safe_labels = labels.clamp(min=0)
         nll = -log_s.gather(-1, safe_labels[:, None])[:, 0]  # (n,)
-        self.ce += float(nll[has_label].double().sum())
+        self.ce += _sum64(nll[has_label])
         self.ce_tokens += int(has_label.sum())
         trained = mask.bool()  # (n,)
         self.kd_tokens += int(trained.sum())
@@ -116,19 +123,19 @@ class _Totals:
                 1.0,
                 tail_logprob=targets.get("topk_tail_logprob"),
             )  # (n,)
-            self.ghost = (self.ghost or 0.0) + float(ghost[trained].double().sum())
+            self.ghost = (self.ghost or 0.0) + _sum64(ghost[trained])
             self.agree += int((prediction == ids[:, 0])[trained].sum())
         if "teacher_logprobs" in targets:
             exact = exact_kl(logits, targets["teacher_logprobs"])  # (n,)
-            self.exact = (self.exact or 0.0) + float(exact[trained].double().sum())
+            self.exact = (self.exact or 0.0) + _sum64(exact[trained])
         if "sampled_ids" in targets:
             fields = (targets[name] for name in SAMPLED_FIELDS)
-            sampled = sampled_kl_to_teacher(logits, *fields)  # (n,)
-            self.sampled = (self.sampled or 0.0) + float(sampled[trained].double().sum())
+            sampled = sampled_kl_to_teacher(logits, *fields, sample_temperature=sample_temperature)
+            self.sampled = (self.sampled or 0.0) + _sum64(sampled[trained])
         # calibration of the top-1 prediction against the true next token
         bins = self.bin_count.shape[0]
-        conf = confidence[has_label].exp().double().cpu()  # (m,)
-        correct = (prediction == labels)[has_label].double().cpu()  # (m,)
+        conf = confidence[has_label].exp().cpu().double()  # (m,)
+        correct = (prediction == labels)[has_label].cpu().double()  # (m,)
         which = (conf * bins).long().clamp(max=bins - 1)  # (m,)
         self.bin_count.index_add_(0, which, torch.ones_like(conf))
         self.bin_confidence.index_add_(0, which, conf)
@@ -183,10 +190,11 @@ def evaluate(
     *,
     device: torch.device | str | None = None,
     max_batches: int | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     teacher: LiveTeacher | None = None,
     vocab: int | None = None,
     sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sample_temperature: float = 1.0,
 ) -> dict[str, float]:
     """Evaluate a causal LM on loader batches; see the module docstring for the definitions.
 
@@ -195,12 +203,14 @@ def evaluate(
         batches: loader batches (CPU or device tensors).
         device: where to run; defaults to the model's device.
         max_batches: evaluate at most this many batches.
-        chunk_tokens: rows per float32 log-softmax chunk (bounds memory).
+        chunk_tokens: rows per chunk of logits (bounds memory); default ``losses.chunk_rows``.
         teacher: the teacher itself, on ``device``: adds the exact ``kl_to_teacher``; its
             ``vocab`` must be this one.
         vocab: the store's tokenizer size: the model's logits are sliced to it (None: all).
         sum_ranks: sums a CPU tensor over every process (several processes, each given its
             share of the batches); every rank then returns the metrics of all the batches.
+        sample_temperature: the temperature a sampled store's draws were made at: the
+            ``sampled_kl_to_teacher`` estimate reweights them to the teacher at T = 1.
 
     Returns:
         The ``METRICS`` the batches' targets allow, in that order: always ``cross_entropy``,
@@ -219,9 +229,10 @@ def evaluate(
     try:
         for batch in islice(batches, max_batches):
             b = batch_to_device(batch, device)  # compact dtypes cross, ids widened on the device
-            logits = student_logits(model, b, vocab)  # (B, L, V), V ≤ vocab: a view
-            rows = logits.shape[0] * logits.shape[1]
-            flat = logits.reshape(rows, -1)  # (B·L, V), still a view
+            head = student_head(model, vocab)
+            states = head.rows(model, b)  # (B, L, H), or (B, L, V) logits: whole_logits
+            rows = states.shape[0] * states.shape[1]
+            flat = states.reshape(rows, -1)  # (B·L, H)
             labels = b["labels"].reshape(-1)  # (B·L,)
             mask = trained_mask(b).reshape(-1)  # (B·L,)
             targets = {
@@ -232,12 +243,16 @@ def evaluate(
             hidden = None
             if teacher is not None:  # (B·L, H), or (B·L, V_t) logits in its fallback mode
                 hidden = teacher.hidden(b["input_ids"], b["attention_mask"]).reshape(rows, -1)
-            for start in range(0, rows, chunk_tokens):
-                chunk = slice(start, start + chunk_tokens)
+            step = chunk_tokens or chunk_rows(head.columns(flat))
+            for start in range(0, rows, step):
+                chunk = slice(start, start + step)
                 rows_targets = {name: t[chunk] for name, t in targets.items()}
                 if hidden is not None:
                     rows_targets["teacher_logprobs"] = teacher.logprobs(hidden[chunk])  # (n, V)
-                totals.add_chunk(flat[chunk], labels[chunk], mask[chunk], rows_targets)
+                logits = head.logits(flat[chunk])  # (n, V), V ≤ vocab
+                totals.add_chunk(
+                    logits, labels[chunk], mask[chunk], rows_targets, sample_temperature
+                )
     finally:
         model.train(was_training)
     if sum_ranks is not None:

@@ -87,7 +87,9 @@ class LiveTeacher:
             mine = self.logprobs(self.hidden(input_ids, mask)[0])  # (P, V)
             return float((mine - reference).abs().max())
 
-        note = split_verdict(self.model, self.head, logits, largest_error)
+        note = split_verdict(
+            self.model, self.head, logits, largest_error, probe_ids=input_ids, vocab=self.vocab
+        )
         self.use_model_forward = note is not None
         return note
 

@@ -18,12 +18,12 @@ included, since it still carries a teacher distribution), CE over the positions 
 (``labels != -100``: trained positions that have a next token). A batch without ``loss_mask``
 (one built by hand) trains every real position (``attention_mask``).
 
-The logits are the student's over the store's tokenizer ids only (``vocabulary.student_logits``
-slices away padded embedding rows), so every softmax here is over those ids.
-
-Memory: the student's float32 [B, L, V] log-softmax is never built for the whole batch. Tokens
-are processed in chunks of ``chunk_tokens`` rows, each under activation checkpointing, so only
-one chunk's float32 [chunk, V] tensors live at a time, in the forward and in the backward.
+Memory: the loss is computed from the student's final hidden states (B, L, H) and its head
+(``student_head.py``): a chunk of token rows at a time is turned into logits over the store's
+tokenizer ids, its loss and gradient taken at once (``fused_chunks.py``), so no [B, L, V]
+tensor exists in the forward or the backward; ``chunk_rows`` sizes a chunk by the vocabulary.
+Users who have only a model's logits pass them with no head (``distillation_loss``): the same
+chunks, one [B, L, V] gradient buffer.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kdcache.pipeline.distill.divergences import (
     SAMPLED_LOSSES,
@@ -41,20 +40,23 @@ from kdcache.pipeline.distill.divergences import (
     topk_kd,
     widen_ids,
 )
+from kdcache.pipeline.distill.fused_chunks import Head, IdentityHead, fused_chunk_loss
 from kdcache.pipeline.distill.live_teacher import ONLINE_LOSSES, LiveTeacher, full_kd_per_token
 
 LOSSES = ("auto", "kl", "ghost", "reverse-kl", "sampled-kl", "ce")
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 1024
+CHUNK_BYTES = 128 * 1024 * 1024  # one float32 [rows, V] tensor of a chunk
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 8192
 TOPK_FIELDS = ("topk_ids", "topk_logprobs", "topk_tail_logprob")
 SAMPLED_FIELDS = ("sampled_ids", "sampled_counts", "sampled_logprobs")
 
 __all__ = [
-    "DEFAULT_CHUNK_TOKENS",
+    "CHUNK_BYTES",
     "IGNORE_INDEX",
     "LOSSES",
-    "LossSums",
-    "combine",
+    "LossTerms",
+    "batch_loss",
+    "chunk_rows",
     "distillation_loss",
     "kd_per_token",
     "loss_sums",
@@ -65,13 +67,16 @@ __all__ = [
 
 
 @dataclass
-class LossSums:
-    """Summed (not averaged) loss terms of one micro-batch and the counts to average them by."""
+class LossTerms:
+    """The loss of one micro-batch: the differentiable total and its detached parts."""
 
-    kd_sum: torch.Tensor  # () float32, differentiable
-    ce_sum: torch.Tensor  # () float32, differentiable
-    kd_tokens: int
-    ce_tokens: int
+    total: torch.Tensor  # () float32: alpha · kd + (1 − alpha) · ce, the one to backpropagate
+    kd: torch.Tensor  # () float32, detached: KD sum / its token count
+    ce: torch.Tensor  # () float32, detached: CE sum / its token count
+    kd_sum: torch.Tensor  # () float32, detached
+    ce_sum: torch.Tensor  # () float32, detached
+    kd_tokens: int  # this batch's trained positions (0 for loss="ce")
+    ce_tokens: int  # this batch's positions with a label
 
 
 def trained_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -95,6 +100,7 @@ def kd_per_token(
     loss: str,
     temperature: float = 1.0,
     teacher: LiveTeacher | None = None,
+    sample_temperature: float = 1.0,
 ) -> torch.Tensor:
     """The KD loss of each row against ``targets``, T² included.
 
@@ -105,6 +111,7 @@ def kd_per_token(
             ``sampled_counts``/``sampled_logprobs`` (N, m); online, ``teacher_hidden`` (N, H).
         loss: one of ``TOPK_LOSSES`` or ``SAMPLED_LOSSES``; online, ``kl`` or ``reverse-kl``.
         teacher: the live teacher whose hidden rows ``targets`` holds (online KD).
+        sample_temperature: the temperature the store's draws were made at (sampled targets).
 
     Returns:
         (N,) float32.
@@ -113,7 +120,8 @@ def kd_per_token(
         teacher_t = teacher.logprobs(targets["teacher_hidden"], temperature)  # (N, V)
         return full_kd_per_token(logits, teacher_t, loss, temperature)
     if loss in SAMPLED_LOSSES:
-        return sampled_kd(logits, *(targets[name] for name in SAMPLED_FIELDS), temperature)
+        fields = (targets[name] for name in SAMPLED_FIELDS)
+        return sampled_kd(logits, *fields, temperature, sample_temperature=sample_temperature)
     return topk_kd(
         logits,
         targets["topk_ids"],
@@ -131,15 +139,14 @@ def _chunk_sums(
     loss: str,
     temperature: float,
     teacher: LiveTeacher | None,
-    names: tuple[str, ...],
-    *fields: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    sample_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(KD sum, CE sum) of one chunk of n rows: logits (n, V), labels/mask (n,), target rows."""
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if loss == "ce":
         return ce.new_zeros(()), ce
-    targets = dict(zip(names, fields, strict=True))
-    kd = kd_per_token(logits, targets, loss, temperature, teacher)  # (n,)
+    kd = kd_per_token(logits, targets, loss, temperature, teacher, sample_temperature)  # (n,)
     return (kd * kd_mask).sum(), ce
 
 
@@ -168,80 +175,111 @@ def _target_rows(
     }
 
 
-def loss_sums(
-    logits: torch.Tensor,
+def chunk_rows(vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Token rows per chunk: one float32 [rows, vocab] tensor within ``budget_bytes``."""
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, budget_bytes // (4 * max(vocab, 1))))
+
+
+def batch_loss(
+    rows: torch.Tensor,
     batch: dict[str, torch.Tensor],
     *,
+    head: Head | None = None,
     loss: str = "kl",
     temperature: float = 1.0,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    alpha: float = 0.5,
+    kd_tokens: int | None = None,
+    ce_tokens: int | None = None,
+    chunk_tokens: int | None = None,
     teacher: LiveTeacher | None = None,
-) -> LossSums:
-    """Summed KD and CE terms of a batch, chunk by chunk.
+    sample_temperature: float = 1.0,
+) -> LossTerms:
+    """``alpha · KD + (1 − alpha) · CE`` of a batch, a chunk of token rows at a time.
 
     Args:
-        logits: (B, L, V) student logits (over the tokenizer's ids: ``student_logits``).
+        rows: (B, L, H) the student's final hidden states as its ``head`` takes them
+            (``StudentHead.rows``), or (B, L, V) logits when ``head`` is None.
         batch: loader batch with ``labels`` (B, L), ``loss_mask`` (B, L) and the target
             fields the loss reads (top-k: ``topk_ids``/``topk_logprobs`` (B, L, k), optionally
             ``topk_tail_logprob`` (B, L); sampled: ``sampled_*`` (B, L, m)).
+        head: the student's head (``student_head``); None: ``rows`` are logits.
         loss: one of ``LOSSES`` ("auto" resolves from the batch's fields).
         temperature: KD temperature T (CE always uses T = 1).
-        chunk_tokens: rows per chunk.
+        kd_tokens, ce_tokens: what each term is averaged by, e.g. the counts of a whole
+            optimizer step over every rank (gradient accumulation, data parallel); default: this
+            batch's trained positions and labelled positions.
+        chunk_tokens: rows per chunk; default: a float32 [rows, V] chunk of ``CHUNK_BYTES``.
         teacher: the live teacher (online KD); the batch then holds ``teacher_hidden``
-            (B, L, H), and the teacher's chunk of log-probs is recomputed in the backward
-            rather than kept.
+            (B, L, H_t), turned into the teacher's log-probs one chunk at a time.
+        sample_temperature: the temperature a sampled store's draws were made at
+            (``kdcache.storage.sample_temperature``); ``sampled-kl`` trains at it.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if temperature <= 0:
+        raise ValueError(f"the temperature must be positive, got {temperature}")
     loss = resolve_loss(
         loss,
         has_topk="topk_ids" in batch,
         has_samples="sampled_ids" in batch,
         online=teacher is not None,
     )
-    vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)  # (B·L, V)
+    head = IdentityHead() if head is None else head
+    flat = rows.reshape(-1, rows.shape[-1])  # (B·L, H) or (B·L, V)
     labels = batch["labels"].reshape(-1)  # (B·L,)
     kd_mask = trained_mask(batch).reshape(-1).to(torch.float32)  # (B·L,)
     targets = _target_rows(batch, loss, online=teacher is not None)  # (B·L, ...) each
-    names = tuple(targets)
-    kd_sum = flat_logits.new_zeros((), dtype=torch.float32)
-    ce_sum = flat_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_logits.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        args = (flat_logits[rows], labels[rows], kd_mask[rows], loss, temperature, teacher, names)
-        fields = [targets[name][rows] for name in names]
-        if torch.is_grad_enabled() and flat_logits.requires_grad:
-            # recompute the chunk's float32 log-softmax in the backward instead of keeping it
-            kd, ce = checkpoint(_chunk_sums, *args, *fields, use_reentrant=False)
-        else:
-            kd, ce = _chunk_sums(*args, *fields)
-        kd_sum = kd_sum + kd
-        ce_sum = ce_sum + ce
-    return LossSums(
+    own_kd = int(kd_mask.sum().item()) if loss != "ce" else 0
+    own_ce = int((labels != IGNORE_INDEX).sum().item())
+    kd_count = own_kd if kd_tokens is None else kd_tokens
+    ce_count = own_ce if ce_tokens is None else ce_tokens
+    if loss == "ce":
+        weights = (0.0, 1.0 / max(ce_count, 1))
+    else:
+        weights = (alpha / max(kd_count, 1), (1.0 - alpha) / max(ce_count, 1))
+
+    def chunk_sums(logits: torch.Tensor, chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_targets = {name: t[chunk] for name, t in targets.items()}
+        return _chunk_sums(
+            logits, labels[chunk], kd_mask[chunk], loss, temperature, teacher, rows_targets,
+            sample_temperature,
+        )  # fmt: skip
+
+    total, kd_sum, ce_sum = fused_chunk_loss(
+        head,
+        flat,
+        head.params,
+        chunk_sums,
+        weights=weights,
+        chunk_rows=chunk_tokens or chunk_rows(head.columns(flat)),
+    )
+    return LossTerms(
+        total=total,
+        kd=kd_sum / max(kd_count, 1),
+        ce=ce_sum / max(ce_count, 1),
         kd_sum=kd_sum,
         ce_sum=ce_sum,
-        kd_tokens=int(kd_mask.sum().item()) if loss != "ce" else 0,
-        ce_tokens=int((labels != IGNORE_INDEX).sum().item()),
+        kd_tokens=own_kd,
+        ce_tokens=own_ce,
     )
 
 
-def combine(
-    sums: LossSums, *, loss: str, alpha: float, kd_tokens: int, ce_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``alpha · KD + (1 − alpha) · CE`` with each term averaged over the given token counts.
-
-    The counts are those of the whole optimizer step (all accumulated micro-batches), so that
-    gradient accumulation gives the same gradient as one big batch.
-
-    Returns:
-        (total, kd, ce) scalars; kd is zero for ``loss="ce"``.
-    """
-    ce = sums.ce_sum / max(ce_tokens, 1)
-    if loss == "ce":
-        return ce, sums.kd_sum.detach() * 0.0, ce
-    kd = sums.kd_sum / max(kd_tokens, 1)
-    return alpha * kd + (1.0 - alpha) * ce, kd, ce
+def loss_sums(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    *,
+    loss: str = "kl",
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+    teacher: LiveTeacher | None = None,
+) -> LossTerms:
+    """The summed KD and CE terms of a batch's (B, L, V) ``logits`` (``kd_sum``, ``ce_sum``;
+    not differentiable) and this batch's token counts."""
+    with torch.no_grad():
+        return batch_loss(
+            logits, batch, loss=loss, temperature=temperature, chunk_tokens=chunk_tokens,
+            teacher=teacher,
+        )  # fmt: skip
 
 
 def distillation_loss(
@@ -251,11 +289,10 @@ def distillation_loss(
     loss: str = "kl",
     temperature: float = 1.0,
     alpha: float = 0.5,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """The mean training loss of one batch (convenience over ``loss_sums`` + ``combine``)."""
-    sums = loss_sums(logits, batch, loss=loss, temperature=temperature, chunk_tokens=chunk_tokens)
-    total, _, _ = combine(
-        sums, loss=loss, alpha=alpha, kd_tokens=sums.kd_tokens, ce_tokens=sums.ce_tokens
-    )
-    return total
+    """The mean training loss of one batch from its (B, L, V) ``logits``, for users who have
+    only a model's logits (``batch_loss`` from hidden states never builds them)."""
+    return batch_loss(
+        logits, batch, loss=loss, temperature=temperature, alpha=alpha, chunk_tokens=chunk_tokens
+    ).total

@@ -52,7 +52,8 @@ def prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
         for key in RESUMABLE_SETTINGS
         if previous["settings"].get(key) != run["settings"].get(key)
     ]
-    for key in ("manifest_fingerprint", "train_shards"):
+    # the precision the run computes in (older runs recorded it only here)
+    for key in ("manifest_fingerprint", "train_shards", "mixed_precision"):
         if previous.get(key) != run[key]:
             differences.append(f"{key}: run has {previous.get(key)!r}, store now has {run[key]!r}")
     if differences:

@@ -213,6 +213,25 @@ def build_student(
     return model, source
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module, source: str) -> None:
+    """Turn on the model's own activation checkpointing (non-reentrant).
+
+    Raises:
+        UserError: the model's class does not support it.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(
+            f"the student does not support gradient checkpointing, {source} "
+            f"({type(model).__name__}), drop --gradient-checkpointing or use another architecture"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

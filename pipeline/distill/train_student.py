@@ -37,11 +37,9 @@ import click
 import torch
 
 from kdcache.pipeline.distill.checks import (
-    allow_unfinished_option,
     check_finished,
     check_settings,
     check_store,
-    workers_option,
 )
 from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
 from kdcache.pipeline.distill.loader import (
@@ -50,9 +48,14 @@ from kdcache.pipeline.distill.loader import (
     data_wait_note,
     eval_batches,
 )
-from kdcache.pipeline.distill.losses import LOSSES
 from kdcache.pipeline.distill.run_dir import RUN_FILE, prepare_out, truncate_log
-from kdcache.pipeline.distill.student import build_student, count_parameters, load_store_tokenizer
+from kdcache.pipeline.distill.student import (
+    build_student,
+    count_parameters,
+    enable_gradient_checkpointing,
+    load_store_tokenizer,
+)
+from kdcache.pipeline.distill.train_options import train_student_options
 from kdcache.pipeline.distill.trainee import (
     LOG_FIELDS,
     load_checkpoint,
@@ -60,6 +63,7 @@ from kdcache.pipeline.distill.trainee import (
     make_trainee,
     manifest_fingerprint,
     on_main,
+    parallel_note,
     save_checkpoint,
     sum_over_ranks,
     train_step,
@@ -67,9 +71,9 @@ from kdcache.pipeline.distill.trainee import (
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.pipeline.precision import eval_context
 from kdcache.pipeline.progress import progress
-from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
-from kdcache.storage import open_store
+from kdcache.storage import open_store, sample_temperature
 
 # not in run.json (options hold keys; the cache changes where bytes come from, not the run)
 UNRECORDED = ("stop_after", "threads", "storage_options", "shard_cache")
@@ -95,8 +99,10 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     check_settings(s)
     if s["threads"]:
         torch.set_num_threads(s["threads"])
-    accelerator = make_accelerator(s["seed"])
+    accelerator = make_accelerator(s["seed"], s["precision"])
     main = accelerator.is_main_process
+    if (note := parallel_note(accelerator)) and main:
+        click.echo(f"Note: {note}", err=True)
     if s["batch_size"] < accelerator.num_processes:
         raise UserError(
             f"--batch-size is the global micro-batch, split over the processes, got "
@@ -109,7 +115,9 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
     if (note := check_finished(store, s["allow_unfinished"])) and main:  # else refused
         click.echo(f"Note: {note}", err=True)
     online = bool(s["teacher"])  # the reference: the teacher runs live, the store gives the data
-    s["loss"] = check_store(store, s["loss"], online=online)  # "auto" resolved, run.json has it
+    # "auto" resolved (run.json has it); sampled-kl only at the draws' temperature
+    s["loss"] = check_store(store, s["loss"], online=online, temperature=s["temperature"])
+    drawn_at = sample_temperature(store.manifest) or 1.0
     tokenizer = load_store_tokenizer(store)
     vocab = store.tokenizer_size  # the student's logits cover these ids only
     masked = store.has_loss_mask
@@ -120,6 +128,8 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         seed=s["seed"],
         max_positions=max(2048, store.seq_len),
     )
+    if s.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model, source)
     out = Path(s["out"])
     train_records = store.shards_of("train")
     run = {
@@ -183,8 +193,11 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
         steps=s["steps"],
         warmup=warmup,
         vocab=vocab,
+        sample_temperature=drawn_at,
     )
     trainee.teacher = teacher
+    if trainee.head_note and main:
+        click.echo(f"Note: {trainee.head_note}", err=True)
     if resuming:
         load_checkpoint(out / "checkpoint", [trainee], train_loader, accelerator)
     log_path = out / "log.csv"
@@ -204,13 +217,14 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-        with accelerator.autocast():
+        with eval_context(accelerator.device, accelerator.mixed_precision):
             metrics = evaluate(
                 model_,
                 batches,
                 teacher=teacher,
                 vocab=vocab,
                 sum_ranks=lambda sums: sum_over_ranks(sums, accelerator),
+                sample_temperature=drawn_at,
             )
         eval_history.append({"step": trainee.step, **metrics})
         trainee.extra["eval_history"] = eval_history
@@ -305,84 +319,7 @@ def train(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 @click.command("train-student")
-@click.option("--store", required=True, help="Logit store: a path or fsspec URL.")
-@storage_options_option
-@shard_cache_options
-@allow_unfinished_option
-@click.option(
-    "--student",
-    default="tiny",
-    show_default=True,
-    help="Preset (tiny|small|base), config .json/.yaml, or HF model directory.",
-)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--steps", default=300, show_default=True, help="Optimizer steps.")
-@click.option(
-    "--batch-size",
-    default=8,
-    show_default=True,
-    help="Sequences per micro-batch over all processes (each process gets its share; the same "
-    "run with any number of processes).",
-)
-@click.option(
-    "--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step."
-)
-@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--warmup", default=None, type=int, help="Warmup steps [default: 10% of --steps].")
-@click.option(
-    "--loss",
-    type=click.Choice(LOSSES),
-    default="auto",
-    show_default=True,
-    help="KD loss (docs/architecture.md §5): auto = sampled-kl on a store with samples, else "
-    "ghost (kl with --teacher); kl, ghost, reverse-kl need top-k targets, sampled-kl samples; "
-    "ce = hard labels only (the no-teacher baseline).",
-)
-@click.option(
-    "--teacher",
-    default=None,
-    help="Online reference: distill from this teacher (HF id or dir) run live on every batch "
-    "(full vocabulary; --loss kl, reverse-kl or ce); the store gives the data and its order.",
-)
-@click.option("--temperature", default=1.0, show_default=True, help="KD temperature T (loss × T²).")
-@click.option("--alpha", default=0.5, show_default=True, help="alpha · KD + (1 − alpha) · CE.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the weights and the data order.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option(
-    "--eval-every",
-    default=100,
-    show_default=True,
-    help="Evaluate every N steps (0: only at the end).",
-)
-@click.option(
-    "--eval-batches", default=20, show_default=True, help="At most this many eval batches."
-)
-@click.option(
-    "--checkpoint-every",
-    default=100,
-    show_default=True,
-    help="Checkpoint every N steps (0: only at the end).",
-)
-@workers_option
-@click.option(
-    "--buffer-size",
-    default=1024,
-    show_default=True,
-    help="Shuffle window, in sequences: each epoch permutes the shards, each shard's sequences, "
-    "then every window of this many (docs/architecture.md §5).",
-)
-@click.option(
-    "--threads",
-    default=0,
-    show_default=True,
-    help="CPU threads for torch (0: torch's default; 1 is fastest for tiny students on a busy machine).",
-)
-@click.option(
-    "--stop-after",
-    default=0,
-    show_default=True,
-    help="Stop (with a checkpoint) after N steps of this invocation; 0: run to --steps.",
-)
+@train_student_options
 def command(**settings: Any) -> None:
     """Train a student from the teacher's cached soft targets (docs/architecture.md §5)."""
     settings["store"] = str(settings["store"])

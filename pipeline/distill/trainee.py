@@ -28,9 +28,11 @@ from typing import Any, TypeVar
 import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
-from kdcache.pipeline.distill.losses import IGNORE_INDEX, combine, loss_sums, trained_mask
-from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows, student_logits
+from kdcache.pipeline.distill.losses import IGNORE_INDEX, batch_loss, trained_mask
+from kdcache.pipeline.distill.student_head import student_head
+from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.precision import compute_device, mixed_precision
 
 # tokens: real input positions the student read; trained_tokens: those its KD terms counted
 # (loss_mask; fewer than tokens only in a store with a loss mask)
@@ -61,22 +63,45 @@ class Trainee:
     max_grad_norm: float = 1.0
     teacher: Any = None  # a LiveTeacher for online KD (train-student --teacher), else None
     vocab: int | None = None  # the store's tokenizer size: logits are sliced to it
+    sample_temperature: float = 1.0  # the store's draws' temperature (sampled-kl)
+    head_note: str | None = None  # why the loss uses whole logits (student_head.py), if it does
     step: int = 0
     tokens: int = 0  # real input positions read, over all ranks
     trained_tokens: int = 0  # of those, the trained ones (loss_mask)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able state saved with checkpoints
 
 
-def make_accelerator(seed: int) -> Any:
-    """An Accelerator: bf16 autocast on CUDA when supported, fp32 on CPU (gloo across ranks)."""
-    from accelerate import Accelerator
+def make_accelerator(seed: int, precision: str = "auto") -> Any:
+    """An Accelerator on the GPU torch finds (CUDA, XPU, MPS), else the CPU (gloo across ranks),
+    in the mixed precision of ``precision.mixed_precision`` (``--precision``).
+
+    Raises:
+        UserError: an unknown precision, or one the device cannot run.
+    """
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
-    cuda = torch.cuda.is_available()
-    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
+    cpu = compute_device().type == "cpu"
+    device = PartialState(cpu=cpu).device  # this rank's device (cuda:LOCAL_RANK under torchrun)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(precision, device))
     set_seed(seed)
     return accelerator
+
+
+def parallel_note(accelerator: Any) -> str | None:
+    """One line when the launcher asked for FSDP and Accelerate did not apply it: Accelerate
+    shards only on GPUs, so on the CPU the processes train data-parallel (the same student)."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or accelerator.num_processes == 1:
+        return None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    return (
+        f"the FSDP configuration is not applied on the {accelerator.device.type} (Accelerate "
+        f"shards only on GPUs): {accelerator.num_processes} processes train data-parallel, "
+        "the same student"
+    )
 
 
 def sum_over_ranks(values: torch.Tensor, accelerator: Any) -> torch.Tensor:
@@ -129,6 +154,7 @@ def make_trainee(
     weight_decay: float = 0.1,
     max_grad_norm: float = 1.0,
     vocab: int | None = None,
+    sample_temperature: float = 1.0,
 ) -> Trainee:
     """AdamW (no decay on norms and biases) + warmup/cosine, prepared with ``accelerator``.
 
@@ -146,9 +172,13 @@ def make_trainee(
         optimizer, lambda step: lr_factor(step, warmup, steps)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    return Trainee(
-        name, model, optimizer, scheduler, loss, temperature, alpha, max_grad_norm, vocab=vocab
-    )
+    trainee = Trainee(
+        name, model, optimizer, scheduler, loss, temperature, alpha, max_grad_norm, vocab=vocab,
+        sample_temperature=sample_temperature,
+    )  # fmt: skip
+    # probed once here: a head that cannot be split off trains from whole logits, with a note
+    trainee.head_note = student_head(model, vocab).note
+    return trainee
 
 
 def train_step(
@@ -182,17 +212,20 @@ def train_step(
             if teacher is not None:  # online KD: the teacher's final hidden states (B, L, H)
                 check_batch_ids(b, embedding_rows(model), trainee.vocab)  # before the teacher
                 b["teacher_hidden"] = teacher.hidden(b["input_ids"], b["attention_mask"])
-            logits = student_logits(model, b, trainee.vocab)  # (B, L, tokenizer size)
-            sums = loss_sums(
-                logits, b, loss=trainee.loss, temperature=trainee.temperature, teacher=teacher
-            )
-            loss, kd, ce = combine(
-                sums,
+            head = student_head(model, trainee.vocab)
+            terms = batch_loss(
+                head.rows(model, b),  # (B, L, H): the head runs per chunk inside the loss
+                b,
+                head=head,
                 loss=trainee.loss,
+                temperature=trainee.temperature,
                 alpha=trainee.alpha,
                 kd_tokens=kd_tokens,
                 ce_tokens=ce_tokens,
+                teacher=teacher,
+                sample_temperature=trainee.sample_temperature,
             )
+            loss, kd, ce = terms.total, terms.kd, terms.ce
             # DDP averages the ranks' gradients; each rank's loss is its share of the global
             # mean, so × R makes the all-reduce their sum
             accelerator.backward(loss * ranks if ranks > 1 else loss)
@@ -204,7 +237,8 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), trainee.max_grad_norm)
     lr = trainee.scheduler.get_last_lr()[0]
     trainee.optimizer.step()
-    trainee.scheduler.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skips overflowing steps
+        trainee.scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     trainee.step += 1
     tokens, trained = int(real_tokens), int(kd_tokens)  # over every rank
@@ -250,6 +284,8 @@ def save_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerato
                 "optimizer": t.optimizer.state_dict(),
                 "scheduler": t.scheduler.state_dict(),
             }
+            if accelerator.scaler is not None:  # fp16 loss scaling
+                state["scaler"] = accelerator.scaler.state_dict()
             torch.save(state, tmp / f"{t.name}.pt")
             progress = {
                 "step": t.step,
@@ -285,6 +321,8 @@ def load_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerato
         accelerator.unwrap_model(t.model).load_state_dict(state["model"])
         t.optimizer.load_state_dict(state["optimizer"])
         t.scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])
         progress = json.loads((path / f"{t.name}.json").read_text())
         t.step, t.tokens, t.extra = progress["step"], progress["tokens"], progress["extra"]
         t.trained_tokens = progress.get("trained_tokens", t.tokens)  # older checkpoints: unmasked

@@ -5,10 +5,11 @@ teacher's embedding rows, often padded: Qwen2.5 has 151,936 or 152,064 rows for 
 A student — preset, config file or HF directory — or an online ``--teacher`` works with a store
 when its embedding has a row for every tokenizer id (``>= tokenizer_size``; a live teacher must
 also have the store's tokenizer, by hash); a larger embedding is padding, whatever the store's
-``vocab_size``. Padded rows never receive probability: ``student_logits``, the one forward every
-loss and metric goes through (train step, evaluation, compare, sweep), returns the logits of the
-first ``tokenizer_size`` ids only, so every softmax is over the tokenizer's ids and the padded
-rows of the head get no gradient; the live teacher slices its log-softmax the same way
+``vocab_size``. Padded rows never receive probability: ``student_head.StudentHead``, the one
+path every loss and metric goes through (train step, evaluation, compare, sweep), computes the
+logits of the first ``tokenizer_size`` ids only (``student_logits`` slices a model's whole
+logits the same way), so every softmax is over the tokenizer's ids and the padded rows of the
+head get no gradient; the live teacher slices its log-softmax the same way
 (``LiveTeacher(vocab=...)``). Before a forward, every id of the batch (inputs, labels, target
 ids) is checked against the student with one max per field.
 """

@@ -1,13 +1,17 @@
-"""Sweep results: leaderboard tables, the Pareto front and a plot of it."""
+"""Sweep results: a candidate's size and speed, leaderboard tables, the Pareto front and a
+plot of it."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from kdcache.pipeline.files import write_text_atomic
 
@@ -27,6 +31,35 @@ COLUMNS = (
     "train_tokens_per_s",
     "inference_tokens_per_s",
 )
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    """Parameters outside the token embedding and the LM head (the usual scaling-law count)."""
+    skip = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        skip.add(id(head.weight))
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for i, p in unique.items() if i not in skip)
+
+
+@torch.inference_mode()
+def inference_tokens_per_s(
+    model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 3
+) -> float:
+    """Forward throughput on one batch (B, L), best of ``repeats`` after a warm-up pass."""
+    was_training = model.training
+    model.eval()
+    model(input_ids=input_ids)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=input_ids)
+        if input_ids.device.type != "cpu":  # the kernels are asynchronous: wait for them
+            getattr(torch, input_ids.device.type).synchronize()
+        best = min(best, time.perf_counter() - start)
+    model.train(was_training)
+    return input_ids.numel() / best
 
 
 def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

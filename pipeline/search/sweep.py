@@ -38,17 +38,25 @@ from kdcache.pipeline.distill.checks import (
     allow_unfinished_option,
     check_finished,
     check_store,
+    gradient_checkpointing_option,
+    precision_option,
     workers_option,
 )
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
-from kdcache.pipeline.distill.student import build_student, count_parameters, load_store_tokenizer
+from kdcache.pipeline.distill.student import (
+    build_student,
+    count_parameters,
+    enable_gradient_checkpointing,
+    load_store_tokenizer,
+)
 from kdcache.pipeline.distill.trainee import (
     load_checkpoint,
     make_accelerator,
     make_trainee,
     manifest_fingerprint,
     on_main,
+    parallel_note,
     save_checkpoint,
     sum_over_ranks,
     train_step,
@@ -56,49 +64,23 @@ from kdcache.pipeline.distill.trainee import (
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import create_out_dir, write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
+from kdcache.pipeline.precision import eval_context
 from kdcache.pipeline.progress import progress
 from kdcache.pipeline.search.leaderboard import (
     TEACHER_METRICS,
     best_per_size_class,
+    inference_tokens_per_s,
+    non_embedding_parameters,
     plot_pareto,
     write_leaderboard,
 )
 from kdcache.pipeline.search.sweep_config import Candidate, SweepConfig, load_sweep_config
 from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
-from kdcache.storage import open_store
+from kdcache.storage import open_store, sample_temperature
 
 DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "sweep.yaml"  # pipeline/configs
 SWEEP_FILE = "sweep.json"
 BASELINE = "baseline-ce"
-
-
-def non_embedding_parameters(model: torch.nn.Module) -> int:
-    """Parameters outside the token embedding and the LM head (the usual scaling-law count)."""
-    skip = {id(model.get_input_embeddings().weight)}
-    head = model.get_output_embeddings()
-    if head is not None:
-        skip.add(id(head.weight))
-    unique = {id(p): p for p in model.parameters()}
-    return sum(p.numel() for i, p in unique.items() if i not in skip)
-
-
-@torch.inference_mode()
-def inference_tokens_per_s(
-    model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 3
-) -> float:
-    """Forward throughput on one batch (B, L), best of ``repeats`` after a warm-up pass."""
-    was_training = model.training
-    model.eval()
-    model(input_ids=input_ids)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=input_ids)
-        if input_ids.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    model.train(was_training)
-    return input_ids.numel() / best
 
 
 def _steps(config: SweepConfig, seq_len: int) -> int:
@@ -173,6 +155,7 @@ def _train_group(
     )
     warmup = config.warmup or max(1, steps // 10)
     vocab = store.tokenizer_size
+    drawn_at = sample_temperature(store.manifest) or 1.0  # sampled-kl trains at it
     trainees, models = [], {}
     for candidate in group:
         model, _ = build_student(
@@ -183,6 +166,8 @@ def _train_group(
             seed=config.seed,
             max_positions=store.seq_len,
         )
+        if settings.get("gradient_checkpointing"):
+            enable_gradient_checkpointing(model, config.base)
         models[candidate.name] = model
         trainees.append(
             make_trainee(
@@ -196,8 +181,11 @@ def _train_group(
                 steps=steps,
                 warmup=warmup,
                 vocab=vocab,
+                sample_temperature=drawn_at,
             )
         )
+        if trainees[-1].head_note and accelerator.is_main_process:
+            click.echo(f"Note: {candidate.name}: {trainees[-1].head_note}", err=True)
     checkpoint = out / "groups" / "+".join(c.name for c in group)
     if checkpoint.is_dir():
         load_checkpoint(checkpoint, trainees, loader, accelerator)
@@ -251,7 +239,10 @@ def _train_group(
                 world_size=accelerator.num_processes,
             )
             sum_ranks = partial(sum_over_ranks, accelerator=accelerator)
-            metrics = evaluate(model, batches, vocab=vocab, sum_ranks=sum_ranks)
+            with eval_context(accelerator.device, accelerator.mixed_precision):
+                metrics = evaluate(
+                    model, batches, vocab=vocab, sum_ranks=sum_ranks, sample_temperature=drawn_at
+                )
         if not main:
             continue
         ids = (probe or next(iter(loader)))["input_ids"].to(accelerator.device)
@@ -274,8 +265,8 @@ def _train_group(
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         # metrics.json last: its presence marks the candidate finished
-        metrics_json = json.dumps({"row": row, "eval": metrics}, indent=2) + "\n"
-        write_text_atomic(target / "metrics.json", metrics_json)
+        facts = {"row": row, "eval": metrics, "mixed_precision": accelerator.mixed_precision}
+        write_text_atomic(target / "metrics.json", json.dumps(facts, indent=2) + "\n")
     if main:
         shutil.rmtree(checkpoint, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -294,26 +285,30 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     options, cache = settings["storage_options"], settings.get("shard_cache")
     store = open_store(settings["store"], storage_options=options, cache=cache)
     note = check_finished(store, settings["allow_unfinished"])  # refused unless allowed
-    losses = {
-        loss: check_store(store, loss) for loss in sorted({c.loss for c in config.candidates})
-    }
     # "auto" resolved from the store: every candidate trains and reports the loss it used
-    config.candidates = [replace(c, loss=losses[c.loss]) for c in config.candidates]
+    config.candidates = [
+        replace(c, loss=check_store(store, c.loss, temperature=c.temperature, candidate=c.name))
+        for c in config.candidates
+    ]
     tokenizer = load_store_tokenizer(store)
     for candidate in config.candidates:
         try:
-            build_student(
+            model, source = build_student(
                 config.base,
                 store.tokenizer_size,
                 tokenizer=tokenizer,
                 overrides=candidate.architecture,
                 max_positions=store.seq_len,
             )
+            if settings.get("gradient_checkpointing"):
+                enable_gradient_checkpointing(model, source)
         except UserError as e:
             raise UserError(f"candidate {candidate.name}: {e.message}") from e
 
-    accelerator = make_accelerator(config.seed)
+    accelerator = make_accelerator(config.seed, settings["precision"])
     if note and accelerator.is_main_process:
+        click.echo(f"Note: {note}", err=True)
+    if (note := parallel_note(accelerator)) and accelerator.is_main_process:
         click.echo(f"Note: {note}", err=True)
     if config.batch_size < accelerator.num_processes:
         raise UserError(
@@ -387,6 +382,8 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--together", default=4, show_default=True, help="Candidates trained per data pass.")
 @workers_option
+@precision_option
+@gradient_checkpointing_option
 @click.option(
     "--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps (0: never)."
 )

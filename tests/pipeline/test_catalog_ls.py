@@ -19,6 +19,8 @@ from kdcache.pipeline.catalog import catalog, find_stores
 from kdcache.storage import create_store, make_manifest, open_store
 from kdcache.storage._fs import StoreFS
 
+pytestmark = pytest.mark.floors
+
 TEACHER = "/models/some/long/path/to/the-teacher-Qwen2.5-0.5B-Instruct"
 
 

@@ -31,6 +31,8 @@ from kdcache.storage import (
 from kdcache.storage._base import ShardRecord
 from kdcache.storage._fs import StoreFS
 
+pytestmark = pytest.mark.floors
+
 K = 8
 
 

@@ -17,6 +17,8 @@ from kdcache.pipeline.cli import main
 from kdcache.storage import create_store, make_manifest, open_store, verify_store
 from kdcache.storage._fs import StoreFS
 
+pytestmark = pytest.mark.floors
+
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as info:

@@ -19,6 +19,8 @@ from test_store_targets import TargetTests
 from kdcache.storage import create_store, make_manifest, open_store, verify_store
 from kdcache.storage._fs import StoreFS
 
+pytestmark = pytest.mark.floors
+
 # moto answers a request in ~9 ms, so a conformance test costs ~1 s on S3. The suites' tests of
 # codecs, invariants and input validation do not depend on the filesystem and run on local disk
 # and memory:// (test_store*.py); on S3 run those that list, commit, resume, read through other

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kdcache.pipeline.cli import main
 from kdcache.storage import open_store, verify_store
 
+pytestmark = pytest.mark.floors
+
 TOP_K = 6
 SEQ_LEN = 256
 

@@ -20,6 +20,8 @@ from kdcache.pipeline.cli import main
 from kdcache.storage import open_store, verify_store
 from kdcache.storage._codec import error_bounds
 
+pytestmark = pytest.mark.floors
+
 TOP_K = 8
 SEQ_LEN = 32
 

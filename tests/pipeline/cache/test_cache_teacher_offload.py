@@ -25,6 +25,8 @@ from transformers import AutoModelForCausalLM
 from kdcache.pipeline.errors import UserError
 from kdcache.storage import open_store, verify_store
 
+pytestmark = pytest.mark.floors
+
 BUDGET = "200KB"  # the tiny teacher's weights take ~0.5 MB, its largest layer ~150 KB
 
 

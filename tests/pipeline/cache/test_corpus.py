@@ -21,6 +21,8 @@ from kdcache.pipeline.cache.corpus import (
     stdlib_files,
 )
 
+pytestmark = pytest.mark.floors
+
 
 @pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:

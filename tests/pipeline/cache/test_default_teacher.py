@@ -18,6 +18,8 @@ from kdcache.pipeline.cache.packing import tokenize_documents
 from kdcache.pipeline.cache.tokenizer import PYTHON_CHAT_TEMPLATE
 from kdcache.pipeline.cli import main
 
+pytestmark = pytest.mark.floors
+
 VOCAB = 400
 TINY = [
     "--vocab-size", str(VOCAB), "--hidden-size", "32", "--intermediate-size", "64",

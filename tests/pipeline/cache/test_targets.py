@@ -3,6 +3,8 @@ the log-probs of the sampled ids."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -115,6 +117,42 @@ def test_bfloat16_targets_equal_the_models_own_forward(model_type: str) -> None:
     # the same bfloat16 logits, upcast, then the same float32 log_softmax
     torch.testing.assert_close(logprobs, ref_values, atol=1e-5, rtol=0)
     torch.testing.assert_close(full.gather(-1, ids.long()), ref_values, atol=1e-5, rtol=0)
+
+
+# a head transform set slightly wrong: (model_type, config, LogitHead field, wrong value); each
+# moves log-probs by 0.05-0.1 nats, far below a bfloat16 teacher's rounding at logits near 30
+WRONG_BY_A_TWENTIETH = [
+    ("gemma2", {"final_logit_softcapping": 30.0, "head_dim": 16}, "softcap", 30.03),
+    ("granite", {"logits_scaling": 4.0}, "logit_divisor", 4.004),
+    ("cohere", {"logit_scale": 0.25}, "logit_multiplier", 0.2502),
+]
+
+
+@pytest.mark.parametrize(("model_type", "config", "field", "wrong"), WRONG_BY_A_TWENTIETH)
+def test_a_bfloat16_head_wrong_by_a_twentieth_of_a_nat_is_refused(
+    model_type: str, config: dict[str, object], field: str, wrong: float
+) -> None:
+    model = tiny_model(model_type, **config)
+    with torch.no_grad():  # logits near ±30: a bfloat16 rounding step of 0.125
+        model.get_output_embeddings().weight.mul_(3.0 if model_type == "gemma2" else 1.0)
+    input_ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(5))
+    right = logit_head(model)
+    off = replace(right, **{field: wrong})
+    with torch.no_grad():  # the premise, in float32: how far the wrong transform moves log-probs
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state[0]  # (P, H)
+        logits = right(hidden)  # (P, V)
+        moved = torch.log_softmax(off(hidden), -1) - torch.log_softmax(logits, -1)
+    assert 0.05 <= float(moved.abs().max()) < 0.1 and float(logits.abs().max()) > 29
+
+    model = model.to(torch.bfloat16)
+    assert TeacherTargets(model, TOP_K, chunk_tokens=7).self_check(input_ids) is None
+    targets = TeacherTargets(model, TOP_K, chunk_tokens=7)
+    setattr(targets.head, field, wrong)
+    message = targets.self_check(input_ids)
+    # the whole path, within bfloat16 rounding (~0.9 nats here), lets it through; the head
+    # compared in float32 does not
+    assert message is not None and "final-logit transform" in message, message
+    assert targets.use_model_forward
 
 
 def test_buffers_are_reused_from_batch_to_batch() -> None:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cache_small_store
 
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.distill.compare import format_markdown, format_table, verdict
+
+pytestmark = pytest.mark.floors
 
 
 def run(args: list[str]) -> int:
@@ -25,19 +28,7 @@ def run(args: list[str]) -> int:
 def store(
     tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, corpus_texts: list[str]
 ) -> Path:
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(corpus_texts[:8]):
-        (corpus / f"doc{i:02d}.txt").write_text(text[:2000], encoding="utf-8")
-    out = tmp_path_factory.mktemp("stores") / "store"
-    try:
-        main([
-            "cache-teacher", "--teacher", str(tiny_teacher_dir), "--corpus", str(corpus),
-            "--out", str(out), "--top-k", "8", "--seq-len", "32", "--eval-fraction", "0.3",
-            "--shard-tokens", "2048",
-        ])  # fmt: skip
-    except SystemExit as e:
-        assert e.code in (0, None)
-    return out
+    return cache_small_store(tmp_path_factory, tiny_teacher_dir, corpus_texts)
 
 
 def write_student(path: Path, seed: int, batch_size: int = 4) -> Path:

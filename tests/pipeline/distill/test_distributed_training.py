@@ -19,7 +19,7 @@ from conftest import write_synthetic_store
 
 from kdcache.pipeline.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.floors]
 
 LENGTHS = {"train": [[24] * 7, [24] * 5, [24] * 9 + [11]], "eval": [[24] * 4, [24] * 3 + [11]]}
 STEPS = 40

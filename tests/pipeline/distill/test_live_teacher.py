@@ -62,6 +62,35 @@ def test_a_head_that_disagrees_falls_back_to_the_models_forward() -> None:
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "field", "wrong"),
+    [
+        ("gemma2", {"final_logit_softcapping": 30.0, "head_dim": 16}, "softcap", 30.03),
+        ("granite", {"logits_scaling": 2.0}, "logit_divisor", 2.002),
+    ],
+)
+def test_a_bfloat16_head_wrong_by_a_twentieth_of_a_nat_falls_back(
+    model_type: str, overrides: dict, field: str, wrong: float
+) -> None:
+    model = tiny_model(model_type, **overrides)
+    with torch.no_grad():  # logits near ±30: a bfloat16 rounding step of 0.125
+        model.get_output_embeddings().weight.mul_(2.0)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    right = LiveTeacher(model, vocab=VOCAB - 8)  # a padded head: log-probs over 192 ids
+    off = LiveTeacher(model, vocab=VOCAB - 8)
+    setattr(off.head, field, wrong)
+    with torch.no_grad():  # the premise, in float32: logits near 30, log-probs moved >= 0.05
+        hidden = right.hidden(ids, torch.ones_like(ids))[0]  # (P, H)
+        logits = right.head(hidden)  # (P, V)
+        moved = off.logprobs(hidden) - right.logprobs(hidden)
+    assert float(logits.abs().max()) > 25 and 0.05 <= float(moved.abs().max()) < 0.1
+
+    model.to(torch.bfloat16)
+    assert right.self_check(ids) is None and not right.use_model_forward
+    note = off.self_check(ids)  # within bfloat16 rounding of the whole path, not of the head's
+    assert note is not None and "final-logit transform" in note and off.use_model_forward
+
+
 def test_online_losses_are_the_full_vocabulary_divergences() -> None:
     g = torch.Generator().manual_seed(0)
     student, teacher_logits = torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g)

@@ -100,13 +100,13 @@ def _ref_kd(logits, ids, logprobs, tail, loss, t):
             p = torch.softmax(lp / t, dim=-1)
             out.append(t * t * sum(p[j] * (torch.log(p[j]) - s_t[i[j]]) for j in range(k)))
             continue
-        s = torch.log_softmax(z, dim=-1)
         outside = torch.ones(V, dtype=torch.bool)
         outside[i] = False
-        teacher = torch.cat([lp.exp(), tl.exp().reshape(1)])  # k + 1 categories
-        student = torch.cat([s[i].exp(), s[outside].exp().sum().reshape(1)])
-        pt = teacher ** (1 / t) / (teacher ** (1 / t)).sum()
-        qt = student ** (1 / t) / (student ** (1 / t)).sum()
+        # the teacher's tail mass spread evenly over its V − k ids, each tempered (docs §5)
+        spread = (V - k) * (tl.exp() / (V - k)) ** (1 / t)
+        teacher = torch.cat([lp.exp() ** (1 / t), spread.reshape(1)])  # k + 1 buckets of p_T
+        pt = teacher / teacher.sum()
+        qt = torch.cat([s_t[i].exp(), s_t[outside].exp().sum().reshape(1)])  # s_T lumped
         a, b = (pt, qt) if loss == "ghost" else (qt, pt)
         out.append(t * t * (a * (a.log() - b.log())).sum())
     return torch.stack(out).float()

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from kdcache.pipeline.distill.batches import batch_to_device, collate
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.live_teacher import LiveTeacher
-from kdcache.pipeline.distill.losses import distillation_loss, loss_sums
+from kdcache.pipeline.distill.losses import batch_loss, distillation_loss, loss_sums
+from kdcache.pipeline.distill.student_head import student_head
 from kdcache.pipeline.distill.vocabulary import check_batch_ids, student_logits
 from kdcache.pipeline.errors import UserError
 
@@ -130,7 +131,11 @@ def test_online_kd_with_a_padded_teacher_and_a_padded_student() -> None:
     offline = loss_sums(logits, {**batch, "topk_ids": ids, "topk_logprobs": values}, loss="kl",
                         temperature=2.0)  # fmt: skip
     torch.testing.assert_close(online.kd_sum, offline.kd_sum, rtol=1e-4, atol=1e-4)
-    online.kd_sum.backward()
+    head = student_head(student, V)
+    trained = batch_loss(head.rows(student, batch), batch, head=head, loss="kl", alpha=1.0,
+                         temperature=2.0, chunk_tokens=5, teacher=teacher)  # fmt: skip
+    torch.testing.assert_close(trained.kd_sum, offline.kd_sum, rtol=1e-4, atol=1e-4)
+    trained.total.backward()
     assert student.get_output_embeddings().weight.grad[V:].abs().max() == 0
     metrics = evaluate(teacher.model, [collate(sequences(1)[1])], vocab=V, teacher=teacher)
     assert metrics["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher itself

@@ -18,6 +18,8 @@ from kdcache.pipeline.distill.student import (
 from kdcache.pipeline.errors import UserError
 from kdcache.storage import open_store
 
+pytestmark = pytest.mark.floors
+
 
 def test_presets_are_llama_on_the_store_vocabulary_and_grow() -> None:
     sizes = []

@@ -19,6 +19,8 @@ from kdcache.pipeline.distill.student import build_student
 from kdcache.pipeline.distill.trainee import make_accelerator, make_trainee, train_step
 from kdcache.storage import open_store
 
+pytestmark = pytest.mark.floors
+
 LENGTHS = {"train": [[24] * 6, [24] * 5, [24] * 6], "eval": [[24] * 4, [24] * 3 + [11]]}
 FAST = ["--threads", "1", "--batch-size", "4", "--lr", "3e-3"]
 

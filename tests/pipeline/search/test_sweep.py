@@ -11,6 +11,8 @@ from conftest import TINY_VOCAB, write_synthetic_store
 
 from kdcache.pipeline.cli import main
 
+pytestmark = pytest.mark.floors
+
 SWEEP = """
 base: tiny
 seed: 1
