@@ -63,7 +63,7 @@ def gpu() -> str:
 def machine_facts() -> list[tuple[str, str]]:
     ram = ram_gib()
     return [
-        ("assembled (UTC)", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")),
+        ("assembled (UTC)", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")),
         ("CPU", cpu_model()),
         ("cores", str(os.cpu_count())),
         ("RAM", f"{ram:.1f} GiB" if ram is not None else "unknown"),
