@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows
+from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows, student_logits
 from kdcache.pipeline.logit_head import logit_head
 
 _PROBE_TOKENS = 12
@@ -130,13 +130,11 @@ class StudentHead:
     def rows(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's forward on ``batch``, its ids checked first: (B, L, H) hidden states the
         head is given, or (B, L, V') logits over the tokenizer's ids in the whole-logits mode."""
-        check_batch_ids(batch, embedding_rows(model), self.vocab)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if self.whole_logits:
-            logits = model(**inputs).logits  # (B, L, V)
-            return logits if self.vocab is None else logits[..., : self.vocab]
+            return student_logits(model, batch, self.vocab)  # (B, L, V'), ids checked there
+        check_batch_ids(batch, embedding_rows(model), self.vocab)
         with _hidden_capture(self.lm_head) as seen:
-            model(**inputs)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         if len(seen) != 1:
             raise RuntimeError(f"the student's head was called {len(seen)} times in a forward")
         hidden, self.autocast = seen[0]  # the head runs per chunk under the model's autocast
