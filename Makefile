@@ -106,7 +106,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(HAS_CUDA),,$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,hf,track]'
 	@touch $@
 	@echo "installed kdcache into $(VENV)"
 

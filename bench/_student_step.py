@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.pipeline.distill.batches import batch_to_device
-from kdcache.pipeline.distill.losses import IGNORE_INDEX, batch_loss, kd_per_token, trained_mask
+from kdcache.pipeline.distill.losses import (
+    IGNORE_INDEX,
+    batch_loss,
+    kd_per_token,
+    next_token_labels,
+    trained_mask,
+)
 from kdcache.pipeline.distill.student_head import student_head
 
 PATHS = ("head", "whole")
@@ -72,7 +78,8 @@ def synthetic_batch(
     g = torch.Generator().manual_seed(seed)
     b, length = sequences, seq_len
     ids = torch.randint(0, vocab, (b, length), generator=g)
-    labels = torch.cat([ids[:, 1:], torch.full((b, 1), IGNORE_INDEX)], 1)  # (B, L)
+    labels = ids.clone()  # (B, L) Hugging Face labels: unshifted, position 0 not predicted
+    labels[:, 0] = IGNORE_INDEX
     ones = torch.ones(b, length, dtype=torch.int64)
     # distinct ids per row: a random offset plus distinct steps, wrapped around the vocabulary
     steps = torch.randperm(vocab // 2, generator=g)[:top_k] * 2 + 1  # (k,) odd, distinct
@@ -99,7 +106,7 @@ def whole_logits_loss(
     """alpha · KD mean + (1 − alpha) · CE mean from the model's whole (B, L, V) logits."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     flat = logits.reshape(-1, logits.shape[-1])  # (B·L, V)
-    labels = batch["labels"].reshape(-1)  # (B·L,)
+    labels = next_token_labels(batch["labels"]).reshape(-1)  # (B·L,)
     ce = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX)
     if loss == "ce":
         return ce
@@ -255,7 +262,7 @@ def bare_loop(
     (``student_head`` + ``batch_loss``), backward, clip, AdamW step, zero_grad. Returns each
     step's end time (seconds from the first step's start) and tokens.
     """
-    from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+    from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
     from kdcache.pipeline.distill.student import build_student, load_store_tokenizer
     from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.storage import open_store
@@ -268,7 +275,7 @@ def bare_loop(
     )
     keep_freed_memory(torch.device("cpu"))  # as train-student does
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    dataset = TeacherDataset(store, "train", batch_size=batch, seed=seed, pad_id=pad_id)
+    dataset = DistillDataset(store, "train", batch_size=batch, seed=seed, pad_id=pad_id)
     loader = TeacherLoader(dataset, num_workers=workers)
     batches = [next(loader) for _ in range(steps)]
     loader.close()

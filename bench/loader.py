@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
 from kdcache.pipeline.distill.student import build_student
 from kdcache.pipeline.distill.trainee import make_accelerator, make_trainee, train_step
 from kdcache.storage import create_store, make_manifest, open_store
@@ -86,7 +86,7 @@ def loader_rate(
     is what one dedicated core delivers, whatever else the machine is running.
     """
     started = time.perf_counter()
-    dataset = TeacherDataset(url, batch_size=batch_size, rank=rank[0], world_size=rank[1])
+    dataset = DistillDataset(url, batch_size=batch_size, rank=rank[0], world_size=rank[1])
     loader = TeacherLoader(dataset, num_workers=workers)
     tokens //= rank[1]
     seen = int(next(loader)["attention_mask"].sum())
@@ -112,7 +112,7 @@ def student_wait(url: str, workers: int, batch_size: int, steps: int) -> tuple[f
         "bench", model, accelerator, loss="kl", temperature=1.0, alpha=0.5, lr=1e-3, steps=steps,
         warmup=1,
     )  # fmt: skip
-    loader = TeacherLoader(TeacherDataset(url, batch_size=batch_size), num_workers=workers)
+    loader = TeacherLoader(DistillDataset(url, batch_size=batch_size), num_workers=workers)
     train_step(trainee, [next(loader)], accelerator)  # warm-up: worker start, first allocations
     waiting = 0.0
     tokens = 0
@@ -163,7 +163,7 @@ def measure(url: str, args: argparse.Namespace) -> dict:
             f"{name}: {rate:,.0f} tokens/s ({per:,.0f} per thread, {per_cpu:,.0f} per "
             f"CPU-second){f', first batch after {first}' if first else ''}"
         )
-    batch = next(iter(TeacherLoader(TeacherDataset(store, batch_size=args.batch_size))))
+    batch = next(iter(TeacherLoader(DistillDataset(store, batch_size=args.batch_size))))
     shipped = sum(t.numel() * t.element_size() for t in batch.values())
     shipped /= batch["attention_mask"].numel()
     print(f"batch bytes per token: {shipped:.0f} (was {WIDE_BYTES} with int64/float32)")

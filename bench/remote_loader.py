@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from loader import VOCAB, K, build_store
 
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
 from kdcache.storage import open_store
 from kdcache.storage.manifest import CODECS
 from kdcache.storage.shard_cache import ShardCacheConfig
@@ -69,7 +69,7 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
 def one_pass(store: object, workers: int, batch_size: int) -> tuple[float, int]:
     """(seconds, tokens) of one epoch of the train split."""
     started = time.perf_counter()
-    dataset = TeacherDataset(store, batch_size=batch_size, infinite=False)  # type: ignore[arg-type]
+    dataset = DistillDataset(store, batch_size=batch_size, infinite=False)  # type: ignore[arg-type]
     tokens = sum(
         int(b["attention_mask"].sum()) for b in TeacherLoader(dataset, num_workers=workers)
     )

@@ -85,7 +85,7 @@ def distill(
     from transformers import AutoModelForCausalLM
 
     from kdcache.pipeline.cache.targets import TeacherTargets
-    from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+    from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
     from kdcache.pipeline.distill.student import build_student
     from kdcache.pipeline.distill.trainee import make_accelerator, make_trainee, train_step
     from kdcache.storage import open_store
@@ -106,7 +106,7 @@ def distill(
             "s", student, accelerator, loss="kl", temperature=1.0, alpha=0.5,
             lr=3e-3, steps=args.steps, warmup=1,
         )  # fmt: skip
-        loader = TeacherLoader(TeacherDataset(store, "train", batch_size=args.batch_size, seed=0))
+        loader = TeacherLoader(DistillDataset(store, "train", batch_size=args.batch_size, seed=0))
         for _ in range(args.steps):
             batch = next(loader)
             if targets is not None:  # online: the teacher runs on this student's step

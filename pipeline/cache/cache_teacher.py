@@ -36,6 +36,7 @@ from kdcache.pipeline.cache.settings import (
     check_token_ids,
     codec_option,
     corpus_facts,
+    dataset_corpus_options,
 )
 from kdcache.pipeline.cache.store_open import open_store_on_all_ranks
 from kdcache.pipeline.errors import UserError
@@ -236,7 +237,9 @@ def compute_shards(
     "--corpus",
     required=True,
     help="Directory, file or glob of .txt/.md/.py/.jsonl/.parquet (text, chat `messages` or "
-    "`prompt`/`completion` records), or `stdlib` / `stdlib-chat` (built in, offline).",
+    "`prompt`/`completion` records), `stdlib` / `stdlib-chat` (built in, offline), or a Hugging "
+    "Face dataset: a save_to_disk directory, a dataset repository folder (or hf:DIR), "
+    "hf:org/name[@revision] from the local cache (docs/architecture.md §4).",
 )
 @click.option("--out", required=True, help="Store directory or fsspec URL (created, or resumed).")
 @storage_options_option
@@ -332,8 +335,9 @@ def compute_shards(
     "--text-field",
     default="text",
     show_default=True,
-    help="Field of .jsonl records / column of .parquet files.",
+    help="Field of .jsonl records / column of .parquet files and datasets.",
 )
+@dataset_corpus_options
 @click.option(
     "--packing",
     default="auto",

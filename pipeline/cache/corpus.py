@@ -9,7 +9,8 @@ A ``.jsonl`` line or ``.parquet`` row is a chat record when it has ``messages`` 
 ``{"role", "content"}``), a prompt/completion record when it has string ``prompt`` and
 ``completion``, and a text record otherwise (the text field, ``text`` by default); a
 ``.txt/.md/.py`` file is one text document. A corpus holds one kind: the first record decides,
-and a record of another kind is a ``CorpusError`` naming its ``file:line``.
+and a record of another kind is a ``CorpusError`` naming its ``file:line``. A Hugging Face dataset
+is one entry that reads its own rows (``hf_corpus.DatasetCorpus``, its ``documents``).
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ def _read_stdlib_chat(path: Path, stats: CorpusStats) -> Iterator[Document]:
 
 
 def _file_documents(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Document]:
+    if hasattr(path, "documents"):  # a dataset, hf_corpus.DatasetCorpus
+        return path.documents(stats)
     if isinstance(path, StdlibChatFile):
         return _read_stdlib_chat(path, stats)
     if path.suffix == ".jsonl":
@@ -338,7 +341,7 @@ def iter_documents(
     """
     first: Document | None = None
     for path in files:
-        stats.files += 1
+        stats.files += getattr(path, "num_files", 1)
         for document in _file_documents(path, text_field, stats):
             _check_kind(document, first)
             if first is None:

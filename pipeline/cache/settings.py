@@ -1,8 +1,9 @@
 """What ``kdcache cache-teacher`` is asked to do, checked before anything is touched.
 
-``CacheSettings`` holds every option; ``check_settings`` validates what needs no teacher,
-``corpus_facts`` reads the corpus far enough to fingerprint it for the manifest, and
-``check_token_ids`` keeps ids the model does not embed away from it.
+``CacheSettings`` holds every option; ``check_settings`` validates what needs no teacher (and
+opens a Hugging Face dataset corpus, ``hf_corpus``), ``corpus_facts`` reads the corpus far enough
+to fingerprint it for the manifest, and ``check_token_ids`` keeps ids the model does not embed
+away from it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kdcache.pipeline.cache.corpus import (
     iter_documents,
     resolve_corpus,
 )
+from kdcache.pipeline.cache.hf_corpus import DatasetCorpus, DatasetOptions, open_dataset
 from kdcache.pipeline.errors import UserError
 from kdcache.storage.manifest import (  # MAX_SAMPLES: what uint16 counts hold
     CODECS,
@@ -51,7 +53,12 @@ class CacheSettings:
     dtype: str = "auto"
     eval_fraction: float = 0.02
     max_tokens: int | None = None
-    text_field: str = "text"
+    text_field: str = "text"  # also the text column of a dataset corpus
+    dataset_split: str | None = None  # a dataset corpus' split; None: train, or its only split
+    dataset_config: str | None = None
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
     trust_remote_code: bool = False
     targets: str = "topk"
     samples: int = 32
@@ -75,6 +82,18 @@ class CacheSettings:
         if self.packing != "auto":
             return self.packing
         return "concat" if kind == "text" else "separate"
+
+    @property
+    def dataset_options(self) -> DatasetOptions:
+        """The options that choose what of a Hugging Face dataset corpus is read."""
+        return DatasetOptions(
+            self.dataset_split,
+            self.dataset_config,
+            self.text_field,
+            self.messages_column,
+            self.prompt_column,
+            self.completion_column,
+        )
 
     @property
     def wants_topk(self) -> bool:
@@ -117,6 +136,39 @@ codec_option = click.option(
 )
 
 
+def dataset_corpus_options(command: Any) -> Any:
+    """The options of a Hugging Face dataset corpus: its split, config and columns."""
+    options = (
+        click.option(
+            "--dataset-split",
+            default=None,
+            help="Split of a dataset corpus.  [default: train, or its only split]",
+        ),
+        click.option("--dataset-config", default=None, help="Config of a dataset repository."),
+        click.option(
+            "--messages-column",
+            default="messages",
+            show_default=True,
+            help="Column of a dataset corpus holding chat messages (lists of role/content).",
+        ),
+        click.option(
+            "--prompt-column",
+            default="prompt",
+            show_default=True,
+            help="Column of a dataset corpus holding prompts.",
+        ),
+        click.option(
+            "--completion-column",
+            default="completion",
+            show_default=True,
+            help="Column of a dataset corpus holding completions.",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def check_settings(s: CacheSettings) -> list[Path]:
     """Validate what can be validated without the teacher; returns the corpus files."""
     if s.format not in FORMATS:
@@ -150,9 +202,24 @@ def check_settings(s: CacheSettings) -> list[Path]:
                 "give a new or empty directory"
             )
     try:
-        return resolve_corpus(s.corpus)
+        dataset = open_dataset(s.corpus, s.dataset_options)
+        if dataset is not None:
+            return [dataset]
+        files = resolve_corpus(s.corpus)
     except CorpusError as e:
         raise UserError(str(e)) from e
+    given = s.dataset_options
+    for name, value, default in (
+        ("--dataset-split", given.split, None),
+        ("--dataset-config", given.config, None),
+        *((f"--{f}-column", given.columns()[f], f) for f in ("messages", "prompt", "completion")),
+    ):
+        if value != default:
+            raise UserError(
+                f"{name} applies to Hugging Face dataset corpora, {s.corpus} is not one, leave "
+                "it out or give a dataset (hf:DIR reads a folder of data files as one)"
+            )
+    return files
 
 
 def check_placement(s: CacheSettings) -> None:
@@ -228,10 +295,11 @@ def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], i
         corpus_kind,
     )
 
+    dataset = files[0] if isinstance(files[0], DatasetCorpus) else None
     stats = CorpusStats()
     try:
-        kind = corpus_kind(files, s.text_field)
-        if kind == "text":
+        kind = dataset.kind if dataset else corpus_kind(files, s.text_field)
+        if kind == "text" and not dataset:
             check_parquet_columns(files, s.text_field)
         next(iter_documents(files, stats, s.text_field))
     except StopIteration:
@@ -249,9 +317,9 @@ def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], i
     builtin = s.corpus in (STDLIB, STDLIB_CHAT)
     spec = s.corpus if builtin else str(Path(s.corpus).expanduser().absolute())
     facts = {
-        "spec": spec,
-        "fingerprint": corpus_fingerprint(s.corpus, files),
-        "files": len(files),
+        "spec": dataset.spec if dataset else spec,
+        "fingerprint": dataset.fingerprint() if dataset else corpus_fingerprint(s.corpus, files),
+        "files": dataset.num_files if dataset else len(files),
         "eval_fraction": s.eval_fraction,
         "text_field": s.text_field,
         "max_tokens": s.max_tokens,
@@ -259,6 +327,8 @@ def corpus_facts(s: CacheSettings, files: list[Path]) -> tuple[dict[str, Any], i
         "packing": s.resolved_packing(kind),
         "train_on": "all" if kind == "text" else s.train_on,
     }
+    if dataset:  # source, config, split, columns (docs/architecture.md §4)
+        return facts | {"dataset": dataset.facts}, dataset.num_bytes()
     return facts, sum(p.stat().st_size for p in files)
 
 

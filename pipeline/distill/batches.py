@@ -12,11 +12,18 @@ store lacks is absent:
   m the most distinct ids any position of the batch drew; a position's entries come first, in
   ascending id order, and the rest is padding (id 0, count 0, log-prob 0).
 
+Hugging Face conventions: ``labels`` are the input ids themselves, unshifted, with -100 where
+a token is not predicted (position 0, padding, and the token after an untrained position), so
+``model(**batch).loss`` of a causal LM (which shifts them) is the right cross-entropy; the
+losses here shift them the same way (``losses.next_token_labels``). The targets are aligned with
+the input positions: row t of ``topk_*``/``sampled_*`` is the teacher's distribution of token
+t + 1, the one the student's logits at t predict.
+
 The loss mask (docs/architecture.md §5). ``loss_mask`` marks the positions that are trained:
 every real position (= ``attention_mask``) for a store without a mask, else the real positions
 the store's per-token ``loss_mask`` marks. A masked store keeps target rows for its trained
 positions only (T = mask.sum() rows per sequence, in token order); ``collate`` scatters them to
-their positions and leaves zeros (no draws) everywhere else. ``labels[t]`` is -100 where
+their positions and leaves zeros (no draws) everywhere else. ``labels[t + 1]`` is -100 where
 position t is not trained, so CE counts the trained positions that have a next token, and every
 KD term and metric counts ``loss_mask`` positions.
 
@@ -229,8 +236,11 @@ def collate(
         positions = trained_positions(sequence)  # (T,), or None: every position 0..n-1
         a["input_ids"][i, :n] = tokens  # (n,) int32 → int64
         a["input_ids"][i, n:] = pad_id
-        a["labels"][i, : n - 1] = tokens[1:]  # row t predicts the token after tokens[t]
-        a["labels"][i, n - 1 :] = IGNORE_INDEX
+        # Hugging Face labels: unshifted (the model's loss shifts them), -100 where position t
+        # is not predicted: t = 0, padding, and after a position the store's mask does not train
+        a["labels"][i, :n] = tokens
+        a["labels"][i, 0] = IGNORE_INDEX
+        a["labels"][i, n:] = IGNORE_INDEX
         a["attention_mask"][i, :n] = 1
         a["attention_mask"][i, n:] = 0
         if positions is None:
@@ -240,7 +250,7 @@ def collate(
                     a[name][i, :n] = sequence[name]  # (n, k) or (n,), same width: a plain copy
                     a[name][i, n:] = 0
         else:
-            a["labels"][i, :n][sequence["loss_mask"] == 0] = IGNORE_INDEX
+            a["labels"][i, 1:n][sequence["loss_mask"][: n - 1] == 0] = IGNORE_INDEX
             a["loss_mask"][i] = 0
             a["loss_mask"][i, positions] = 1
             for name in TARGET_ROWS:

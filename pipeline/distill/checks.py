@@ -17,6 +17,7 @@ import click
 from kdcache.pipeline.distill.divergences import SAMPLED_LOSSES, TOPK_LOSSES
 from kdcache.pipeline.distill.live_teacher import ONLINE_LOSSES
 from kdcache.pipeline.distill.losses import resolve_loss
+from kdcache.pipeline.distill.tracking import tracker_names
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.precision import PRECISIONS
 from kdcache.pipeline.store_commands import describe_committed
@@ -166,4 +167,22 @@ gradient_checkpointing_option = click.option(
     is_flag=True,
     help="Recompute the student's layer activations in the backward instead of keeping them: "
     "less memory for long sequences and large students, about a third more compute.",
+)
+
+
+def check_report_to(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--report-to``'s value, checked as the command line is read (before anything runs):
+    known trackers whose packages are installed; returned as ``a,b`` or ``none``."""
+    return ",".join(tracker_names(value)) or "none"
+
+
+report_to_option = click.option(
+    "--report-to",
+    default="none",
+    show_default=True,
+    metavar="TRACKERS",
+    callback=check_report_to,
+    help="Log the settings, every training row and every eval to tensorboard (in OUT/tensorboard), "
+    "wandb, mlflow — several comma-separated — or none; a plot of the curves is always written, "
+    "OUT/curves.png (docs/architecture.md §5).",
 )

@@ -99,6 +99,10 @@ class Deal:
             return (micro_batch + 1) * self.batch
         return (micro_batch // self.ranks + 1) * self.ranks * self.batch
 
+    def last_position(self, micro_batch: int) -> int:
+        """The last stream position this rank reads of ``micro_batch`` (one of its own)."""
+        return micro_batch * self.batch + self.span[1] - 1
+
     def positions(self, first: int, stop: int) -> np.ndarray:
         """(n,) int64 ascending: the stream positions in ``[first, stop)`` this rank reads."""
         if stop <= first:

@@ -56,6 +56,7 @@ from kdcache.pipeline.distill.losses import (
     SAMPLED_FIELDS,
     TOPK_FIELDS,
     chunk_rows,
+    next_token_labels,
     trained_mask,
 )
 from kdcache.pipeline.distill.student_head import student_head
@@ -233,7 +234,7 @@ def evaluate(
             states = head.rows(model, b)  # (B, L, H), or (B, L, V) logits: whole_logits
             rows = states.shape[0] * states.shape[1]
             flat = states.reshape(rows, -1)  # (B·L, H)
-            labels = b["labels"].reshape(-1)  # (B·L,)
+            labels = next_token_labels(b["labels"]).reshape(-1)  # (B·L,) the next tokens
             mask = trained_mask(b).reshape(-1)  # (B·L,)
             targets = {
                 name: b[name].reshape(rows, *b[name].shape[2:])  # (B·L,) or (B·L, k|m)

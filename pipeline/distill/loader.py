@@ -26,7 +26,6 @@ with ``pin_memory`` on a CUDA machine), never reused while the consumer holds it
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import islice, tee
 from typing import Any
 
@@ -40,164 +39,15 @@ from kdcache.pipeline.distill.batches import (
     layout_of,
     sequence_fields,
 )
-from kdcache.pipeline.distill.epoch_order import Deal, epoch_order
+from kdcache.pipeline.distill.dataset import DistillDataset, EpochReads, Part
 from kdcache.pipeline.distill.shard_feed import ShardFeed
-from kdcache.storage import ShardArrays, Store, open_store
+from kdcache.storage import ShardArrays, Store
 
-ORDER_VERSION = 2  # the loader state's meaning; version 1 held per-slot positions
-# what a loader state must share with the loader it is loaded into
-ORDER_FACTS = ("split", "seed", "shuffle", "buffer_size", "batch_size")
 DATA_WAIT_NOTE = 0.05  # a consumer waiting for batches beyond this share of its time: a note
 
 
-@dataclass(frozen=True)
-class EpochReads:
-    """What a rank reads of one epoch from where its pass starts, in stream order (p reads)."""
-
-    shard: np.ndarray  # (p,) int64: the shard of each sequence read
-    index: np.ndarray  # (p,) int64: its index among the sequences decoded of its shard
-    batch: np.ndarray  # (p,) int64: the global micro-batch it belongs to
-    decode: list[int]  # the shards read, in the order first needed
-    picks: list[np.ndarray | None]  # per decoded shard: the sequences read (None: all of them)
-
-
-class TeacherDataset:
-    """Batches of one split of a store for one rank (see the module docstring); iterating it
-    reads one pass from ``consumed`` with one decoding thread (``TeacherLoader`` for more).
-
-    Args:
-        store: an open ``Store`` or its URL.
-        split: "train" or "eval".
-        batch_size: sequences per global micro-batch, over all ranks (B).
-        seed: shuffle seed.
-        shuffle: permute shards and sequences and shuffle windows (False = stored order).
-        buffer_size: the shuffle window, in sequences.
-        infinite: epochs back to back forever (a batch may span two epochs); else one epoch,
-            ending with a possibly smaller batch.
-        rank, world_size: this process and the number of processes.
-        deal: "rows" — this rank's rows of every micro-batch (training; needs
-            ``batch_size >= world_size``); "batches" — whole micro-batches, round-robin over
-            ranks (eval: each batch is the one a single process would see).
-        pad_id: ``input_ids`` value of padding.
-        storage_options: fsspec options when ``store`` is a URL.
-    """
-
-    def __init__(
-        self,
-        store: Store | str,
-        split: str = "train",
-        *,
-        batch_size: int = 8,
-        seed: int = 0,
-        shuffle: bool = True,
-        buffer_size: int = 1024,
-        infinite: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        deal: str = "rows",
-        pad_id: int = 0,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        self.store = (
-            store
-            if isinstance(store, Store)
-            else open_store(store, storage_options=storage_options)
-        )
-        self.split = split
-        self.records = self.store.shards_of(split)
-        self.counts = [r.num_sequences for r in self.records]
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)  # (S+1,)
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.buffer_size, self.infinite, self.pad_id = buffer_size, infinite, pad_id
-        self.rank, self.world_size = rank, world_size
-        if deal not in ("rows", "batches"):
-            raise ValueError(f"deal must be 'rows' or 'batches', got {deal!r}")
-        self.deal = Deal(batch_size, rank, world_size, rows=deal == "rows")
-        self.consumed = 0  # stream positions consumed, over all ranks
-
-    @property
-    def num_sequences(self) -> int:
-        return int(self.starts[-1])
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens of the split (input positions)."""
-        return sum(r.num_tokens for r in self.records)
-
-    @property
-    def num_trained(self) -> int:
-        """Trained positions of the split (its target rows; ``num_tokens`` without a loss mask)."""
-        return sum(r.num_tokens if r.num_trained is None else r.num_trained for r in self.records)
-
-    @property
-    def batch_rows(self) -> int:
-        """Sequences in this rank's full batches."""
-        lo, hi = self.deal.span
-        return hi - lo
-
-    def state_dict(self) -> dict[str, Any]:
-        facts = {name: getattr(self, name) for name in ORDER_FACTS}
-        return {"order": ORDER_VERSION, **facts, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("order") != ORDER_VERSION:
-            raise ValueError(
-                "loader state from an older kdcache (per-slot positions); its order cannot be "
-                "continued, start a new run"
-            )
-        for name in ORDER_FACTS:
-            if state[name] != getattr(self, name):
-                raise ValueError(
-                    f"loader state is for {name}={state[name]!r}, this loader has "
-                    f"{getattr(self, name)!r}; resume with the same settings"
-                )
-        self.consumed = int(state["consumed"])
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return _batches(self, threads=1, pin=False)
-
-    def epoch_reads(self, start: int) -> Iterator[EpochReads]:
-        """This rank's reads, epoch by epoch, from stream position ``start`` on (lazily: an
-        endless dataset's never end)."""
-        n = self.num_sequences
-        if n == 0:
-            return
-        epoch = start // n
-        while self.infinite or epoch == 0:
-            first, stop = max(start, epoch * n), (epoch + 1) * n
-            positions = self.deal.positions(first, stop)  # (p,) ascending
-            order = epoch_order(
-                self.counts,
-                seed=self.seed,
-                epoch=epoch,
-                shuffle=self.shuffle,
-                window=self.buffer_size,
-            )  # (N,)
-            ids = order[positions - epoch * n]  # (p,) global sequence indices
-            shard = np.searchsorted(self.starts, ids, side="right") - 1  # (p,)
-            shards, first_use = np.unique(shard, return_index=True)
-            decode = shards[np.argsort(first_use)].tolist()
-            # the sequences read of each shard: a rank of R reads ~1/R of every shard, and only
-            # those are decoded (``Store.read_shard(sequences=...)``)
-            read, inverse = np.unique(ids, return_inverse=True)  # (u,) ascending, (p,)
-            read_shard = np.searchsorted(self.starts, read, side="right") - 1  # (u,)
-            first_read = np.searchsorted(read_shard, np.arange(len(self.records) + 1))  # (S+1,)
-            picks: list[np.ndarray | None] = []
-            for s in decode:
-                picked = read[first_read[s] : first_read[s + 1]] - self.starts[s]
-                picks.append(None if picked.size == self.counts[s] else picked)
-            yield EpochReads(
-                shard=shard,
-                index=inverse - first_read[shard],
-                batch=positions // self.batch_size,
-                decode=decode,
-                picks=picks,
-            )
-            epoch += 1
-
-
 def _decode_order(
-    ds: TeacherDataset, reads: Iterator[EpochReads]
+    ds: DistillDataset, reads: Iterator[EpochReads]
 ) -> Iterator[tuple[int, np.ndarray | None]]:
     """(shard, the sequences read of it) to decode, epoch after epoch; tells a remote store's
     cache each epoch's shards."""
@@ -206,52 +56,69 @@ def _decode_order(
         yield from zip(epoch.decode, epoch.picks, strict=True)
 
 
-def _batches(ds: TeacherDataset, threads: int, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass from ``ds.consumed`` (endless for an infinite dataset), recording in ``ds`` the
-    stream position after each batch handed out.
+def stream_sequences(
+    ds: DistillDataset,
+    threads: int,
+    part: Part = Part(),  # noqa: B008
+) -> Iterator[tuple[bool, Sequence]]:
+    """(last of its micro-batch, sequence) of one pass from ``ds.consumed`` (endless for an infinite
+    dataset; ``part`` of the rank's micro-batches), recording in ``ds`` the stream position
+    after each micro-batch as its last sequence is handed out.
 
-    A free function (not a method) so the generator holds no reference to the TeacherLoader:
+    A free function (not a method) so the generator holds no reference to a TeacherLoader:
     dropping the loader then stops its decoding threads at once, not at a later GC cycle.
     """
-    reads, ahead = tee(ds.epoch_reads(ds.consumed))  # the feed runs ahead of the reads
+    reads, ahead = tee(ds.epoch_reads(ds.consumed, part))  # the feed runs ahead of the reads
     feed = ShardFeed(ds.store, ds.records, _decode_order(ds, ahead), threads)
-    pending: list[Sequence] = []
-    micro_batch = -1  # the global micro-batch ``pending`` belongs to
-
-    def batch() -> dict[str, torch.Tensor]:
-        ds.consumed = ds.deal.consumed_after(micro_batch)
-        out = None
-        if pin:  # collated straight into page-locked memory: one copy to the device, async
-            nbytes = batch_layout(layout_of(pending))[1]
-            out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        return collate(pending, ds.pad_id, out=out)
-
     try:
         for epoch in reads:
             left = np.bincount(epoch.shard, minlength=len(ds.records))  # (S,) reads to come
+            owners = epoch.batch.tolist()
             held: dict[int, ShardArrays] = {}  # decoded shards with reads to come
-            for shard, index, owner in zip(
-                epoch.shard.tolist(), epoch.index.tolist(), epoch.batch.tolist(), strict=True
+            for i, (shard, index) in enumerate(
+                zip(epoch.shard.tolist(), epoch.index.tolist(), strict=True)
             ):
-                if owner != micro_batch and pending:
-                    yield batch()
-                    pending = []
-                micro_batch = owner
                 arrays = held.get(shard)
                 if arrays is None:
                     arrays = held[shard] = feed.next(expected=shard)
-                pending.append(sequence_fields(arrays.sequence(index)))  # views of the shard
+                sequence = sequence_fields(arrays.sequence(index))  # views of the shard
                 left[shard] -= 1
                 if not left[shard]:
                     del held[shard]  # freed once the batches holding its views are collated
-        if pending:
-            yield batch()
+                if i + 1 < len(owners):
+                    last = owners[i + 1] != owners[i]
+                else:  # the epoch's last read: its micro-batch may go on in the next epoch
+                    last = not ds.infinite or ds.deal.last_position(owners[i]) < epoch.end
+                if last:  # of its micro-batch: the position after it, as it is handed out
+                    ds.consumed = ds.deal.consumed_after(owners[i])
+                yield last, sequence
     finally:
         feed.close()
 
 
+def stream_batches(
+    ds: DistillDataset, threads: int, pin: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass of collated batches (one per micro-batch of this rank), page-locked if ``pin``."""
+    pending: list[Sequence] = []
+    sequences = stream_sequences(ds, threads)
+    try:
+        for last, sequence in sequences:
+            pending.append(sequence)
+            if not last:
+                continue
+            out = None
+            if pin:  # collated straight into page-locked memory: one copy to the device, async
+                nbytes = batch_layout(layout_of(pending))[1]
+                out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            yield collate(pending, ds.pad_id, out=out)
+            pending = []
+    finally:
+        sequences.close()
+
+
 class TeacherLoader:
-    """A resumable loader over a ``TeacherDataset``: yields batches, tracks what was consumed.
+    """A resumable loader over a ``DistillDataset``: yields batches, tracks what was consumed.
 
     ``state_dict()`` records the stream position after the last batch handed out (global: the
     same on every rank in lockstep), so ``load_state_dict()`` + iterating continues exactly where
@@ -267,7 +134,7 @@ class TeacherLoader:
     """
 
     def __init__(
-        self, dataset: TeacherDataset, *, num_workers: int = 0, pin_memory: bool = False
+        self, dataset: DistillDataset, *, num_workers: int = 0, pin_memory: bool = False
     ) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
@@ -289,7 +156,7 @@ class TeacherLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         pin = self.pin_memory and torch.cuda.is_available()
-        return _batches(self.dataset, max(1, self.num_workers), pin)
+        return stream_batches(self.dataset, max(1, self.num_workers), pin)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
@@ -313,7 +180,7 @@ def eval_batches(
     Batch j of the pass (``batch_size`` sequences, the first ``max_batches`` only) goes to rank
     ``j % world_size``, whole: summed over ranks, every metric is the single process's.
     """
-    dataset = TeacherDataset(
+    dataset = DistillDataset(
         store,
         "eval",
         batch_size=batch_size,

@@ -56,6 +56,7 @@ __all__ = [
     "LOSSES",
     "LossTerms",
     "batch_loss",
+    "next_token_labels",
     "chunk_rows",
     "distillation_loss",
     "kd_per_token",
@@ -77,6 +78,13 @@ class LossTerms:
     ce_sum: torch.Tensor  # () float32, detached
     kd_tokens: int  # this batch's trained positions (0 for loss="ce")
     ce_tokens: int  # this batch's positions with a label
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) the token each position predicts, from Hugging Face ``labels`` (B, L) (unshifted):
+    ``labels`` moved one place left, -100 at the last position — the shift a causal LM's own
+    loss makes."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def trained_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -226,7 +234,7 @@ def batch_loss(
     )
     head = IdentityHead() if head is None else head
     flat = rows.reshape(-1, rows.shape[-1])  # (B·L, H) or (B·L, V)
-    labels = batch["labels"].reshape(-1)  # (B·L,)
+    labels = next_token_labels(batch["labels"]).reshape(-1)  # (B·L,) the token each predicts
     kd_mask = trained_mask(batch).reshape(-1).to(torch.float32)  # (B·L,)
     targets = _target_rows(batch, loss, online=teacher is not None)  # (B·L, ...) each
     own_kd = int(kd_mask.sum().item()) if loss != "ce" else 0

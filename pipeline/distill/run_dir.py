@@ -1,4 +1,5 @@
-"""A student's output directory: created for a new run, or checked before ``--resume`` continues one.
+"""A student's output directory — created for a new run, or checked before ``--resume`` continues
+one — and ``Run``, what the train-student recipe's steps share.
 
 OUT holds ``run.json`` (the store's fingerprint and every setting), ``log.csv``, ``metrics.json``,
 the saved student and ``checkpoint/``. A resumed run must ask for exactly what the recorded one did.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import click
 
 from kdcache.pipeline.distill.trainee import LOG_FIELDS, RESUMABLE_SETTINGS
 from kdcache.pipeline.errors import UserError
@@ -78,3 +82,38 @@ def truncate_log(path: Path, up_to_step: int) -> None:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+@dataclass
+class Run:
+    """One train-student run: what every step of the recipe reads and writes."""
+
+    s: dict[str, Any]  # the settings, "auto" loss resolved
+    accelerator: Any
+    store: Any
+    out: Path
+    tokenizer: Any = None
+    model: Any = None
+    source: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)  # run.json
+    trainee: Any = None
+    loader: Any = None
+    teacher: Any = None
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def note(self, line: str | None) -> None:
+        if line and self.main:
+            click.echo(f"Note: {line}", err=True)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.store.shards_of("eval"))

@@ -12,6 +12,7 @@ from kdcache.pipeline.distill.checks import (
     allow_unfinished_option,
     gradient_checkpointing_option,
     precision_option,
+    report_to_option,
     workers_option,
 )
 from kdcache.pipeline.distill.losses import LOSSES
@@ -83,6 +84,7 @@ OPTIONS: list[Callable[[Any], Any]] = [
         show_default=True,
         help="Checkpoint every N steps (0: only at the end).",
     ),
+    report_to_option,
     workers_option,
     precision_option,
     gradient_checkpointing_option,

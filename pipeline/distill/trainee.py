@@ -16,7 +16,6 @@ writes everything else.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import shutil
@@ -28,8 +27,10 @@ from typing import Any, TypeVar
 import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
+from kdcache.pipeline.distill.dataset import manifest_fingerprint  # noqa: F401 (sweep.py)
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, batch_loss, trained_mask
 from kdcache.pipeline.distill.student_head import student_head
+from kdcache.pipeline.distill.tracking import accelerator_kwargs
 from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.precision import compute_device, mixed_precision
@@ -44,7 +45,6 @@ RESUMABLE_SETTINGS = (
     "store", "student", "steps", "batch_size", "grad_accum", "lr", "warmup", "loss",
     "temperature", "alpha", "seed", "buffer_size", "teacher",
 )  # fmt: skip
-_VOLATILE_MANIFEST_FACTS = ("created_at", "kdcache_version", "finished", "stats")
 LOADER_FILE = "loader.json"
 T = TypeVar("T")
 
@@ -71,19 +71,27 @@ class Trainee:
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able state saved with checkpoints
 
 
-def make_accelerator(seed: int, precision: str = "auto") -> Any:
+def make_accelerator(
+    seed: int, precision: str = "auto", *, report_to: str = "none", run_dir: Path | None = None
+) -> Any:
     """An Accelerator on the GPU torch finds (CUDA, XPU, MPS), else the CPU (gloo across ranks),
-    in the mixed precision of ``precision.mixed_precision`` (``--precision``).
+    in the mixed precision of ``precision.mixed_precision`` (``--precision``), with the
+    experiment trackers of ``report_to`` (``--report-to``; TensorBoard's files under
+    ``run_dir``, which they need), started later by ``tracking.start``.
 
     Raises:
-        UserError: an unknown precision, or one the device cannot run.
+        UserError: an unknown precision, or one the device cannot run; an unknown tracker, or
+            one that is not installed.
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
+    trackers = accelerator_kwargs(report_to, run_dir)  # {} for "none"
     cpu = compute_device().type == "cpu"
     device = PartialState(cpu=cpu).device  # this rank's device (cuda:LOCAL_RANK under torchrun)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(precision, device))
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed_precision(precision, device), **trackers
+    )
     set_seed(seed)
     return accelerator
 
@@ -140,6 +148,25 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def make_optimizer(
+    model: torch.nn.Module, *, lr: float, steps: int, warmup: int, weight_decay: float = 0.1
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """train-student's optimizer and schedule: AdamW (betas 0.9/0.95; no decay on norms and
+    biases) + linear warmup and cosine decay to 10% (``lr_factor``). Pass them to a Trainer as
+    ``optimizers=make_optimizer(...)`` to train as train-student does."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, steps)
+    )
+    return optimizer, scheduler
+
+
 def make_trainee(
     name: str,
     model: torch.nn.Module,
@@ -161,15 +188,8 @@ def make_trainee(
     ``vocab`` is the store's tokenizer size: the student's logits are sliced to it (its padded
     embedding rows, if any, get no probability); None keeps every column.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, steps)
+    optimizer, scheduler = make_optimizer(
+        model, lr=lr, steps=steps, warmup=warmup, weight_decay=weight_decay
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     trainee = Trainee(
@@ -196,7 +216,7 @@ def train_step(
         [
             sum(int(b["attention_mask"].sum()) for b in batches),
             sum(int(trained_mask(b).sum()) for b in batches),
-            sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
         ]
     )  # (3,) int64: this rank's real, trained and labelled positions
     real_tokens, kd_tokens, ce_tokens = sum_over_ranks(counts, accelerator).tolist()
@@ -255,12 +275,6 @@ def train_step(
         "lr": lr,
         "grad_norm": round(float(grad_norm), 6),
     }
-
-
-def manifest_fingerprint(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest's content facts (ignoring timestamps, version, finished flag)."""
-    facts = {k: v for k, v in manifest.items() if k not in _VOLATILE_MANIFEST_FACTS}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
 def _rng_state() -> dict[str, Any]:

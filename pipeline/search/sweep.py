@@ -18,6 +18,10 @@ As in train-student, candidates are built on the store's tokenizer size, train a
 on the trained positions only (``loss_mask``); ``tokens_seen`` counts the real input positions
 read (the token budget counts those too), ``trained_tokens_seen`` (masked stores only) the
 trained ones.
+
+Each candidate keeps train-student's ``log.csv`` and ``curves.png`` in its directory
+(``sweep_dir.py``); ``--report-to`` logs every candidate of the run into one tracker run, as a
+series of its own (``<name>/loss``, ``<name>/eval/…``, ``tracking.py``).
 """
 
 from __future__ import annotations
@@ -34,16 +38,10 @@ from typing import Any
 import click
 import torch
 
-from kdcache.pipeline.distill.checks import (
-    allow_unfinished_option,
-    check_finished,
-    check_store,
-    gradient_checkpointing_option,
-    precision_option,
-    workers_option,
-)
+from kdcache.pipeline.distill import tracking
+from kdcache.pipeline.distill.checks import check_finished, check_store
 from kdcache.pipeline.distill.evaluation import evaluate
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.distill.student import (
     build_student,
     count_parameters,
@@ -62,7 +60,7 @@ from kdcache.pipeline.distill.trainee import (
     train_step,
 )
 from kdcache.pipeline.errors import UserError
-from kdcache.pipeline.files import create_out_dir, write_text_atomic
+from kdcache.pipeline.files import write_text_atomic
 from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.precision import eval_context
 from kdcache.pipeline.progress import progress
@@ -75,11 +73,16 @@ from kdcache.pipeline.search.leaderboard import (
     write_leaderboard,
 )
 from kdcache.pipeline.search.sweep_config import Candidate, SweepConfig, load_sweep_config
-from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
+from kdcache.pipeline.search.sweep_dir import (
+    CandidateLogs,
+    candidate_dir,
+    finished,
+    prepare_out,
+    write_all_curves,
+)
+from kdcache.pipeline.search.sweep_options import DEFAULT_CONFIG, sweep_options  # noqa: F401 (tests)
 from kdcache.storage import open_store, sample_temperature
 
-DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "sweep.yaml"  # pipeline/configs
-SWEEP_FILE = "sweep.json"
 BASELINE = "baseline-ce"
 
 
@@ -88,38 +91,6 @@ def _steps(config: SweepConfig, seq_len: int) -> int:
         return config.budget_steps
     assert config.budget_tokens is not None  # batch_size is global: the same steps for any ranks
     return max(1, math.ceil(config.budget_tokens / (config.batch_size * seq_len)))
-
-
-def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
-    """Create OUT, or check that it holds this same sweep (then finished candidates are kept)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out is a file, {out}, give a directory")
-    record = out / SWEEP_FILE
-    if record.is_file():
-        damaged = f"--out holds a damaged {SWEEP_FILE}, {record}, choose a new --out"
-        try:
-            previous = json.loads(record.read_text())
-        except ValueError as e:
-            raise UserError(damaged) from e
-        if not isinstance(previous, dict):
-            raise UserError(damaged)
-        differences = [k for k in plan if previous.get(k) != plan[k]]
-        if differences:
-            raise UserError(
-                f"--out holds a different sweep (differs in {', '.join(differences)}), {out}, "
-                "rerun the original command to resume it or choose a new --out"
-            )
-        return
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(
-            f"--out already holds files that are not a sweep, {out}, choose a new --out"
-        )
-    create_out_dir(out / "candidates")
-    write_text_atomic(record, json.dumps(plan, indent=2) + "\n")
-
-
-def _finished(out: Path, candidate: Candidate) -> bool:
-    return (out / "candidates" / candidate.name / "metrics.json").is_file()
 
 
 def _train_group(
@@ -141,7 +112,7 @@ def _train_group(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
     loader = TeacherLoader(
-        TeacherDataset(
+        DistillDataset(
             store,
             "train",
             batch_size=config.batch_size,
@@ -190,6 +161,7 @@ def _train_group(
     if checkpoint.is_dir():
         load_checkpoint(checkpoint, trainees, loader, accelerator)
     seconds = {t.name: float(t.extra.get("train_seconds", 0.0)) for t in trainees}
+    logs = CandidateLogs(out, trainees, accelerator)  # log.csv kept to the checkpoint's steps
 
     bar = progress(
         total=steps,
@@ -211,13 +183,16 @@ def _train_group(
             seconds[trainee.name] += time.perf_counter() - start
             trainee.extra["train_seconds"] = seconds[trainee.name]
             losses[trainee.name] = row["loss"]
+            logs.add(trainee, row, seconds[trainee.name])
         bar.update(1)
         bar.set_postfix(best_loss=f"{min(losses.values()):.3f}")
         if settings["checkpoint_every"] and trainees[0].step % settings["checkpoint_every"] == 0:
             save_checkpoint(checkpoint, trainees, loader, accelerator)
+            logs.checkpoint()
     bar.close()
     if trainees[0].step < steps:  # --stop-after: leave a checkpoint to resume from
         save_checkpoint(checkpoint, trainees, loader, accelerator)
+        logs.checkpoint()
         loader.close()
         return False
     loader.close()
@@ -243,6 +218,7 @@ def _train_group(
                 metrics = evaluate(
                     model, batches, vocab=vocab, sum_ranks=sum_ranks, sample_temperature=drawn_at
                 )
+        logs.evaluated(trainee, metrics)
         if not main:
             continue
         ids = (probe or next(iter(loader)))["input_ids"].to(accelerator.device)
@@ -260,8 +236,7 @@ def _train_group(
             "inference_tokens_per_s": inference_tokens_per_s(model, ids),
             **candidate.settings(),
         }
-        target = out / "candidates" / candidate.name
-        target.mkdir(parents=True, exist_ok=True)
+        target = candidate_dir(out, candidate.name)
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         # metrics.json last: its presence marks the candidate finished
@@ -305,7 +280,11 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
         except UserError as e:
             raise UserError(f"candidate {candidate.name}: {e.message}") from e
 
-    accelerator = make_accelerator(config.seed, settings["precision"])
+    out = Path(settings["out"])
+    report_to = settings.get("report_to", "none")
+    accelerator = make_accelerator(
+        config.seed, settings["precision"], report_to=report_to, run_dir=out
+    )
     if note and accelerator.is_main_process:
         click.echo(f"Note: {note}", err=True)
     if (note := parallel_note(accelerator)) and accelerator.is_main_process:
@@ -317,17 +296,20 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
             f"{accelerator.num_processes} in {settings['config']}"
         )
     steps = _steps(config, store.seq_len)
-    out = Path(settings["out"])
     plan = {
         "config": config.raw,
         "store_fingerprint": manifest_fingerprint(store.manifest),
         "together": settings["together"],
         "steps": steps,
     }
-    on_main(accelerator, lambda: _prepare_out(out, plan))  # every rank waits, or stops with it
+    on_main(accelerator, lambda: prepare_out(out, plan))  # every rank waits, or stops with it
 
     # 2. groups of up to N unfinished candidates, each trained on one shared stream of batches
-    todo = [c for c in config.candidates if not _finished(out, c)]
+    todo = [c for c in config.candidates if not finished(out, c)]
+    if todo:  # one tracker run, each candidate a series of its own: <name>/loss, <name>/eval/…
+        facts = {"store": store.url, "processes": accelerator.num_processes}
+        run = {**plan, **facts, "mixed_precision": accelerator.mixed_precision}
+        tracking.start(accelerator, run, series=[c.name for c in todo])
     if accelerator.is_main_process:
         done = len(config.candidates) - len(todo)
         click.echo(
@@ -337,11 +319,16 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     started = time.perf_counter()
     for first in range(0, len(todo), settings["together"]):
         group = todo[first : first + settings["together"]]
-        if not _train_group(group, config, store, tokenizer, out, accelerator, steps, settings):
+        complete = _train_group(group, config, store, tokenizer, out, accelerator, steps, settings)
+        if accelerator.is_main_process:
+            write_all_curves(out, config.candidates)
+        if not complete:
+            tracking.finish(accelerator)
             if accelerator.is_main_process:
                 click.echo(f"stopped early (--stop-after); rerun the same command to resume, {out}")
             return []
     wall = time.perf_counter() - started
+    tracking.finish(accelerator)
 
     # 3. leaderboard, Pareto plot, the best candidate per size class
     rows = [
@@ -369,26 +356,7 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @click.command("sweep")
-@click.option("--store", required=True, help="Logit store: a path or fsspec URL.")
-@storage_options_option
-@shard_cache_options
-@allow_unfinished_option
-@click.option(
-    "--config",
-    default=str(DEFAULT_CONFIG),
-    show_default="the shipped example",
-    help="Sweep YAML: base student, search space, budget, seed.",
-)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--together", default=4, show_default=True, help="Candidates trained per data pass.")
-@workers_option
-@precision_option
-@gradient_checkpointing_option
-@click.option(
-    "--checkpoint-every", default=50, show_default=True, help="Checkpoint every N steps (0: never)."
-)
-@click.option("--threads", default=0, show_default=True, help="CPU threads for torch (0: default).")
-@click.option("--stop-after", default=0, hidden=True, help="Stop each group after N steps (tests).")
+@sweep_options
 def command(**settings: Any) -> None:
     """Train many students from one store, several per data pass, with a leaderboard."""
     settings["store"] = str(settings["store"])

@@ -34,7 +34,7 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     logprobs = torch.log_softmax(torch.randn(B, L, V, generator=g), -1)
     top, top_ids = logprobs.topk(K, dim=-1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": torch.roll(ids, -1, 1), "topk_ids": top_ids, "topk_logprobs": top,
+            "labels": ids, "topk_ids": top_ids, "topk_logprobs": top,
             "topk_tail_logprob": torch.log1p(-top.exp().sum(-1))}  # fmt: skip
 
 

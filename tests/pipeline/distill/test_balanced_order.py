@@ -1,6 +1,6 @@
 """One global order for any ranks × workers: exactly once per epoch, worker-independent, elastic.
 
-Ranks are simulated in process (one ``TeacherDataset`` per rank, each with its own decoding
+Ranks are simulated in process (one ``DistillDataset`` per rank, each with its own decoding
 threads); the real-process check is the torchrun run of test_distributed_training.py, whose
 2-rank losses equal the 1-process run's step by step.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import write_synthetic_store
 
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader, eval_batches
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader, eval_batches
 from kdcache.storage import open_store
 
 # three uneven train shards (the over-sampling report had those), one short sequence
@@ -41,7 +41,7 @@ def stream(
     (rank by rank, as the ranks' rows make up each global batch), and the loader state after."""
     per_rank, states = [], []
     for rank in range(ranks):
-        dataset = TeacherDataset(
+        dataset = DistillDataset(
             url, batch_size=batch, seed=SEED, buffer_size=WINDOW, rank=rank, world_size=ranks
         )
         loader = TeacherLoader(dataset, num_workers=workers if workers > 1 else 0)
@@ -90,7 +90,7 @@ def test_elastic_resume_continues_the_uninterrupted_order(
 def test_one_finite_pass_splits_exactly(url: str, ranks: int) -> None:
     seen: list[int] = []
     for rank in range(ranks):
-        dataset = TeacherDataset(
+        dataset = DistillDataset(
             url, batch_size=5, seed=1, infinite=False, rank=rank, world_size=ranks
         )
         seen += [k for b in TeacherLoader(dataset, num_workers=2) for k in keys(b)]
@@ -120,7 +120,7 @@ def test_a_rank_decodes_only_the_shards_it_needs_once_per_epoch(
     )
     # window 1: shards in runs; rank 1 of 4 reads one row in 8 per global batch of 8 — every
     # shard it needs, once
-    dataset = TeacherDataset(
+    dataset = DistillDataset(
         store, batch_size=8, seed=2, buffer_size=1, rank=1, world_size=4, infinite=False
     )
     got = [k for b in TeacherLoader(dataset) for k in keys(b)]
@@ -148,7 +148,7 @@ def test_workers_share_each_decoded_shard_and_hold_few(
         return arrays
 
     monkeypatch.setattr(store, "read_shard", counted)
-    dataset = TeacherDataset(store, batch_size=4, seed=3, buffer_size=6)
+    dataset = DistillDataset(store, batch_size=4, seed=3, buffer_size=6)
     loader = TeacherLoader(dataset, num_workers=workers)
     most = 0
     for _ in range(2 * 40 // 4):  # two epochs
@@ -173,7 +173,7 @@ def test_many_workers_on_a_small_split_do_not_decode_epochs_ahead(
     monkeypatch.setattr(
         store, "read_shard", lambda r, **kw: decoded.append(r.name) or read(r, **kw)
     )
-    loader = TeacherLoader(TeacherDataset(store, batch_size=3, seed=1), num_workers=16)
+    loader = TeacherLoader(DistillDataset(store, batch_size=3, seed=1), num_workers=16)
     for _ in range(2):  # one epoch of 6 sequences
         next(loader)
     loader.close()

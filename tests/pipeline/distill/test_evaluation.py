@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdcache.pipeline.distill.evaluation import METRICS, evaluate
-from kdcache.pipeline.distill.losses import IGNORE_INDEX
+from kdcache.pipeline.distill.losses import IGNORE_INDEX, next_token_labels
 
 V, K, N = 40, 6, 16
 TOPK = ("topk_ids", "topk_logprobs", "topk_tail_logprob")
@@ -81,7 +81,8 @@ def _batches(n: int, seed: int = 0) -> tuple[list[dict], list[torch.Tensor], lis
             "topk_ids": ids.to(torch.uint16),
             "topk_logprobs": lp.half(),
             "topk_tail_logprob": torch.logsumexp(full.scatter(-1, ids, float("-inf")), -1).float(),
-            "labels": labels,
+            # Hugging Face labels: unshifted (``labels`` above is the next token of each position)
+            "labels": torch.nn.functional.pad(labels[:, :-1], (1, 0), value=IGNORE_INDEX),
             "attention_mask": mask,
             **_samples(full, g),
         }
@@ -104,7 +105,7 @@ def _by_hand(batches: list[dict], logits: list[torch.Tensor]) -> dict[str, float
         for b in range(2):
             for t in range(5):
                 s = torch.log_softmax(z[b, t].double(), -1)
-                label = int(batch["labels"][b, t])
+                label = int(next_token_labels(batch["labels"])[b, t])
                 if label != IGNORE_INDEX:
                     ce -= float(s[label])
                     n += 1

@@ -13,7 +13,7 @@ import torch
 from conftest import write_synthetic_store
 
 from kdcache.pipeline.distill.batches import batch_layout, batch_to_device, layout_of
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
 from kdcache.storage import open_store
 
 # five train shards (one with a short last sequence), one eval shard
@@ -41,15 +41,15 @@ def test_two_ranks_times_two_workers_partition_the_split(tmp_path: Path, lengths
     url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths)
     keys: list[int] = []
     for rank in range(2):
-        dataset = TeacherDataset(url, batch_size=3, seed=5, infinite=False, rank=rank, world_size=2)
+        dataset = DistillDataset(url, batch_size=3, seed=5, infinite=False, rank=rank, world_size=2)
         keys += _all_keys(TeacherLoader(dataset, num_workers=2))
     assert Counter(keys) == Counter(range(sum(map(len, lengths["train"]))))
 
 
-def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str) -> None:
+def test_batches_hold_the_stored_sequences_with_hugging_face_labels(store_url: str) -> None:
     store = open_store(store_url)
     by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
-    dataset = TeacherDataset(store, batch_size=4, seed=1, buffer_size=8, infinite=False)
+    dataset = DistillDataset(store, batch_size=4, seed=1, buffer_size=8, infinite=False)
     seen = 0
     for batch in TeacherLoader(dataset):
         b, length = batch["input_ids"].shape
@@ -69,8 +69,9 @@ def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str
             seq = by_key[key]
             n = len(seq.tokens)
             np.testing.assert_array_equal(batch["input_ids"][i, :n], seq.tokens)
-            np.testing.assert_array_equal(batch["labels"][i, : n - 1], seq.tokens[1:])
-            assert (batch["labels"][i, n - 1 :] == -100).all()
+            # Hugging Face labels: the tokens themselves; position 0 and padding not predicted
+            np.testing.assert_array_equal(batch["labels"][i, 1:n], seq.tokens[1:])
+            assert batch["labels"][i, 0] == -100 and (batch["labels"][i, n:] == -100).all()
             assert batch["attention_mask"][i].sum() == n
             np.testing.assert_array_equal(wide["topk_ids"][i, :n], seq.topk_ids.astype(np.int64))
             np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], seq.topk_logprobs)
@@ -82,7 +83,7 @@ def test_batches_hold_the_stored_sequences_with_next_token_labels(store_url: str
 
 def test_shuffle_is_seeded_and_changes_every_epoch(store_url: str) -> None:
     def first_epochs(seed: int) -> list[int]:
-        loader = TeacherLoader(TeacherDataset(store_url, batch_size=4, seed=seed, buffer_size=6))
+        loader = TeacherLoader(DistillDataset(store_url, batch_size=4, seed=seed, buffer_size=6))
         return [k for _ in range(N_TRAIN // 4 * 2) for k in _keys(next(loader))]
 
     a, again, other = first_epochs(0), first_epochs(0), first_epochs(1)
@@ -90,14 +91,14 @@ def test_shuffle_is_seeded_and_changes_every_epoch(store_url: str) -> None:
     epoch1, epoch2 = a[:N_TRAIN], a[N_TRAIN:]
     assert sorted(epoch1) == sorted(epoch2) == list(range(N_TRAIN))  # each epoch exactly once
     assert epoch1 != epoch2
-    ordered = TeacherDataset(store_url, batch_size=4, shuffle=False, infinite=False)
+    ordered = DistillDataset(store_url, batch_size=4, shuffle=False, infinite=False)
     assert _all_keys(TeacherLoader(ordered)) == list(range(N_TRAIN))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_continues_with_the_same_batches(store_url: str, workers: int) -> None:
     def loader() -> TeacherLoader:
-        dataset = TeacherDataset(store_url, batch_size=5, seed=3, buffer_size=7)
+        dataset = DistillDataset(store_url, batch_size=5, seed=3, buffer_size=7)
         return TeacherLoader(dataset, num_workers=workers)
 
     reference = loader()
@@ -111,17 +112,17 @@ def test_resume_mid_epoch_continues_with_the_same_batches(store_url: str, worker
 
 
 def test_resume_refuses_another_order_but_not_another_worker_count(store_url: str) -> None:
-    one = TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=0)
+    one = TeacherLoader(DistillDataset(store_url, batch_size=5), num_workers=0)
     next(one)
-    TeacherLoader(TeacherDataset(store_url, batch_size=5), num_workers=2).load_state_dict(
+    TeacherLoader(DistillDataset(store_url, batch_size=5), num_workers=2).load_state_dict(
         one.state_dict()
     )  # the position is global: any number of workers continues it
-    for other in (TeacherDataset(store_url, batch_size=4), TeacherDataset(store_url, seed=1)):
+    for other in (DistillDataset(store_url, batch_size=4), DistillDataset(store_url, seed=1)):
         with pytest.raises(ValueError, match="batch_size|seed"):
             TeacherLoader(other).load_state_dict(one.state_dict())
     old = {"dataset": {"positions": {"0": [0, 5]}}, "next_worker": 0}  # a version-1 state
     with pytest.raises(ValueError, match="older kdcache"):
-        TeacherLoader(TeacherDataset(store_url, batch_size=5)).load_state_dict(old)
+        TeacherLoader(DistillDataset(store_url, batch_size=5)).load_state_dict(old)
 
 
 @pytest.mark.parametrize("targets", ["topk", "sampled"])
@@ -129,7 +130,7 @@ def test_memory_url_works_with_workers(tmp_path: Path, targets: str) -> None:
     url = write_synthetic_store(
         f"memory://loader-test-{targets}/s", lengths={"train": [[8] * 3, [8] * 2]}, targets=targets
     )
-    loader = TeacherLoader(TeacherDataset(url, batch_size=2, infinite=False), num_workers=2)
+    loader = TeacherLoader(DistillDataset(url, batch_size=2, infinite=False), num_workers=2)
     assert sorted(_all_keys(loader)) == list(range(5))
 
 
@@ -138,7 +139,7 @@ def test_held_batches_stay_intact_while_workers_reuse_their_buffers(store_url: s
     # dropping them lets the workers reuse slots — no batch may ever change under its holder
     store = open_store(store_url)
     by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
-    loader = TeacherLoader(TeacherDataset(store, batch_size=2, seed=4), num_workers=2)
+    loader = TeacherLoader(DistillDataset(store, batch_size=2, seed=4), num_workers=2)
     held = [next(loader) for _ in range(3 * N_TRAIN // 2)]
     snapshot = [{name: t.clone() for name, t in b.items()} for b in held]
     for _ in range(20):  # keep reading while the held batches still exist
@@ -167,7 +168,7 @@ def test_large_vocabularies_travel_as_int32_ids(tmp_path: Path) -> None:
     stored = np.concatenate([s.topk_ids for s in store.iter_sequences("train")])
     assert stored.dtype == np.uint32 and stored.max() >= 65_536  # ids above the uint16 range
     for workers in (0, 1):
-        dataset = TeacherDataset(store, batch_size=2, shuffle=False, infinite=False)
+        dataset = DistillDataset(store, batch_size=2, shuffle=False, infinite=False)
         batch = next(iter(TeacherLoader(dataset, num_workers=workers)))
         assert batch["topk_ids"].dtype == torch.int32
         wide = batch_to_device(batch, "cpu")["topk_ids"]
@@ -197,7 +198,7 @@ def test_sampled_batches_hold_every_drawn_id_per_position(
     url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths, targets=targets, samples=20)
     store = open_store(url)
     by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
-    dataset = TeacherDataset(store, batch_size=3, seed=2, infinite=False)
+    dataset = DistillDataset(store, batch_size=3, seed=2, infinite=False)
     seen = 0
     for batch in TeacherLoader(dataset, num_workers=workers):
         b, length = batch["input_ids"].shape
@@ -230,7 +231,7 @@ def test_counts_over_255_travel_as_uint16(tmp_path: Path) -> None:
     )
     store = open_store(url)
     for workers in (0, 1):
-        dataset = TeacherDataset(store, batch_size=2, shuffle=False, infinite=False)
+        dataset = DistillDataset(store, batch_size=2, shuffle=False, infinite=False)
         batch = next(iter(TeacherLoader(dataset, num_workers=workers)))
         assert batch["sampled_counts"].dtype == torch.uint16
         for i, seq in enumerate(store.iter_sequences("train")):
@@ -248,7 +249,7 @@ def test_held_sampled_batches_stay_intact_while_workers_reuse_their_buffers(
     url = write_synthetic_store(str(tmp_path / "s"), lengths=lengths, targets="sampled", samples=40)
     store = open_store(url)
     by_key = {int(s.tokens[0]): s for s in store.iter_sequences("train")}
-    loader = TeacherLoader(TeacherDataset(store, batch_size=2, seed=4), num_workers=2)
+    loader = TeacherLoader(DistillDataset(store, batch_size=2, seed=4), num_workers=2)
     held = [next(loader) for _ in range(12)]
     snapshot = [{name: t.clone() for name, t in b.items()} for b in held]
     for _ in range(10):
@@ -264,7 +265,7 @@ def test_held_sampled_batches_stay_intact_while_workers_reuse_their_buffers(
 
 
 def test_a_topk_batch_has_no_sampled_fields(store_url: str) -> None:
-    batch = next(iter(TeacherDataset(store_url, batch_size=4, infinite=False)))
+    batch = next(DistillDataset(store_url, batch_size=4, infinite=False).batches())
     layout = layout_of([{"tokens": np.zeros(3, np.int32), "topk_ids": np.zeros((3, 8), np.uint16),
                          "topk_logprobs": np.zeros((3, 8), np.float16),
                          "topk_tail_logprob": np.zeros(3, np.float32)}])  # fmt: skip
@@ -276,7 +277,7 @@ def test_a_topk_batch_has_no_sampled_fields(store_url: str) -> None:
 def _rows_of_ranks(store, ranks: int, **kw):
     """(batch, row, key) of every row of one epoch of each of ``ranks`` ranks' loaders."""
     for rank in range(ranks):
-        dataset = TeacherDataset(store, infinite=False, rank=rank, world_size=ranks, **kw)
+        dataset = DistillDataset(store, infinite=False, rank=rank, world_size=ranks, **kw)
         for batch in TeacherLoader(dataset, num_workers=2):
             for i, key in enumerate(_keys(batch)):
                 yield batch, i, key

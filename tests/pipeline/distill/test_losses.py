@@ -14,6 +14,7 @@ from kdcache.pipeline.distill.losses import (
     distillation_loss,
     kd_per_token,
     loss_sums,
+    next_token_labels,
     resolve_loss,
     widen_ids,
 )
@@ -63,7 +64,7 @@ def _batch(ids: torch.Tensor, logprobs: torch.Tensor, tail=None, seed: int = 1) 
     b, length, _ = ids.shape
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, V, (b, length), generator=g)
-    labels[:, -1] = IGNORE_INDEX
+    labels[:, 0] = IGNORE_INDEX  # Hugging Face labels: unshifted, position 0 is not predicted
     batch = {
         "topk_ids": ids,
         "topk_logprobs": logprobs,
@@ -223,7 +224,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(loss: str) -> None:
     _, ids, logprobs, tail = _teacher_topk(3, 7, k=8)
     batch = {**_batch(ids, logprobs, tail), **_sampled(3, 7, n=16)}
     batch["attention_mask"][2, 5:] = 0  # padding
-    batch["labels"][2, 4:] = IGNORE_INDEX
+    batch["labels"][2, 5:] = IGNORE_INDEX
     for name in ("sampled_ids", "sampled_counts", "sampled_logprobs"):
         batch[name][2, 5:] = 0  # a padded position has no draws
     a, b = _logits(3, 7), _logits(3, 7)
@@ -309,10 +310,12 @@ def test_alpha_mixes_kd_and_ce_averaged_over_their_own_tokens() -> None:
     _, ids, logprobs, tail = _teacher_topk(2, 6, k=5)
     batch = _batch(ids, logprobs, tail)
     batch["attention_mask"][1, 4:] = 0
-    batch["labels"][1, 3:] = IGNORE_INDEX
+    batch["labels"][1, 4:] = IGNORE_INDEX
     logits = _logits(2, 6)
     ce = F.cross_entropy(
-        logits.reshape(-1, V), batch["labels"].reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, V),
+        next_token_labels(batch["labels"]).reshape(-1),
+        ignore_index=IGNORE_INDEX,
     )
     kd_rows = _ref_kd(logits, ids, logprobs, tail, "kl", 1.0)
     kd = kd_rows[batch["attention_mask"].reshape(-1).bool()].mean()

@@ -14,7 +14,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from kdcache.pipeline.distill.batches import SEQUENCE_FIELDS, batch_to_device, collate
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.live_teacher import LiveTeacher, exact_kl
-from kdcache.pipeline.distill.losses import IGNORE_INDEX, distillation_loss, loss_sums
+from kdcache.pipeline.distill.losses import (
+    IGNORE_INDEX,
+    distillation_loss,
+    loss_sums,
+    next_token_labels,
+)
 
 V, K, N = 40, 5, 12  # vocabulary, top-k, draws per position
 LENGTHS = (9, 6, 9)  # the second sequence is padded in the batch
@@ -67,10 +72,17 @@ def sequences(seed: int = 0) -> tuple[list[dict], list[dict], list[np.ndarray]]:
 
 def trained_only(full_batch: dict, keep: torch.Tensor, logits: torch.Tensor) -> tuple:
     """The reference: the unmasked batch's rows at the trained positions, as one sequence
-    (1, T) with no mask at all, and the logits of those positions (1, T, V)."""
-    batch = {name: t[keep][None] for name, t in full_batch.items() if name not in ("loss_mask",)}
-    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
-    return batch, logits[keep][None]
+    (1, T + 1) with no mask at all (the extra last position is padding, there to carry the
+    label of the T-th), and the logits of those positions (1, T + 1, V)."""
+    shifted = next_token_labels(full_batch["labels"])[keep]  # (T,) the token each predicts
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # (T, ...) → (1, T + 1, ...), last row zero
+        return torch.cat([t, t.new_zeros(1, *t.shape[1:])])[None]
+
+    batch = {name: padded(t[keep]) for name, t in full_batch.items() if name != "loss_mask"}
+    batch["attention_mask"] = padded(torch.ones_like(full_batch["attention_mask"][keep]))
+    batch["labels"] = torch.cat([shifted.new_full((1,), IGNORE_INDEX), shifted])[None]
+    return batch, padded(logits[keep])
 
 
 def test_collate_places_each_target_row_at_its_trained_position() -> None:
@@ -88,8 +100,9 @@ def test_collate_places_each_target_row_at_its_trained_position() -> None:
         assert batch["loss_mask"][i].tolist() == trained.long().tolist()
         assert torch.equal(batch["attention_mask"][i], reference["attention_mask"][i])
         assert torch.equal(batch["input_ids"][i], reference["input_ids"][i])
-        # labels: the next token where trained, -100 elsewhere (and at the last position)
-        want = torch.where(trained, reference["labels"][i], IGNORE_INDEX)
+        # Hugging Face labels: token t + 1 where position t is trained, -100 elsewhere
+        predicted = torch.nn.functional.pad(trained[:-1], (1, 0))  # (L,) token t is predicted
+        want = torch.where(predicted, reference["labels"][i], IGNORE_INDEX)
         assert torch.equal(batch["labels"][i], want)
         for name in (*TOPK, *SAMPLED):
             got, expected = wide[name][i], ref[name][i]
@@ -194,7 +207,8 @@ def test_online_kd_and_the_exact_kl_count_the_trained_positions_only(loss: str) 
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(*keep.shape, V, generator=g)
     ref_batch, ref_logits = trained_only(batch_to_device(collate(full), "cpu"), keep, logits)
-    ref_batch["teacher_hidden"] = batch["teacher_hidden"][keep][None]
+    hidden = batch["teacher_hidden"][keep]  # (T, H); the reference's padding row: zeros
+    ref_batch["teacher_hidden"] = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])])[None]
     ours = loss_sums(logits, batch, loss=loss, temperature=1.5, chunk_tokens=4, teacher=teacher)
     want = loss_sums(ref_logits, ref_batch, loss=loss, temperature=1.5, teacher=teacher)
     torch.testing.assert_close(ours.kd_sum, want.kd_sum, atol=1e-6, rtol=1e-5)

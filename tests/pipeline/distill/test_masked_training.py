@@ -15,7 +15,7 @@ from conftest import save_tiny_model, write_synthetic_store
 from transformers import AutoModelForCausalLM
 
 from kdcache.pipeline.distill.batches import collate, sequence_fields
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
 from kdcache.storage import create_store, make_manifest, open_store
 
 LENGTHS = {"train": [[24] * 6, [24] * 5 + [13]], "eval": [[24] * 4, [24] * 2 + [11]]}
@@ -79,7 +79,7 @@ def test_the_loader_carries_the_mask_through_its_workers(store: str) -> None:
     assert masked.has_loss_mask and masked.num_trained < masked.num_tokens
     assert (masked.tokenizer_size, masked.vocab_size) == (512, 576)
     by_key = {int(s.tokens[0]): s for s in masked.iter_sequences("train")}
-    dataset = TeacherDataset(masked, batch_size=3, seed=1, infinite=False)
+    dataset = DistillDataset(masked, batch_size=3, seed=1, infinite=False)
     assert dataset.num_trained == sum(int(s.loss_mask.sum()) for s in by_key.values())
     trained = 0
     for batch in TeacherLoader(dataset, num_workers=2):  # collated into shared-memory slots
@@ -132,7 +132,7 @@ def test_train_student_trains_and_evaluates_the_trained_positions_only(
     line = stdout.strip().splitlines()[-1]
     assert f"{train['tokens']:,} tokens ({train['trained_tokens']:,} trained) in" in line
     run = json.loads((out / "run.json").read_text())
-    assert run["train_trained_tokens"] == TeacherDataset(store).num_trained
+    assert run["train_trained_tokens"] == DistillDataset(store).num_trained
 
 
 def test_online_kd_with_a_padded_teacher_on_a_masked_store(

@@ -17,7 +17,7 @@ from kdcache.pipeline.cli import main
 from kdcache.pipeline.distill.batches import batch_to_device
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.live_teacher import LiveTeacher
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
 from kdcache.pipeline.distill.losses import batch_loss, loss_sums
 from kdcache.pipeline.distill.student import build_student
 from kdcache.pipeline.distill.student_head import student_head
@@ -44,7 +44,7 @@ def test_online_loss_equals_the_full_vocabulary_kl(store: str, tiny_teacher_dir:
     """Online kl against the live teacher is the top-k kl with k = vocab in float32."""
     teacher_model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     teacher = LiveTeacher(teacher_model)
-    batch = next(iter(TeacherLoader(TeacherDataset(store, batch_size=3, infinite=False))))
+    batch = next(iter(TeacherLoader(DistillDataset(store, batch_size=3, infinite=False))))
     b = batch_to_device(batch, "cpu")
     b["teacher_hidden"] = teacher.hidden(b["input_ids"], b["attention_mask"])
     student, _ = build_student("tiny", teacher.vocab_size, seed=1)
@@ -72,7 +72,7 @@ def test_the_teacher_is_at_exact_kl_zero_from_itself(store: str, tiny_teacher_di
 
     def batches() -> TeacherLoader:  # the eval split in stored order, one epoch
         return TeacherLoader(
-            TeacherDataset(store, "eval", batch_size=4, shuffle=False, infinite=False)
+            DistillDataset(store, "eval", batch_size=4, shuffle=False, infinite=False)
         )
 
     own = evaluate(model, batches(), teacher=LiveTeacher(model), chunk_tokens=50)

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli as run
 from conftest import write_synthetic_store
 
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
 from kdcache.storage import open_store
 from kdcache.storage._fs import StoreFS
 from kdcache.storage.shard_cache import ShardCacheConfig
@@ -32,7 +32,7 @@ def stores(s3_bucket: str, tmp_path: Path, tiny_tokenizer_dir: Path) -> tuple[st
 
 
 def batches(store: object, workers: int) -> list[dict[str, torch.Tensor]]:
-    dataset = TeacherDataset(store, batch_size=4, seed=3, buffer_size=8, infinite=False)  # type: ignore[arg-type]
+    dataset = DistillDataset(store, batch_size=4, seed=3, buffer_size=8, infinite=False)  # type: ignore[arg-type]
     return [
         {k: v.clone() for k, v in b.items()} for b in TeacherLoader(dataset, num_workers=workers)
     ]

@@ -13,7 +13,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from kdcache.pipeline.distill.batches import batch_to_device, collate
 from kdcache.pipeline.distill.evaluation import evaluate
-from kdcache.pipeline.distill.losses import IGNORE_INDEX, batch_loss, kd_per_token, trained_mask
+from kdcache.pipeline.distill.losses import (
+    IGNORE_INDEX,
+    batch_loss,
+    kd_per_token,
+    next_token_labels,
+    trained_mask,
+)
 from kdcache.pipeline.distill.student_head import StudentHead, student_head
 
 LOSSES = ["kl", "ghost", "reverse-kl", "sampled-kl", "ce"]
@@ -52,7 +58,7 @@ def reference_loss(model: torch.nn.Module, b: dict, loss: str, alpha: float, t: 
     """The plain computation: the model's whole logits, every row at once, autograd."""
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., :V]
     flat = logits.reshape(-1, V)  # (B·L, V)
-    labels = b["labels"].reshape(-1)
+    labels = next_token_labels(b["labels"]).reshape(-1)
     ce = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX)
     if loss == "ce":
         return ce
@@ -132,7 +138,7 @@ def test_no_tensor_of_batch_by_vocabulary_exists_in_the_forward_or_the_backward(
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (4, 32), generator=g)
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-         "labels": torch.roll(ids, -1, 1), "topk_ids": torch.randint(0, vocab, (4, 32, 8)),
+         "labels": ids, "topk_ids": torch.randint(0, vocab, (4, 32, 8)),
          "topk_logprobs": torch.log_softmax(torch.randn(4, 32, 9), -1)[..., :8].sort(
              -1, descending=True).values}  # fmt: skip
     whole = 4 * 32 * vocab

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.distill.evaluation import evaluate
-from kdcache.pipeline.distill.loader import TeacherDataset, TeacherLoader
+from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader
 from kdcache.pipeline.distill.student import build_student
 from kdcache.pipeline.distill.trainee import make_accelerator, make_trainee, train_step
 from kdcache.storage import open_store
@@ -266,7 +266,7 @@ def test_end_to_end_from_a_stage_one_store(
     # the teacher, evaluated on its own stored eval split, agrees with its stored top-1 and is
     # at ghost KL 0 from itself (up to the float16 rounding of the stored log-probs)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
-    eval_data = TeacherDataset(str(store), "eval", batch_size=4, shuffle=False, infinite=False)
+    eval_data = DistillDataset(str(store), "eval", batch_size=4, shuffle=False, infinite=False)
     own = evaluate(teacher, TeacherLoader(eval_data))
     assert own["top1_agreement"] > 0.99
     assert abs(own["ghost_kl_to_teacher"]) < 1e-3
@@ -288,7 +288,7 @@ def test_end_to_end_from_a_stage_one_store(
 def test_gradient_accumulation_equals_one_big_batch(
     store: str, sampled_store: str, loss: str, sampled: bool
 ) -> None:
-    dataset = TeacherDataset(sampled_store if sampled else store, batch_size=6, infinite=False)
+    dataset = DistillDataset(sampled_store if sampled else store, batch_size=6, infinite=False)
     batch = next(iter(TeacherLoader(dataset)))
     batch["attention_mask"][5, 20:] = 0  # uneven token counts across micro-batches
     batch["labels"][5, 19:] = -100

@@ -1,0 +1,168 @@
+"""The distillation loss of a store, for any training loop: ``DistillLoss`` and the student
+checks it makes first.
+
+    loss_fn = DistillLoss(dataset, loss="auto", temperature=1.0, alpha=0.5)
+    loss_fn.check_student(model, tokenizer)  # the store's ids must be the student's ids
+    terms = loss_fn(model, batch)            # the model's forward, the head per chunk
+    terms.total.backward()
+
+``__call__`` runs the model's own forward with its output head split off (``student_head.py``:
+the loss is taken from the final hidden states a chunk of rows at a time, never building the
+(B, L, V) logits); ``from_hidden`` takes hidden states and a head the caller made, and
+``from_logits`` the logits of a model whose head cannot be split off. All three give the same
+``LossTerms`` as ``kdcache train-student`` for the same batch: ``total`` is
+``alpha · KD + (1 − alpha) · CE`` with KD averaged over the trained positions (``loss_mask``)
+and CE over the labelled next tokens, or over ``kd_tokens``/``ce_tokens`` when given (a whole
+optimizer step over every rank: gradient accumulation, data parallel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kdcache.pipeline.distill.batches import batch_to_device
+from kdcache.pipeline.distill.checks import check_store
+from kdcache.pipeline.distill.dataset import DistillDataset
+from kdcache.pipeline.distill.losses import LossTerms, batch_loss
+from kdcache.pipeline.distill.student_head import StudentHead, student_head
+from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows
+from kdcache.pipeline.errors import UserError
+from kdcache.storage import Store, sample_temperature
+
+
+class DistillLoss:
+    """The loss a store's targets train (see the module docstring).
+
+    Args:
+        source: the ``DistillDataset`` (or the open ``Store``) the batches come from.
+        loss: "auto" (sampled-kl for a store with samples, else ghost), "kl", "ghost",
+            "reverse-kl", "sampled-kl" or "ce" (``losses.LOSSES``).
+        temperature: KD temperature (CE always at 1); sampled-kl only at the draws' own.
+        alpha: the KD weight; CE gets ``1 − alpha``.
+
+    Raises:
+        UserError: the store lacks the targets ``loss`` needs, or the temperature does not fit.
+    """
+
+    def __init__(
+        self,
+        source: DistillDataset | Store,
+        *,
+        loss: str = "auto",
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+    ) -> None:
+        store = source.store if isinstance(source, DistillDataset) else source
+        self.store = store
+        self.loss = check_store(store, loss, temperature=temperature)  # "auto" resolved
+        self.temperature, self.alpha = temperature, alpha
+        self.vocab = store.tokenizer_size  # the student's logits are sliced to these ids
+        self.sample_temperature = sample_temperature(store.manifest) or 1.0
+
+    def check_student(self, model: Any, tokenizer: Any = None) -> None:
+        """The student must read the store's ids: its embedding covers the store's tokenizer,
+        and ``tokenizer`` (when given) maps every token to the store tokenizer's id.
+
+        Raises:
+            UserError: naming the first token whose id differs, or the sizes.
+        """
+        rows = embedding_rows(model)
+        if rows is not None and rows < self.vocab:
+            raise UserError(
+                f"the student's embedding has {rows} rows, the store's tokenizer {self.vocab} "
+                f"ids, {self.store.url}; build the student on the store's tokenizer"
+            )
+        if tokenizer is not None:
+            check_tokenizer(self.store, tokenizer)
+
+    def head(self, model: Any) -> StudentHead:
+        """The model's head split off (probed once per model; see ``student_head``)."""
+        return student_head(model, self.vocab)
+
+    def __call__(
+        self,
+        model: Any,
+        batch: dict[str, torch.Tensor],
+        *,
+        kd_tokens: int | None = None,
+        ce_tokens: int | None = None,
+    ) -> LossTerms:
+        """The loss of ``model`` on ``batch`` (a ``DistillCollator`` batch, on any device)."""
+        head = self.head(model)
+        batch = self.to_device(batch, model)
+        return self.from_hidden(
+            head.rows(model, batch), head, batch, kd_tokens=kd_tokens, ce_tokens=ce_tokens
+        )
+
+    def to_device(self, batch: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+        """``batch`` on the model's device with its ids widened to int64, checked against the
+        student's embedding and the store's ids."""
+        device = next(model.parameters()).device
+        batch = batch_to_device(batch, device)
+        check_batch_ids(batch, embedding_rows(model), self.vocab)
+        return batch
+
+    def from_hidden(
+        self,
+        hidden: torch.Tensor,
+        head: StudentHead,
+        batch: dict[str, torch.Tensor],
+        *,
+        kd_tokens: int | None = None,
+        ce_tokens: int | None = None,
+    ) -> LossTerms:
+        """The loss from (B, L, H) final hidden states and the model's ``head``."""
+        return batch_loss(
+            hidden,
+            batch,
+            head=head,
+            loss=self.loss,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            kd_tokens=kd_tokens,
+            ce_tokens=ce_tokens,
+            sample_temperature=self.sample_temperature,
+        )
+
+    def from_logits(
+        self,
+        logits: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        *,
+        kd_tokens: int | None = None,
+        ce_tokens: int | None = None,
+    ) -> LossTerms:
+        """The loss from (B, L, V') logits (sliced to the store's V ids here)."""
+        return batch_loss(
+            logits[..., : self.vocab],
+            batch,
+            loss=self.loss,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            kd_tokens=kd_tokens,
+            ce_tokens=ce_tokens,
+            sample_temperature=self.sample_temperature,
+        )
+
+
+def check_tokenizer(store: Store, tokenizer: Any) -> None:
+    """``tokenizer`` must give every token the id the store's tokenizer gives it.
+
+    Raises:
+        UserError: naming a token whose id differs (or that one of them lacks).
+    """
+    from kdcache.pipeline.distill.student import load_store_tokenizer
+
+    ours, theirs = load_store_tokenizer(store).get_vocab(), tokenizer.get_vocab()
+    if ours == theirs:
+        return
+    differ = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
+    token = differ[0]
+    raise UserError(
+        f"the student's tokenizer is not the store's: {len(differ)} tokens differ, e.g. "
+        f"{token!r} is {ours.get(token, 'missing')} in the store and "
+        f"{theirs.get(token, 'missing')} in the student's, {store.url}; train the student on "
+        "the store's tokenizer (kdcache.pipeline.distill.load_store_tokenizer)"
+    )
