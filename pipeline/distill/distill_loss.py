@@ -25,6 +25,7 @@ import torch
 from kdcache.pipeline.distill.batches import batch_to_device
 from kdcache.pipeline.distill.checks import check_store
 from kdcache.pipeline.distill.dataset import DistillDataset
+from kdcache.pipeline.distill.live_teacher import LiveTeacher
 from kdcache.pipeline.distill.losses import LossTerms, batch_loss
 from kdcache.pipeline.distill.student_head import StudentHead, student_head
 from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows
@@ -55,11 +56,29 @@ class DistillLoss:
         alpha: float = 0.5,
     ) -> None:
         store = source.store if isinstance(source, DistillDataset) else source
-        self.store = store
+        self.store: Store | None = store
         self.loss = check_store(store, loss, temperature=temperature)  # "auto" resolved
         self.temperature, self.alpha = temperature, alpha
-        self.vocab = store.tokenizer_size  # the student's logits are sliced to these ids
+        self.vocab: int | None = store.tokenizer_size  # the student's logits cover these ids
         self.sample_temperature = sample_temperature(store.manifest) or 1.0
+
+    @classmethod
+    def resolved(
+        cls,
+        *,
+        loss: str,
+        temperature: float,
+        alpha: float,
+        vocab: int | None,
+        sample_temperature: float = 1.0,
+    ) -> DistillLoss:
+        """The loss from settings already checked against a store (train-student's trainees:
+        ``loss`` resolved, ``vocab`` the store's tokenizer size)."""
+        made = cls.__new__(cls)
+        made.store = None
+        made.loss, made.temperature, made.alpha = loss, temperature, alpha
+        made.vocab, made.sample_temperature = vocab, sample_temperature
+        return made
 
     def check_student(self, model: Any, tokenizer: Any = None) -> None:
         """The student must read the store's ids: its embedding covers the store's tokenizer,
@@ -68,8 +87,10 @@ class DistillLoss:
         Raises:
             UserError: naming the first token whose id differs, or the sizes.
         """
+        if self.store is None:
+            raise ValueError("check_student needs the loss made from a store (DistillLoss(store))")
         rows = embedding_rows(model)
-        if rows is not None and rows < self.vocab:
+        if rows is not None and self.vocab is not None and rows < self.vocab:
             raise UserError(
                 f"the student's embedding has {rows} rows, the store's tokenizer {self.vocab} "
                 f"ids, {self.store.url}; build the student on the store's tokenizer"
@@ -112,8 +133,10 @@ class DistillLoss:
         *,
         kd_tokens: int | None = None,
         ce_tokens: int | None = None,
+        teacher: LiveTeacher | None = None,
     ) -> LossTerms:
-        """The loss from (B, L, H) final hidden states and the model's ``head``."""
+        """The loss from (B, L, H) final hidden states and the model's ``head``; with a live
+        ``teacher`` (online KD) from the batch's ``teacher_hidden`` instead of stored targets."""
         return batch_loss(
             hidden,
             batch,
@@ -123,6 +146,7 @@ class DistillLoss:
             alpha=self.alpha,
             kd_tokens=kd_tokens,
             ce_tokens=ce_tokens,
+            teacher=teacher,
             sample_temperature=self.sample_temperature,
         )
 
@@ -136,7 +160,7 @@ class DistillLoss:
     ) -> LossTerms:
         """The loss from (B, L, V') logits (sliced to the store's V ids here)."""
         return batch_loss(
-            logits[..., : self.vocab],
+            logits if self.vocab is None else logits[..., : self.vocab],
             batch,
             loss=self.loss,
             temperature=self.temperature,

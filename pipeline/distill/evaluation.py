@@ -7,12 +7,12 @@ teacher is reported depends on the targets the store holds, and each is named fo
 
 Positions: every metric counts the trained positions only (``loss_mask``: every real position
 of a store without a loss mask); those with a label are the trained positions that have a next
-token (``labels`` is -100 elsewhere). The model's logits, and the teacher's, are over the
-store's tokenizer ids only (``vocab``), computed from the model's final hidden states a chunk
-of rows at a time (``student_head.py``).
+token (``next_token_labels(labels)``, Hugging Face's labels shifted, is -100 elsewhere). The
+model's logits, and the teacher's, are over the store's tokenizer ids only (``vocab``),
+computed from the model's final hidden states a chunk of rows at a time (``student_head.py``).
 
 - ``cross_entropy``: mean ``−log s[label]`` in nats over positions with a label (the true next
-  token; ``labels != -100``); ``perplexity = exp(cross_entropy)``.
+  token); ``perplexity = exp(cross_entropy)``.
 - ``ghost_kl_to_teacher`` (top-k stores): mean over trained positions (``loss_mask``) of the
   KL over k + 1 categories — the teacher's k ids and one bucket for the rest — with the stored
   tail mass (``topk_tail_logprob``; ``1 − Σ exp(l)`` for version-1 stores). The ``ghost`` loss at

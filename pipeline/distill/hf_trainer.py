@@ -27,6 +27,7 @@ logits, which the loss from hidden states exists to avoid. So the subclass overr
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, NamedTuple
 
 import torch
@@ -127,6 +128,22 @@ class DistillMixin:
             "eval_dataset": evaluated,
             "data_collator": DistillCollator(self.distill_data),
         }
+
+    def _note_parallelism(self) -> None:
+        """One line when FSDP was asked for and Accelerate did not apply it (it shards only on
+        GPUs): the processes then train data-parallel, the same student."""
+        from accelerate.utils import DistributedType
+
+        accelerator: Any = self.accelerator  # type: ignore[attr-defined]
+        asked = bool(self.args.fsdp)  # type: ignore[attr-defined]
+        ignored = asked and accelerator.distributed_type != DistributedType.FSDP
+        if ignored and accelerator.is_main_process:
+            print(
+                f"Note: the FSDP configuration is not applied on the {accelerator.device.type} "
+                f"(Accelerate shards only on GPUs): {accelerator.num_processes} processes "
+                "train data-parallel, the same student",
+                file=sys.stderr,
+            )
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
         args: Any = self.args  # type: ignore[attr-defined]
@@ -284,6 +301,7 @@ def trainer_class() -> type:
                 storage_options=storage_options,
             )  # fmt: skip
             super().__init__(model=model, args=args, **kwargs)
+            self._note_parallelism()
 
     DistillTrainer.__qualname__ = "DistillTrainer"
 

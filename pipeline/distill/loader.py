@@ -11,8 +11,8 @@ from the decoded shards, which it holds until their last sequence is read: memor
 window plus the shards in flight (``workers + 1``) and in use (two or three).
 
 Batches (torch tensors, in the store's compact dtypes — see ``batches.py`` for every field):
-``input_ids`` (B, L) int64, ``labels`` (B, L) int64 (the next token; -100 at the last position
-of a sequence, on padding and at positions a store's loss mask does not train),
+``input_ids`` (B, L) int64, ``labels`` (B, L) int64 (Hugging Face's: unshifted, -100 at
+position 0, on padding and after positions a store's loss mask does not train),
 ``attention_mask`` (B, L) int64, ``loss_mask`` (B, L) int64 (the trained positions:
 ``attention_mask`` for a store without a loss mask), and the store's targets, placed at the
 trained positions (zeros elsewhere): top-k ``topk_ids``/``topk_logprobs`` (B, L, k) and

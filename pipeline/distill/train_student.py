@@ -42,6 +42,7 @@ from kdcache.pipeline.distill.checks import (
     check_settings,
     check_store,
 )
+from kdcache.pipeline.distill.dataset import manifest_fingerprint
 from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
 from kdcache.pipeline.distill.loader import (
     DistillDataset,
@@ -63,7 +64,6 @@ from kdcache.pipeline.distill.trainee import (
     load_checkpoint,
     make_accelerator,
     make_trainee,
-    manifest_fingerprint,
     on_main,
     parallel_note,
     save_checkpoint,

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
-from kdcache.pipeline.distill.dataset import manifest_fingerprint  # noqa: F401 (sweep.py)
-from kdcache.pipeline.distill.losses import IGNORE_INDEX, batch_loss, trained_mask
+from kdcache.pipeline.distill.distill_loss import DistillLoss
+from kdcache.pipeline.distill.losses import IGNORE_INDEX, trained_mask
 from kdcache.pipeline.distill.student_head import student_head
 from kdcache.pipeline.distill.tracking import accelerator_kwargs
 from kdcache.pipeline.distill.vocabulary import check_batch_ids, embedding_rows
@@ -69,6 +69,17 @@ class Trainee:
     tokens: int = 0  # real input positions read, over all ranks
     trained_tokens: int = 0  # of those, the trained ones (loss_mask)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able state saved with checkpoints
+
+    @property
+    def loss_fn(self) -> DistillLoss:
+        """This trainee's loss as the public ``DistillLoss`` (what users' loops call)."""
+        return DistillLoss.resolved(
+            loss=self.loss,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            vocab=self.vocab,
+            sample_temperature=self.sample_temperature,
+        )
 
 
 def make_accelerator(
@@ -232,18 +243,15 @@ def train_step(
             if teacher is not None:  # online KD: the teacher's final hidden states (B, L, H)
                 check_batch_ids(b, embedding_rows(model), trainee.vocab)  # before the teacher
                 b["teacher_hidden"] = teacher.hidden(b["input_ids"], b["attention_mask"])
-            head = student_head(model, trainee.vocab)
-            terms = batch_loss(
+            loss_fn = trainee.loss_fn  # the public DistillLoss, with train-student's settings
+            head = loss_fn.head(model)
+            terms = loss_fn.from_hidden(
                 head.rows(model, b),  # (B, L, H): the head runs per chunk inside the loss
+                head,
                 b,
-                head=head,
-                loss=trainee.loss,
-                temperature=trainee.temperature,
-                alpha=trainee.alpha,
                 kd_tokens=kd_tokens,
                 ce_tokens=ce_tokens,
                 teacher=teacher,
-                sample_temperature=trainee.sample_temperature,
             )
             loss, kd, ce = terms.total, terms.kd, terms.ce
             # DDP averages the ranks' gradients; each rank's loss is its share of the global

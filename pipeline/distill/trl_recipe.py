@@ -137,6 +137,7 @@ def sft_trainer_class() -> type:
                 kwargs[name] = None if dataset is None else _stand_in(pad)
             super().__init__(model=model, args=args, **kwargs)
             self.train_dataset, self.eval_dataset = ours["train_dataset"], ours["eval_dataset"]
+            self._note_parallelism()
 
         def _prepare_dataset(self, dataset: Any, *_: Any, **__: Any) -> Any:
             """The store is tokenized and packed: nothing to prepare (no truncation either)."""

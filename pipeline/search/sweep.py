@@ -40,6 +40,7 @@ import torch
 
 from kdcache.pipeline.distill import tracking
 from kdcache.pipeline.distill.checks import check_finished, check_store
+from kdcache.pipeline.distill.dataset import manifest_fingerprint
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.distill.student import (
@@ -52,7 +53,6 @@ from kdcache.pipeline.distill.trainee import (
     load_checkpoint,
     make_accelerator,
     make_trainee,
-    manifest_fingerprint,
     on_main,
     parallel_note,
     save_checkpoint,

@@ -18,7 +18,7 @@ from kdcache.storage import open_store
 STEPS = 3
 
 
-def run(store_url: str, out: Path, per_device: int) -> dict:
+def run(store_url: str, out: Path, per_device: int, fsdp: bool = False) -> dict:
     store = open_store(store_url)
     tokenizer = load_store_tokenizer(store)
     model, _ = build_student("tiny", store.tokenizer_size, tokenizer=tokenizer, seed=0)
@@ -26,7 +26,7 @@ def run(store_url: str, out: Path, per_device: int) -> dict:
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device, gradient_accumulation_steps=2, logging_steps=1,
         report_to="none", use_cpu=True, save_strategy="no", seed=0, max_grad_norm=1.0,
-        disable_tqdm=True,
+        disable_tqdm=True, **({"fsdp": True, "fsdp_config": {"fsdp_version": 2}} if fsdp else {}),
     )  # fmt: skip
     trainer = DistillTrainer(
         model, args, store=store, processing_class=tokenizer,
@@ -38,6 +38,6 @@ def run(store_url: str, out: Path, per_device: int) -> dict:
 
 
 if __name__ == "__main__":
-    result = run(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
+    result = run(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["fsdp"])
     if result["world"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         (Path(sys.argv[2]) / "result.json").write_text(json.dumps(result))

@@ -4,6 +4,7 @@ resume), DistillCollator's Hugging Face batches, DistillLoss, and DistillTrainer
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -173,10 +174,15 @@ def test_the_trainer_trains_as_train_student_does(
         assert e.code in (0, None), capsys.readouterr().err
     cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     with (tmp_path / "cli" / "log.csv").open() as f:
-        cli_losses = [float(line.split(",")[3]) for line in list(f)[1:]]
+        rows = list(csv.DictReader(f))
+    # the Trainer's default remove_unused_columns=True: the teacher's fields still reach the loss
     trainer = _trainer(store, tmp_path / "hf", eval_strategy="steps", eval_steps=4)
+    assert trainer.args.remove_unused_columns
     trainer.train()
-    assert _losses(trainer) == pytest.approx(cli_losses, rel=1e-5)
+    assert _losses(trainer) == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)
+    # the same gradients: their norm before clipping, step by step
+    norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    assert norms == pytest.approx([float(r["grad_norm"]) for r in rows], rel=1e-4)
     final = trainer.evaluate()
     for name in ("cross_entropy", "ghost_kl_to_teacher", "tokens"):
         assert final[f"eval_{name}"] == pytest.approx(cli["final"][name], rel=1e-5), name
@@ -233,24 +239,33 @@ def test_the_trainer_refuses_what_it_cannot_honour(store: str, tmp_path: Path) -
 def test_the_trainer_under_ddp_takes_the_one_process_steps(store: str, tmp_path: Path) -> None:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     worker = str(HERE / "hf_ddp_worker.py")
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
+    one = tmp_path / "one"
+    one.mkdir()
     subprocess.run(
         [sys.executable, worker, store, str(one), "4"], env=environment, check=True,
         capture_output=True, timeout=300,
     )  # fmt: skip
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(29700 + os.getpid() % 100), worker, store, str(two), "2"],
-        env=environment, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert launched.returncode == 0, launched.stderr[-3000:]
     single = json.loads((one / "result.json").read_text())
-    ddp = json.loads((two / "result.json").read_text())
-    assert ddp["world"] == 2 and single["world"] == 1
-    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4)
-    for name in ("eval_cross_entropy", "eval_tokens"):
-        assert ddp["eval"][name] == pytest.approx(single["eval"][name], rel=1e-4)
+    assert single["world"] == 1
+    # DDP; then the FSDP configuration, which Accelerate applies on GPUs only: on the CPU the
+    # two processes train data-parallel, with one note
+    for extra, port in (([], 0), (["fsdp"], 1)):
+        out = tmp_path / f"two{port}"
+        out.mkdir()
+        launched = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(29700 + os.getpid() % 100 + port), worker, store, str(out),
+             "2", *extra],
+            env=environment, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        ddp = json.loads((out / "result.json").read_text())
+        assert ddp["world"] == 2
+        assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4)
+        for name in ("eval_cross_entropy", "eval_tokens"):
+            assert ddp["eval"][name] == pytest.approx(single["eval"][name], rel=1e-4)
+        notes = launched.stderr.count("Note: the FSDP configuration is not applied on the cpu")
+        assert notes == (1 if extra else 0)
 
 
 def test_train_student_reports_to_tensorboard_and_plots_its_curves(
