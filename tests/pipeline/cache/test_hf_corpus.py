@@ -25,7 +25,6 @@ from kdcache.pipeline.cache.hf_corpus import DatasetOptions, open_dataset
 from kdcache.storage import open_store, verify_store
 
 datasets = pytest.importorskip("datasets")
-pytestmark = pytest.mark.floors
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOPICS = ["sorting", "files", "numbers", "strings", "dates", "paths", "sets", "json"]

@@ -451,3 +451,31 @@ def test_two_ranks_log_once_from_the_main_process_and_fail_together(store, tmp_p
     assert failed.returncode != 0
     assert failed.stderr.count("Error: --report-to mlflow could not start a run") == 1
     assert not list((tmp_path / "failed" / "candidates").iterdir())  # before any training
+
+
+def test_train_student_reports_to_wandb_offline_and_mlflow(store, tmp_path, offline, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        ["train-student", "--store", store, "--out", str(out), "--steps", "4", "--batch-size",
+         "4", "--eval-every", "2", "--threads", "1", "--report-to", "wandb,mlflow"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = log_rows(out / "log.csv")
+    evals = json.loads((out / "metrics.json").read_text())["eval_history"]
+    (run_file,) = glob.glob(str(tmp_path / "wandb-dir" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history = wandb_history(run_file)
+    logged = [h["loss"] for h in history if "loss" in h]
+    assert logged == [pytest.approx(float(r["loss"]), rel=1e-6) for r in rows]
+    cross = [h["eval/cross_entropy"] for h in history if "eval/cross_entropy" in h]
+    assert cross == [pytest.approx(e["cross_entropy"], rel=1e-6) for e in evals]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "kdcache"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    metric = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in metric) == [
+        (int(r["step"]), pytest.approx(float(r["loss"]), rel=1e-9)) for r in rows
+    ]
+    assert offline == []  # nothing beyond the loopback
