@@ -29,13 +29,17 @@ Public API (see docs/architecture.md §3 and §8)::
 
 Layout: ``manifest.json``, ``shards/<split>-<index:05d>.zarr|.arrow`` and the commit record
 ``shards/<split>-<index:05d>.json`` (written last; only shards with a record exist for readers).
-This kdcache writes format_version 5 (codec ``raw`` or ``gaps``, ``make_manifest(codec=...)``)
-and reads 1 to 5 (docs/architecture.md §3).
+This kdcache writes format_version 6 (codec ``raw`` or ``gaps``, ``make_manifest(codec=...)``;
+``next_token_logprob=True, text=True`` for per-position next-token log-probs and the text with
+each token's span: ``seq.next_token_logprob`` (L,), ``seq.text`` (B,) uint8, ``seq.token_ends``
+(L,) int64, None without them; ``require_text`` refuses a store that lacks them) and reads 1 to
+6 (docs/architecture.md §3).
 """
 
 from ._arrays import ShardArrays, TeacherSequence
 from ._base import ShardRecord
 from ._shard_writer import ShardWriter
+from ._text import require_text
 from .errors import (
     BucketNotFound,
     ShardExists,
@@ -73,6 +77,7 @@ __all__ = [
     "make_manifest",
     "manifest_differences",
     "open_store",
+    "require_text",
     "sample_temperature",
     "tokenizer_size",
     "verify_store",

@@ -24,16 +24,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._floats import bf16_to_float32 as bf16_to_float32
+from ._floats import decoded_logprobs as decoded_logprobs
+from ._floats import float32_to_bf16 as float32_to_bf16
+from ._floats import stored_logprobs as stored_logprobs
+from ._floats import tail_from_topk as tail_from_topk
 from .manifest import has_samples, has_topk
 
-# one entry per token: arrays of shape (N,)
-TOKEN_FIELDS = ("tokens", "loss_mask")
+# one entry per token: arrays of shape (N,) (``token_bytes``: the bytes of ``text`` each spells)
+TOKEN_FIELDS = ("tokens", "loss_mask", "next_token_logprob", "token_bytes")
 # one row per trained position (every position without a loss mask): (T,) or (T, k)
 TARGET_FIELDS = ("topk_ids", "topk_logprobs", "topk_tail_logprob", "sampled_distinct")
 # one entry per distinct sampled id: arrays of shape (M,), M = sum(sampled_distinct)
 SAMPLE_FIELDS = ("sampled_ids", "sampled_counts", "sampled_logprobs")
-FIELDS = (*TOKEN_FIELDS, *TARGET_FIELDS, *SAMPLE_FIELDS)  # file order
-LOGPROB_FIELDS = ("topk_logprobs", "sampled_logprobs")
+# one entry per byte of the sequences' text: (B,) uint8, B = sum(token_bytes)
+TEXT_FIELDS = ("text",)
+FIELDS = (*TOKEN_FIELDS, *TARGET_FIELDS, *SAMPLE_FIELDS, *TEXT_FIELDS)  # file order
+LOGPROB_FIELDS = ("topk_logprobs", "sampled_logprobs", "next_token_logprob")
 # a gaps store's shard holds this besides its fields: the top-k ids by frequency (codes index it)
 ID_TABLE = "topk_id_table"
 # numpy dtype a log-prob field has on disk, by the manifest's logprob_dtype
@@ -64,12 +71,18 @@ class ShardLayout:
         names = ["tokens"]
         if manifest["loss_mask"]:
             names.append("loss_mask")
+        if manifest["next_token_logprob"]:
+            names.append("next_token_logprob")
+        if manifest["text"]:
+            names.append("token_bytes")
         if has_topk(manifest):
             names += ["topk_ids", "topk_logprobs"]
             if manifest["format_version"] >= 2:
                 names.append("topk_tail_logprob")
         if has_samples(manifest):
             names += ["sampled_distinct", *SAMPLE_FIELDS]
+        if manifest["text"]:
+            names.append("text")
         return cls(
             fields=tuple(names),
             targets=manifest["targets"],
@@ -108,51 +121,6 @@ def trained_positions_of(mask: NDArray | None, n: int) -> npt.NDArray[np.int64]:
     return np.flatnonzero(mask).astype(np.int64, copy=False)
 
 
-def tail_from_topk(logprobs: NDArray, *, complete: bool = False) -> npt.NDArray[np.float32]:
-    """log(1 - sum(exp(row))) of top-k rows (N, k), in float64, as float32 (N,).
-
-    The mass is clamped to 1 (then the tail is -inf); ``complete`` (k = vocab) gives -inf
-    outright. Inexact for a small tail when the rows are float16: prefer the teacher's
-    logsumexp over the other ids where it is at hand.
-    """
-    if complete:
-        return np.full(logprobs.shape[0], -np.inf, np.float32)
-    mass = np.exp(logprobs.astype(np.float64)).sum(axis=-1)  # (N,)
-    with np.errstate(divide="ignore"):
-        tail: npt.NDArray[np.float32] = np.log1p(-np.minimum(mass, 1.0)).astype(np.float32)
-    return tail
-
-
-def bf16_to_float32(raw: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
-    """Raw bfloat16 bit patterns (any shape) -> float32 (exact)."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
-
-
-def float32_to_bf16(values: NDArray) -> npt.NDArray[np.uint16]:
-    """float32 (any shape) -> raw bfloat16 bit patterns, round-to-nearest-even like torch."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
-    out = (rounded >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
-
-
-def stored_logprobs(values: NDArray, logprob_dtype: str) -> NDArray:
-    """Log-probs (any shape, any float, or raw bfloat16 bits) in the dtype they are stored in."""
-    if logprob_dtype == "bfloat16":
-        if values.dtype == np.uint16:
-            return values
-        return float32_to_bf16(values.astype(np.float32, copy=False))
-    return values.astype(logprob_dtype, copy=False)
-
-
-def decoded_logprobs(raw: NDArray, logprob_dtype: str) -> NDArray:
-    """Stored log-probs as numbers: float16/float32 as they are, bfloat16 as float32."""
-    return bf16_to_float32(raw) if logprob_dtype == "bfloat16" else raw
-
-
 def _cut(values: NDArray | None, a: int, b: int) -> NDArray | None:
     return None if values is None else values[a:b]
 
@@ -171,6 +139,12 @@ class TeacherSequence:
         sampled_ids, sampled_counts, sampled_logprobs: (M_s,) this sequence's entries only.
         loss_mask: uint8 (L,), 1 where position t is trained; None in a store without a mask
             (then T_s = L). Target row r is position ``trained_positions[r]``'s.
+        next_token_logprob: as ``topk_logprobs`` (L,), the teacher's log-prob of ``tokens[t+1]``
+            at position t (every position, trained or not), NaN at t = L-1; None in a store
+            without it (format_version < 6).
+        text: uint8 (B_s,), the UTF-8 bytes the tokens spell (``.tobytes()``); token_ends:
+            int64 (L,), token i spans ``text[ends[i-1]:ends[i]]`` (ends[-1] = 0; special tokens
+            spell 0 bytes); both None in a store without text.
     """
 
     tokens: NDArray
@@ -184,6 +158,9 @@ class TeacherSequence:
     sampled_counts: NDArray | None = None
     sampled_logprobs: NDArray | None = None
     loss_mask: NDArray | None = None
+    next_token_logprob: NDArray | None = None
+    text: NDArray | None = None
+    token_ends: NDArray | None = None
 
     @property
     def sampled_offsets(self) -> npt.NDArray[np.int64] | None:
@@ -218,6 +195,9 @@ class ShardArrays:
         sampled_logprobs: as ``topk_logprobs`` (M,), the teacher's log-prob of each id.
         loss_mask: uint8 (N,), 1 where a position is trained (T = its sum); None in a store
             without a mask (T = N).
+        next_token_logprob: as ``topk_logprobs`` (N,), NaN at each sequence's last position.
+        token_bytes: uint8, uint16 or uint32 (N,), the bytes of ``text`` each token spells.
+        text: uint8 (B,), the sequences' UTF-8 text, one after the other (B = token_bytes sum).
     """
 
     tokens: NDArray
@@ -231,6 +211,9 @@ class ShardArrays:
     sampled_counts: NDArray | None = None
     sampled_logprobs: NDArray | None = None
     loss_mask: NDArray | None = None
+    next_token_logprob: NDArray | None = None
+    token_bytes: NDArray | None = None
+    text: NDArray | None = None
     # caches, keyed by the arrays they were computed from (replaced arrays are seen, in-place
     # edits are not)
     _offsets: tuple[NDArray, npt.NDArray[np.int64]] | None = field(
@@ -240,6 +223,9 @@ class ShardArrays:
         default=None, init=False, repr=False, compare=False
     )
     _target_offsets: tuple[NDArray, NDArray, npt.NDArray[np.int64]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _text_offsets: tuple[NDArray, NDArray, npt.NDArray[np.int64]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -260,6 +246,9 @@ class ShardArrays:
             sampled_counts=fields.get("sampled_counts"),
             sampled_logprobs=fields.get("sampled_logprobs"),
             loss_mask=fields.get("loss_mask"),
+            next_token_logprob=fields.get("next_token_logprob"),
+            token_bytes=fields.get("token_bytes"),
+            text=fields.get("text"),
         )
 
     def fields(self) -> dict[str, NDArray]:
@@ -304,6 +293,19 @@ class ShardArrays:
         return cached[2]
 
     @property
+    def text_offsets(self) -> npt.NDArray[np.int64] | None:
+        """(S+1,) int64: sequence i's text is ``text[off[i]:off[i+1]]``; None without text.
+        Cached like ``target_offsets``."""
+        lengths = self.token_bytes
+        if lengths is None:
+            return None
+        cached = self._text_offsets
+        if cached is None or cached[0] is not lengths or cached[1] is not self.seq_offsets:
+            cached = (lengths, self.seq_offsets, offsets_of(lengths)[self.seq_offsets])
+            self._text_offsets = cached
+        return cached[2]
+
+    @property
     def num_sequences(self) -> int:
         return int(self.seq_offsets.shape[0]) - 1
 
@@ -326,6 +328,11 @@ class ShardArrays:
         ra, rb = int(rows[i]), int(rows[i + 1])
         off = self.sampled_offsets
         sa, sb = (int(off[ra]), int(off[rb])) if off is not None else (0, 0)
+        text = ends = None
+        spans = self.text_offsets
+        if spans is not None and self.token_bytes is not None and self.text is not None:
+            ends = np.cumsum(self.token_bytes[a:b], dtype=np.int64)  # (L,)
+            text = self.text[int(spans[i]) : int(spans[i + 1])]
         return TeacherSequence(
             self.tokens[a:b],
             _cut(self.topk_ids, ra, rb),
@@ -338,6 +345,9 @@ class ShardArrays:
             sampled_counts=_cut(self.sampled_counts, sa, sb),
             sampled_logprobs=_cut(self.sampled_logprobs, sa, sb),
             loss_mask=_cut(self.loss_mask, a, b),
+            next_token_logprob=_cut(self.next_token_logprob, a, b),
+            text=text,
+            token_ends=ends,
         )
 
     def __len__(self) -> int:

@@ -11,6 +11,9 @@ Schema (zstd-compressed buffers; a column exists only when the store has the fie
     sampled_ids:       list<uint16|uint32>                         # (M_s,) per row
     sampled_counts:    list<uint8|uint16>                          # (M_s,) per row
     sampled_logprobs:  list<float16|float32|uint16>                # (M_s,) per row
+    next_token_logprob: list<float16|float32|uint16>               # (L,) per row; v6
+    token_bytes:       list<uint8|uint16|uint32>                   # (L,) per row; v6
+    text:              list<uint8>                                 # (B_s,) per row; v6
 
 T_s = sum of the row's ``loss_mask`` (its trained positions, in order), or L without a mask.
 Log-prob columns carry field metadata {"dtype": "bfloat16"} when the values are raw bfloat16
@@ -49,6 +52,7 @@ from ._arrays import (
     LOGPROB_FIELDS,
     SAMPLE_FIELDS,
     TARGET_FIELDS,
+    TEXT_FIELDS,
     ShardArrays,
     offsets_of,
 )
@@ -113,7 +117,10 @@ def _from_planes(chunks: list[pa.StructArray], dtype: np.dtype[Any]) -> npt.NDAr
 
 
 def _unit(name: str) -> str:
-    """What one list entry of column ``name`` is: a "token", a "target" row or a "sample"."""
+    """What one list entry of column ``name`` is: a "token", a "target" row, a "sample" or a
+    "byte" of text."""
+    if name in TEXT_FIELDS:
+        return "byte"
     if name in SAMPLE_FIELDS:
         return "sample"
     return "target" if name in TARGET_FIELDS else "token"
@@ -156,6 +163,7 @@ class ArrowCodec(ShardCodec):
         rows = arrays.target_offsets  # (S+1,) target-row boundaries (= offsets without a mask)
         sampled = arrays.sampled_offsets
         entries = sampled[rows] if sampled is not None else None  # (S+1,) entry boundaries
+        spans = arrays.text_offsets  # (S+1,) text byte boundaries, or None
         cuts = _cuts(offsets, BATCH_TOKENS)
         if entries is not None:
             cuts = np.concatenate([cuts, _cuts(entries, BATCH_ENTRIES)])
@@ -168,7 +176,8 @@ class ArrowCodec(ShardCodec):
                 continue
             columns = []
             for name, data in fields.items():
-                edges = {"token": offsets, "target": rows, "sample": entries}[_unit(name)]
+                units = {"token": offsets, "target": rows, "sample": entries, "byte": spans}
+                edges = units[_unit(name)]
                 assert edges is not None
                 a, b = int(edges[s0]), int(edges[s1])
                 cut = (edges[s0 : s1 + 1] - a).astype(np.int32)
@@ -304,3 +313,7 @@ def _check_units(
         per_row = offsets_of(batch["sampled_distinct"])[edges["target"]]
         if not np.array_equal(per_row, edges["sample"]):
             raise ValueError("a row's sampled entries disagree with sampled_distinct")
+    if "byte" in edges and "token_bytes" in batch:
+        per_row = offsets_of(batch["token_bytes"])[edges["token"]]
+        if not np.array_equal(per_row, edges["byte"]):
+            raise ValueError("a row's text disagrees with its token_bytes")

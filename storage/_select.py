@@ -2,7 +2,7 @@
 
 A reader that needs only part of a shard (one rank of several reads its rows of every batch)
 decodes only that part: the stored integer arrays a backend returns are cut to the chosen
-sequences — tokens and mask by token ranges, target rows by the mask's running sum, sampled
+sequences — per-token fields by token ranges, the text by byte ranges, target rows by the mask's running sum, sampled
 entries by ``sampled_distinct``'s — and the codec then decodes the rows that are left. The
 backend's read and decompression stay whole (a shard's chunks hold every sequence).
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._arrays import SAMPLE_FIELDS, TARGET_FIELDS, offsets_of
+from ._arrays import SAMPLE_FIELDS, TARGET_FIELDS, TOKEN_FIELDS, offsets_of
 from ._base import ShardRecord
 
 NDArray = npt.NDArray[Any]
@@ -63,6 +63,13 @@ def layout_problem(fields: dict[str, NDArray], record: ShardRecord) -> str | Non
     mask = fields.get("loss_mask")
     if mask is not None and (mask.shape != (n,) or int(mask.max(initial=0)) > 1):
         return "the loss mask is not one 0/1 per token"
+    for name in TOKEN_FIELDS:
+        if name in fields and fields[name].shape != (n,):
+            return f"{name} is not one entry per token"
+    if "token_bytes" in fields and fields["text"].shape[0] != int(
+        fields["token_bytes"].sum(dtype=np.int64)
+    ):
+        return "token_bytes do not add up to the text's bytes"
     t = n if mask is None else int(np.count_nonzero(mask))
     if record.num_trained is not None and record.num_trained != t:
         return f"{t} trained positions, record says {record.num_trained}"
@@ -87,9 +94,12 @@ def select_sequences(fields: dict[str, NDArray], sequences: NDArray) -> dict[str
     rows = ranges(row_offsets[sequences], row_offsets[sequences + 1])
     out = dict(fields)
     out["seq_offsets"] = offsets_of(offsets[sequences + 1] - offsets[sequences])
-    for name in ("tokens", "loss_mask"):
+    for name in TOKEN_FIELDS:
         if name in fields:
             out[name] = fields[name][tokens]
+    if "token_bytes" in fields:  # the text by byte ranges
+        spans = offsets_of(fields["token_bytes"])[offsets]  # (S+1,)
+        out["text"] = fields["text"][ranges(spans[sequences], spans[sequences + 1])]
     for name in TARGET_FIELDS:
         if name in fields:
             out[name] = _rows(fields[name], rows)

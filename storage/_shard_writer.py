@@ -60,6 +60,9 @@ class ShardWriter:
         sampled_counts: Any = None,
         sampled_logprobs: Any = None,
         loss_mask: Any = None,
+        next_token_logprob: Any = None,
+        text: Any = None,
+        token_ends: Any = None,
     ) -> None:
         """Add one sequence of L >= 1 tokens (numpy arrays or torch tensors on any device).
 
@@ -78,6 +81,11 @@ class ShardWriter:
             loss_mask: (L,) bools or 0/1 ints, 1 where position t is trained (its target rows
                 are given, in order); required in a store with a loss mask (at least one 1:
                 skip sequences with none), refused in one without.
+            next_token_logprob: (L,) floats, the teacher's log-prob of ``tokens[t+1]`` at t,
+                NaN at t = L-1; required in a store with ``next_token_logprob``, else refused.
+            text: the text the tokens spell (str, UTF-8 bytes or (B,) uint8); token_ends: (L,)
+                ints, token i spans ``text[ends[i-1]:ends[i]]``, the last = B; required (both)
+                in a store with ``text``, else refused.
 
         The store's targets kind decides which targets are required; the others must be None.
 
@@ -102,7 +110,14 @@ class ShardWriter:
             if value is not None
         }
         mask = None if loss_mask is None else _numpy(loss_mask)
-        part = prepare_sequence(self._layout, _numpy(tokens), given, self.name, mask)
+        per_position = {
+            "next_token_logprob": None
+            if next_token_logprob is None
+            else _numpy(next_token_logprob),
+            "text": text,
+            "token_ends": None if token_ends is None else _numpy(token_ends),
+        }
+        part = prepare_sequence(self._layout, _numpy(tokens), given, self.name, mask, per_position)
         self._parts.append(part)
         self.num_sequences += 1
         self.num_tokens += part["tokens"].shape[0]

@@ -38,6 +38,7 @@ from ._codec import (
     rank_ids,
     unrank_ids,
 )
+from ._text import TOKEN_BYTES_DTYPES, narrowest_lengths
 from .errors import StoreCorrupt
 
 # fields a gaps store keeps as int16 levels (top-k rows: first level and gaps)
@@ -89,7 +90,9 @@ def stored_shard(arrays: ShardArrays, logprob_dtype: str, codec: str) -> list[St
         raise ValueError(f"unknown codec, {codec}, use one of {', '.join(CODECS)}")
     out: list[StoredField] = []
     for name, data in arrays.fields().items():
-        if codec == "raw":
+        if name == "token_bytes":
+            out.append(StoredField(name, narrowest_lengths(data)))
+        elif codec == "raw" or (name in LOGPROB_FIELDS and name not in LEVEL_FIELDS):
             if name in LOGPROB_FIELDS:
                 data = stored_logprobs(data, logprob_dtype)
                 out.append(StoredField(name, data, {"dtype": logprob_dtype}))
@@ -136,7 +139,8 @@ def to_stored(arrays: ShardArrays, layout: ShardLayout) -> ShardArrays:
 
 def stored_dtypes(layout: ShardLayout) -> dict[str, str]:
     """What each stored array of ``layout`` must be: "<label>/<numpy dtype>" for arrays the
-    backend labels (log-prob fields by their dtype, gaps arrays by "gaps"), else the dtype."""
+    backend labels (log-prob fields by their dtype, gaps arrays by "gaps"), else the dtype
+    ("|"-separated when a shard may choose among several)."""
     lp = layout.logprob_dtype
     wanted = {
         "tokens": "int32",
@@ -148,6 +152,9 @@ def stored_dtypes(layout: ShardLayout) -> dict[str, str]:
         "sampled_ids": layout.id_dtype,
         "sampled_counts": str(layout.count_dtype),
         "sampled_logprobs": f"{lp}/{RAW_LOGPROB_DTYPE[lp]}",
+        "next_token_logprob": f"{lp}/{RAW_LOGPROB_DTYPE[lp]}",  # as is in any codec
+        "token_bytes": "|".join(TOKEN_BYTES_DTYPES),  # the shard's narrowest
+        "text": "uint8",
     }
     if layout.codec == "gaps":
         wanted.update({name: f"gaps/{LEVEL_DTYPE}" for name in LEVEL_FIELDS})
@@ -172,6 +179,10 @@ def decode_fields(
                 fields[name] = decoded_logprobs(fields[name], layout.logprob_dtype)
         return fields, raw_topk
     out_dtype = "float16" if layout.logprob_dtype == "float16" else "float32"
+    if "next_token_logprob" in fields:  # not a level field: stored as raw
+        fields["next_token_logprob"] = decoded_logprobs(
+            fields["next_token_logprob"], layout.logprob_dtype
+        )
     problem = None
     for name in LEVEL_FIELDS:
         if name not in fields:

@@ -22,6 +22,7 @@ from ._arrays import (
 )
 from ._base import ShardRecord
 from ._stored import LEVEL_FIELDS, stored_values
+from ._text import per_position_problem, prepare_text_fields
 from .errors import StoreCorrupt
 
 
@@ -183,6 +184,7 @@ def prepare_sequence(
     given: dict[str, NDArray],
     where: str,
     loss_mask: NDArray | None = None,
+    per_position: dict[str, Any] | None = None,
 ) -> dict[str, NDArray]:
     """Check one appended sequence and return its fields in their stored form (dtypes; in a
     ``gaps`` store the log-prob fields and the tail as the codec's int16 levels).
@@ -191,7 +193,8 @@ def prepare_sequence(
     ``given`` holds the target arrays the caller passed (by ``append``'s keyword names), with
     T rows: T = ``loss_mask.sum()`` (>= 1), or L without a mask. Arrays the store's kind needs
     are required (except ``topk_tail_logprob``, computed from the top-k log-probs when
-    absent); others are refused.
+    absent); others are refused. ``per_position``: ``next_token_logprob``, ``text`` and
+    ``token_ends`` as ``append`` takes them (``_text.prepare_text_fields``).
 
     Raises:
         ValueError: a missing or extra array, wrong shapes or dtypes, a broken rule.
@@ -210,7 +213,7 @@ def prepare_sequence(
             else f"loss_mask given, but this store (format_version {layout.format_version}) "
             "has no loss mask, drop it or create the store with make_manifest(loss_mask=True)"
         )
-    wanted = [n for n in layout.fields if n not in TOKEN_FIELDS]
+    wanted = [n for n in layout.fields if n not in (*TOKEN_FIELDS, "text")]
     missing = [n for n in wanted if n not in given and n != "topk_tail_logprob"]
     if missing:
         raise ValueError(
@@ -236,6 +239,10 @@ def prepare_sequence(
         problem = problem or _prepare_sampled(layout, rows, given, out)
     if problem is not None:
         raise ValueError(f"{problem} ({where})")
+    try:
+        out |= prepare_text_fields(layout.fields, layout.logprob_dtype, n, per_position or {})
+    except ValueError as e:
+        raise ValueError(f"{e} ({where})") from e
     if layout.codec != "raw":  # checked as numbers, stored as the codec's levels
         for name in LEVEL_FIELDS:
             if name in out:
@@ -340,6 +347,8 @@ def check_invariants(
             samples=layout.samples,
             vocab=layout.vocab_size,
         )
+    if problem is None:
+        problem = per_position_problem(arrays)
     if problem is not None:
         raise StoreCorrupt(f"shard {name} is corrupt: {problem}, run `kdcache verify`", shard=name)
 

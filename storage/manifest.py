@@ -19,8 +19,8 @@ from ._targets import has_topk as has_topk
 from ._targets import sample_temperature as sample_temperature
 from .errors import StoreCorrupt, UnsupportedFormat
 
-FORMAT_VERSION = 5  # what this kdcache writes
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # what it opens (docs/architecture.md §3, "Format versions")
+FORMAT_VERSION = 6  # what this kdcache writes
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # what it opens (docs/architecture.md §3, "Format versions")
 BACKENDS = ("zarr", "arrow")
 LOGPROB_DTYPES = ("float16", "float32", "bfloat16")
 ID_DTYPES = ("uint16", "uint32")
@@ -35,8 +35,15 @@ V2_DEFAULTS: dict[str, Any] = {
 V3_DEFAULTS: dict[str, Any] = {"loss_mask": False}
 # version-4 facts (the store codec, _codec.py) and what an older manifest means by them
 V4_DEFAULTS: dict[str, Any] = {"codec": "raw", "codec_max_abs_error": 0.0}
+# version-6 facts (per-position next-token log-probs; the text and each token's span in it)
+V6_DEFAULTS: dict[str, Any] = {"next_token_logprob": False, "text": False}
 # the facts each format version added, by version
-ADDED_FACTS: dict[int, dict[str, Any]] = {2: V2_DEFAULTS, 3: V3_DEFAULTS, 4: V4_DEFAULTS}
+ADDED_FACTS: dict[int, dict[str, Any]] = {
+    2: V2_DEFAULTS,
+    3: V3_DEFAULTS,
+    4: V4_DEFAULTS,
+    6: V6_DEFAULTS,
+}
 # facts that may differ between runs writing the same store
 IGNORED_FACTS = frozenset({"created_at", "kdcache_version", "finished", "stats"})
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -57,6 +64,8 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "loss_mask": bool,
     "codec": str,
     "codec_max_abs_error": (int, float),
+    "next_token_logprob": bool,
+    "text": bool,
 }
 
 
@@ -141,9 +150,11 @@ def make_manifest(
     sample_temperature: float = 1.0,
     loss_mask: bool = False,
     codec: str = DEFAULT_CODEC,
+    next_token_logprob: bool = False,
+    text: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build and validate the manifest of a new store (format version 5).
+    """Build and validate the manifest of a new store (format version 6).
 
     Args:
         tokenizer: its fingerprint; ``tokenizer["size"]`` (optional, 1..vocab_size) is the
@@ -158,6 +169,9 @@ def make_manifest(
             stored only at its trained positions (docs/architecture.md §3, "Loss mask").
         codec: how log-probs and top-k ids are stored: "raw" (``logprob_dtype`` floats) or
             "gaps" (levels on a fixed grid, error at most ``codec_max_abs_error``; ``_codec.py``).
+        next_token_logprob: every sequence carries the teacher's log-prob of each realized
+            next token, (L,) (NaN at the last position; docs/architecture.md §3, "Text").
+        text: every sequence carries the UTF-8 text its tokens spell and each token's span.
 
     Raises:
         ValueError: a value is out of range or of the wrong type.
@@ -187,6 +201,8 @@ def make_manifest(
         "loss_mask": loss_mask,
         "codec": codec,
         "codec_max_abs_error": max_abs_error(codec) if codec in CODECS else 0.0,
+        "next_token_logprob": next_token_logprob,
+        "text": text,
     }
     for key, value in (extra or {}).items():
         if key in manifest:

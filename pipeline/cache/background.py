@@ -180,17 +180,36 @@ class BatchSequences:
         tokens: each sequence's (L_b,) int32 tokens, without padding.
         indices: each sequence's index in its shard (a batch may take them in any order).
         loss_masks: each sequence's (L_b,) bool trained positions; None: every position.
+        token_bytes, texts: each sequence's (L_b,) bytes per token and the text they spell;
+            None: the store keeps no text.
     """
 
     tokens: list[np.ndarray]
     indices: list[int]
     loss_masks: list[np.ndarray] | None = None
+    token_bytes: list[np.ndarray] | None = None
+    texts: list[bytes] | None = None
 
     def rows(self) -> list[int]:
         """Target rows of each sequence: its trained positions."""
         if self.loss_masks is None:
             return [len(t) for t in self.tokens]
         return [int(m.sum()) for m in self.loss_masks]
+
+
+def _sequence_extras(
+    batch: BatchSequences, b: int, per_position: np.ndarray | None
+) -> dict[str, Any]:
+    """Sequence b's per-position fields: its (L_b,) next-token log-probs (from the batch's
+    (B, S) ones) and its text with the (L_b,) token ends, as ``ShardWriter.append`` takes them."""
+    extras: dict[str, Any] = {}
+    n = len(batch.tokens[b])
+    if per_position is not None:
+        extras["next_token_logprob"] = per_position[b, :n]
+    if batch.token_bytes is not None and batch.texts is not None:
+        extras["text"] = batch.texts[b]
+        extras["token_ends"] = np.cumsum(batch.token_bytes[b], dtype=np.int64)
+    return extras
 
 
 class ShardSink:
@@ -255,12 +274,16 @@ class ShardSink:
                     if event is not None:
                         event.synchronize()
                     arrays = {name: values.numpy() for name, values in arrays.items()}
+                    per_position = arrays.pop("next_token_logprob", None)  # (B*S,)
+                    if per_position is not None:
+                        per_position = per_position.reshape(len(batch.tokens), -1)  # (B, S)
                     if "sampled_distinct" in arrays:
                         rows = sum(batch.rows())
                         self.sampled_entries += int(arrays["sampled_distinct"][:rows].sum())
                         self.sampled_positions += rows
                     masks = batch.loss_masks or [None] * len(batch.tokens)
                     for b, fields in enumerate(split_sequences(arrays, batch.rows())):
+                        fields |= _sequence_extras(batch, b, per_position)
                         waiting[batch.indices[b]] = (batch.tokens[b], fields, masks[b])
                     while next_index in waiting:  # one stored sequence per input, in order
                         tokens, fields, mask = waiting.pop(next_index)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kdcache.pipeline.cache.background import BatchSequences
+from kdcache.pipeline.cache.packing import ShardPlan
 
 
 def teacher_batches(lengths: list[int], batch_size: int, *, pad: bool) -> list[list[int]]:
@@ -44,3 +45,27 @@ def padded(batch: BatchSequences, pad_id: int) -> tuple[torch.Tensor, torch.Tens
         tokens[b, : len(sequence)] = sequence
         rows[b, : len(sequence)] = True if batch.loss_masks is None else batch.loss_masks[b]
     return torch.from_numpy(tokens), None if rows.all() else torch.from_numpy(rows)
+
+
+def next_ids(batch: BatchSequences, width: int) -> torch.Tensor:
+    """(B, width) int64: the token after each position within its sequence, -1 where there is
+    none (a sequence's last position, padding)."""
+    out = np.full((len(batch.tokens), width), -1, dtype=np.int64)
+    for b, sequence in enumerate(batch.tokens):
+        out[b, : len(sequence) - 1] = sequence[1:]
+    return torch.from_numpy(out)
+
+
+def batch_of(shard: ShardPlan, group: list[int], *, text: bool) -> BatchSequences:
+    """Sequences ``group`` of ``shard`` as one batch, with their text when the store keeps it."""
+    masks = shard.loss_masks
+    batch = BatchSequences(
+        [shard.sequences[i] for i in group],
+        group,
+        None if masks is None else [masks[i] for i in group],
+    )
+    if text:
+        assert shard.token_bytes is not None and shard.texts is not None, "no text in the plan"
+        batch.token_bytes = [shard.token_bytes[i] for i in group]
+        batch.texts = [shard.texts[i] for i in group]
+    return batch

@@ -24,8 +24,8 @@ from typing import Any
 import click
 import numpy as np
 
-from kdcache.pipeline.cache.background import BatchSequences, Prefetcher, ShardSink, to_host
-from kdcache.pipeline.cache.batching import padded, teacher_batches
+from kdcache.pipeline.cache.background import Prefetcher, ShardSink, to_host
+from kdcache.pipeline.cache.batching import batch_of, next_ids, padded, teacher_batches
 from kdcache.pipeline.cache.corpus import CorpusError, CorpusStats
 from kdcache.pipeline.cache.packing import ShardPlan, needs_loss_mask, shard_plan
 from kdcache.pipeline.cache.report import PlanFacts, progress_bar, summarize, summary_line
@@ -112,6 +112,8 @@ def cache_teacher(s: CacheSettings) -> dict[str, Any]:
         corpus=corpus,
         shard_tokens=s.shard_tokens,
         loss_mask=masked,
+        next_token_logprob=True,
+        text=bool(getattr(source.tokenizer, "is_fast", False)),  # spans need its offsets
         **s.target_facts,  # targets, top_k, samples, sample_seed, sample_temperature, codec
     )
     # an existing store must agree before the teacher loads (which can take minutes)
@@ -204,11 +206,7 @@ def compute_shards(
                 sink.open(shard.split, shard.index, shard.corpus_range)
             lengths = [len(q) for q in shard.sequences]
             for group in teacher_batches(lengths, s.batch_size, pad=packing == "separate"):
-                batch = BatchSequences(
-                    [shard.sequences[i] for i in group],
-                    group,
-                    None if shard.loss_masks is None else [shard.loss_masks[i] for i in group],
-                )
+                batch = batch_of(shard, group, text=writer.manifest["text"])
                 tokens, rows = padded(batch, pad_id)  # (B, S) int32, (B, S) bool or None
                 check_token_ids(tokens, vocab_size, s.teacher)
                 if device.type == "cuda":
@@ -219,7 +217,12 @@ def compute_shards(
                 keys = None
                 if s.wants_samples:  # (B, S, 4)
                     keys = position_keys(shard.split, shard.index, group, tokens.shape[1], device)
-                computed = targets(input_ids, keys, rows).compact(logprob_dtype, s.stored_samples)
+                following = None
+                if writer.manifest["next_token_logprob"]:  # (B, S) the token after each
+                    following = next_ids(batch, tokens.shape[1]).to(device, non_blocking=True)
+                computed = targets(input_ids, keys, rows, following).compact(
+                    logprob_dtype, s.stored_samples
+                )
                 if replica.leader:
                     arrays = computed.arrays()  # R rows (the trained positions), on the device
                     *host, event = to_host(*arrays.values())

@@ -24,6 +24,7 @@ import numpy as np
 
 from kdcache.pipeline.cache.corpus import CorpusError, Document
 from kdcache.pipeline.cache.long_text import tokenize_long
+from kdcache.pipeline.cache.spans import token_spans
 
 PROBE = "Hello world"  # what conventions() encodes with and without special tokens
 
@@ -52,10 +53,15 @@ class Example:
     Attributes:
         ids: (n,) int32.
         label_mask: (n,) bool, the tokens a student is trained on; None: every token.
+        token_bytes: (n,) int64, the bytes of ``text`` each token spells (``spans.py``);
+            None (and ``text`` None) when the tokenizer gives no offsets.
+        text: the UTF-8 bytes the tokens spell, ``token_bytes.sum()`` of them.
     """
 
     ids: np.ndarray
     label_mask: np.ndarray | None
+    token_bytes: np.ndarray | None = None
+    text: bytes | None = None
 
 
 def conventions(tokenizer: Any, eos_id: int | None = None) -> TokenizerConventions:
@@ -87,36 +93,51 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def conventional(
-    ids: np.ndarray, mask: np.ndarray | None, conv: TokenizerConventions, *, ends: bool
+    ids: np.ndarray,
+    mask: np.ndarray | None,
+    conv: TokenizerConventions,
+    *,
+    ends: bool,
+    spans: tuple[np.ndarray, bytes] | None = None,
 ) -> Example:
     """Apply the conventions to an example's (n,) int32 ids and (n,) bool mask: one BOS first
     (when the tokenizer uses one), an EOS appended unless ``ends`` (it already ends with one).
-    The EOS that ends the example is labelled like the token before it."""
+    The EOS that ends the example is labelled like the token before it. ``spans``: the (n,)
+    bytes each token spells and the text (``spans.token_spans``); added tokens spell none."""
+    lengths, text = (None, None) if spans is None else spans
     if conv.bos_id is not None:
         while len(ids) >= 2 and ids[0] == ids[1] == conv.bos_id:  # a text starting with BOS
             ids, mask = ids[1:], None if mask is None else mask[1:]
+            lengths = None if lengths is None else lengths[1:]  # a special token: no bytes
         if not len(ids) or ids[0] != conv.bos_id:
             ids = np.concatenate([np.asarray([conv.bos_id], np.int32), ids])
             mask = None if mask is None else np.concatenate([[False], mask])
+            lengths = None if lengths is None else np.concatenate([[0], lengths])
     if not ends:
         ids = np.concatenate([ids, np.asarray([conv.eos_id], np.int32)])
         mask = None if mask is None else np.concatenate([mask, [False]])
+        lengths = None if lengths is None else np.concatenate([lengths, [0]])
     if mask is not None and len(mask) >= 2 and ids[-1] == conv.eos_id:
         mask[-1] = mask[-2]
-    return Example(ids.astype(np.int32, copy=False), mask)
+    token_bytes = None if lengths is None else lengths.astype(np.int64, copy=False)
+    return Example(ids.astype(np.int32, copy=False), mask, token_bytes, text)
 
 
 def encode_texts(texts: list[str], tokenizer: Any, conv: TokenizerConventions) -> list[Example]:
     """Text documents in one tokenizer call, each with the tokenizer's own special tokens."""
     if not texts:
         return []
-    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=fast)
     examples = []
-    for ids in encoded:
-        ids = np.asarray(ids, dtype=np.int32)  # (n,)
-        examples.append(
-            conventional(ids, None, conv, ends=bool(len(ids)) and ids[-1] == conv.eos_id)
-        )
+    for i, text in enumerate(texts):
+        ids = np.asarray(encoded["input_ids"][i], dtype=np.int32)  # (n,)
+        spans = None
+        if fast:
+            offsets = np.asarray(encoded["offset_mapping"][i], np.int64).reshape(-1, 2)
+            spans = token_spans(text, ids, offsets, tokenizer)
+        ends = bool(len(ids)) and ids[-1] == conv.eos_id
+        examples.append(conventional(ids, None, conv, ends=ends, spans=spans))
     return examples
 
 
@@ -131,10 +152,20 @@ def encode_long_text(
     tokens), with the special tokens the tokenizer adds around a text put back: the ids one call
     would give. With ``limit``, at least the first ``limit`` tokens are right (the tail may be
     missing)."""
-    ids = tokenize_long(text, tokenizer, limit=limit, piece_chars=piece_chars)  # (n,) int32
-    parts = [[conv.bos_id] if conv.adds_bos else [], ids, [conv.eos_id] if conv.adds_eos else []]
+    ids, offsets = tokenize_long(
+        text, tokenizer, limit=limit, piece_chars=piece_chars, offsets=True
+    )  # (n,) int32, (n, 2) int64 or None
+    spans = None if offsets is None else token_spans(text, ids, offsets, tokenizer)
+    before, after = int(conv.adds_bos), int(conv.adds_eos)
+    parts = [[conv.bos_id] if before else [], ids, [conv.eos_id] if after else []]
     ids = np.concatenate([np.asarray(p, dtype=np.int32) for p in parts])
-    return conventional(ids, None, conv, ends=bool(len(ids)) and ids[-1] == conv.eos_id)
+    if spans is not None:
+        spans = (
+            np.concatenate([np.zeros(before, np.int64), spans[0], np.zeros(after, np.int64)]),
+            spans[1],
+        )
+    ends = bool(len(ids)) and ids[-1] == conv.eos_id
+    return conventional(ids, None, conv, ends=ends, spans=spans)
 
 
 def has_something_to_train(document: Document) -> bool:
@@ -178,9 +209,11 @@ def encode_prompt_text(
     """Prompt and completion as one text (no chat template), the completion's tokens labelled."""
     encoded = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
     ids = np.asarray(encoded["input_ids"], dtype=np.int32)  # (n,)
-    ends = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 1]  # (n,)
-    mask = None if train_on == "all" else ends > len(prompt)  # special tokens: (0, 0)
-    return conventional(ids, mask, conv, ends=bool(len(ids)) and ids[-1] == conv.eos_id)
+    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # (n, 2)
+    mask = None if train_on == "all" else offsets[:, 1] > len(prompt)  # special tokens: (0, 0)
+    spans = token_spans(prompt + completion, ids, offsets, tokenizer)
+    ends = bool(len(ids)) and ids[-1] == conv.eos_id
+    return conventional(ids, mask, conv, ends=ends, spans=spans)
 
 
 def encode_chat(
@@ -206,7 +239,10 @@ def encode_chat(
         mask = np.zeros(len(ids), dtype=bool)  # (n,)
         for start, end in assistant_spans(messages, tokenizer, full, source):
             mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-    return conventional(ids, mask, conv, ends=_ends_with(full, ids, offsets, conv.eos_id))
+    spans = token_spans(full, ids, offsets, tokenizer)
+    return conventional(
+        ids, mask, conv, ends=_ends_with(full, ids, offsets, conv.eos_id), spans=spans
+    )
 
 
 def assistant_spans(

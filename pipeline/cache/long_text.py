@@ -41,26 +41,36 @@ def cut_points(text: str, piece_chars: int) -> list[int]:
     return cuts
 
 
+def tokenize_with_offsets(text: str, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) int32 ids of ``text`` from one call without special tokens, and their (n, 2) int64
+    [start, end) characters in ``text``."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    return np.asarray(encoded["input_ids"], dtype=np.int32), offsets
+
+
 def _window(text: str, tokenizer: Any, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of ``text[lo:hi]``: ((n,) int64 start offsets in ``text``, (n,) int32 ids)."""
-    encoded = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
-    starts = np.fromiter((s for s, _ in encoded["offset_mapping"]), dtype=np.int64) + lo
-    return starts, np.asarray(encoded["input_ids"], dtype=np.int32)
+    """Tokens of ``text[lo:hi]``: ((n, 2) int64 [start, end) offsets in ``text``, (n,) int32
+    ids)."""
+    ids, offsets = tokenize_with_offsets(text[lo:hi], tokenizer)
+    return offsets + lo, ids
 
 
 def _windowed(
     text: str, tokenizer: Any, piece_chars: int, context: int, limit: int | None
-) -> np.ndarray | None:
-    """The ids of ``text`` window by window (stopping once ``limit`` are known), or ``None`` when
-    two windows disagree at a cut."""
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ids of ``text`` and their (n, 2) offsets window by window (stopping once ``limit``
+    are known), or ``None`` when two windows disagree at a cut."""
     cuts = cut_points(text, piece_chars)
     kept: list[np.ndarray] = []
+    kept_offsets: list[np.ndarray] = []
     count = 0
     previous: tuple[np.ndarray, np.ndarray] | None = None
     for start, end in zip(cuts, cuts[1:], strict=False):
-        starts, ids = _window(
+        offsets, ids = _window(
             text, tokenizer, max(0, start - context), min(len(text), end + context)
         )
+        starts = offsets[:, 0]
         if previous is not None:  # both windows see [start - context/2, start + context/2)
             near = (start - context // 2, start + context // 2)
             mine = (starts >= near[0]) & (starts < near[1])
@@ -72,11 +82,12 @@ def _windowed(
                 return None
         inside = (starts >= start) & (starts < end)
         kept.append(ids[inside])
+        kept_offsets.append(offsets[inside])
         count += len(kept[-1])
         if limit is not None and count >= limit:
             break
         previous = (starts, ids)
-    return np.concatenate(kept)[:limit]
+    return np.concatenate(kept)[:limit], np.concatenate(kept_offsets)[:limit]
 
 
 def tokenize_long(
@@ -86,18 +97,24 @@ def tokenize_long(
     limit: int | None = None,
     piece_chars: int | None = None,
     context_chars: int | None = None,
-) -> np.ndarray:
+    offsets: bool = False,
+) -> Any:
     """(n,) int32 ids of ``text`` (the first ``limit`` of them, if given), equal to one call's,
     in windows of ``piece_chars`` (default ``PIECE_CHARS``) when the text is longer than that and
-    the tokenizer reports offsets (a fast tokenizer)."""
+    the tokenizer reports offsets (a fast tokenizer). ``offsets``: (ids, their (n, 2) int64
+    character offsets in ``text``, None from a slow tokenizer)."""
     piece_chars = piece_chars or PIECE_CHARS
     context_chars = context_chars or CONTEXT_CHARS
-    if len(text) <= piece_chars or not getattr(tokenizer, "is_fast", False):
-        return tokenize_whole(text, tokenizer)[:limit]
+    fast = getattr(tokenizer, "is_fast", False)
+    if not fast:
+        ids = tokenize_whole(text, tokenizer)[:limit]
+        return (ids, None) if offsets else ids
+    found: tuple[np.ndarray, np.ndarray] | None = None
     context = context_chars
-    while context < piece_chars:
-        ids = _windowed(text, tokenizer, piece_chars, context, limit)
-        if ids is not None:
-            return ids
+    while found is None and len(text) > piece_chars and context < piece_chars:
+        found = _windowed(text, tokenizer, piece_chars, context, limit)
         context *= CONTEXT_GROWTH
-    return tokenize_whole(text, tokenizer)[:limit]
+    if found is None:
+        ids, where = tokenize_with_offsets(text, tokenizer)
+        found = ids[:limit], where[:limit]
+    return found if offsets else found[0]

@@ -41,6 +41,8 @@ class PackedSequence:
     positions: np.ndarray  # (L,) bool: trained positions (the next token is a label token)
     first_document: int
     last_document: int
+    token_bytes: np.ndarray | None = None  # (L,) int64: the bytes of ``text`` each token spells
+    text: bytes | None = None  # the UTF-8 text the tokens spell (None: the tokenizer gave none)
 
 
 class SequencePacker:
@@ -66,6 +68,7 @@ class SequencePacker:
         self.seq_len, self.eos_id, self.bos_id, self.separate = seq_len, eos_id, bos_id, separate
         self._tokens: list[np.ndarray] = []  # the open sequence, in chunks: (k_i,) int32 ...
         self._positions: list[np.ndarray] = []  # ... and (k_i,) bool
+        self._spans: list[tuple[np.ndarray, bytes] | None] = []  # ... and their text
         self._fill = 0  # tokens in the open sequence
         self._first = -1  # document of the open sequence's first token
         self._last = -1  # the latest document added
@@ -77,14 +80,19 @@ class SequencePacker:
         ids: Sequence[int] | np.ndarray,
         document: int = -1,
         label_mask: np.ndarray | None = None,
+        token_bytes: np.ndarray | None = None,
+        text: bytes | None = None,
     ) -> list[PackedSequence]:
         """Lay one example: (n,) ids (+ EOS when ``eos_id`` is set) and its (n,) bool label
-        mask (None: every token is a label). Returns the sequences completed."""
+        mask (None: every token is a label), with the (n,) bytes of ``text`` each token spells
+        (None: no text). Returns the sequences completed."""
         ids = np.asarray(ids, dtype=np.int32)
         labels = np.ones(len(ids), bool) if label_mask is None else np.asarray(label_mask, bool)
+        ends = None if token_bytes is None or text is None else np.cumsum(token_bytes)
         if self.eos_id is not None:
             ids = np.concatenate([ids, np.asarray([self.eos_id], np.int32)])
             labels = np.concatenate([labels, labels[-1:] if len(labels) else [True]])
+            ends = None if ends is None else np.append(ends, ends[-1] if len(ends) else 0)
         if not len(ids):
             return []
         done = self._resolve(bool(labels[0]))
@@ -94,8 +102,14 @@ class SequencePacker:
             if self._fill == 0:
                 self._first = document
             if bos:
-                self._put(np.asarray([self.bos_id], np.int32), labels[start : start + 1])
-            self._put(ids[start:stop], after[start:stop])
+                nothing = (np.zeros(1, np.int64), b"") if ends is not None else None
+                self._put(np.asarray([self.bos_id], np.int32), labels[start : start + 1], nothing)
+            spans = None
+            if ends is not None and text is not None:  # the bytes of tokens [start, stop)
+                a = int(ends[start - 1]) if start else 0
+                piece = ends[start:stop]
+                spans = (np.diff(piece, prepend=a), text[a : int(piece[-1])])
+            self._put(ids[start:stop], after[start:stop], spans)
             if self._fill == self.seq_len:
                 done.append(self._close(document))
         self._last = document
@@ -114,9 +128,12 @@ class SequencePacker:
             done.append(self._close(self._last))
         return done
 
-    def _put(self, tokens: np.ndarray, positions: np.ndarray) -> None:
+    def _put(
+        self, tokens: np.ndarray, positions: np.ndarray, spans: tuple[np.ndarray, bytes] | None
+    ) -> None:
         self._tokens.append(tokens)
         self._positions.append(positions.copy())
+        self._spans.append(spans)
         self._fill += len(tokens)
 
     def _close(self, document: int) -> PackedSequence:
@@ -124,7 +141,11 @@ class SequencePacker:
         sequence = PackedSequence(
             np.concatenate(self._tokens), np.concatenate(self._positions), self._first, document
         )
-        self._tokens, self._positions, self._fill = [], [], 0
+        if all(spans is not None for spans in self._spans):
+            parts = [spans for spans in self._spans if spans is not None]
+            sequence.token_bytes = np.concatenate([lengths for lengths, _ in parts])
+            sequence.text = b"".join(text for _, text in parts)
+        self._tokens, self._positions, self._spans, self._fill = [], [], [], 0
         self._first = document
         return sequence
 

@@ -43,6 +43,8 @@ class TokenizedDocument:
     ids: np.ndarray  # (n,) int32, with the example's BOS and EOS
     source: str
     label_mask: np.ndarray | None = None  # (n,) bool label tokens; None: every token
+    token_bytes: np.ndarray | None = None  # (n,) int64 bytes of ``text`` each token spells
+    text: bytes | None = None  # the UTF-8 text the tokens spell (None: no offsets)
 
 
 class _Budget:
@@ -67,13 +69,17 @@ class _Budget:
                 cut, used = start + max(left - bos, 0), self.left
                 break
             used += need
+        lengths, text = example.token_bytes, example.text
         if cut < len(ids) or lone_bos:
             tail = [self.bos_id] if lone_bos else []
             ids = np.concatenate([ids[:cut], np.asarray(tail, np.int32)])
             mask = None if mask is None else np.append(mask[:cut], np.zeros(len(tail), bool))
+            if lengths is not None and text is not None:  # a special BOS spells nothing
+                text = text[: int(lengths[:cut].sum())]
+                lengths = np.append(lengths[:cut], np.zeros(len(tail), np.int64))
         self.left -= used
         self.fill[split] = (fill + used) % self.seq_len
-        return chat.Example(ids, mask)
+        return chat.Example(ids, mask, lengths, text)
 
 
 def _skip_reason(
@@ -166,7 +172,13 @@ def tokenize_documents(
             if separate and seq_len is not None and len(example.ids) > seq_len:
                 stats.split_examples += 1
             yield TokenizedDocument(
-                split, index - 1, example.ids, document.source, example.label_mask
+                split,
+                index - 1,
+                example.ids,
+                document.source,
+                example.label_mask,
+                example.token_bytes,
+                example.text,
             )
 
     for document in documents:
@@ -191,6 +203,8 @@ class ShardPlan:
         sequences: (L_i,) int32 each, L_i <= seq_len.
         loss_masks: (L_i,) bool trained positions per sequence; None when every position of
             the run is trained (``needs_loss_mask``).
+        token_bytes, texts: per sequence the (L_i,) bytes each token spells and the UTF-8 text
+            they spell (``spans.py``); None when the tokenizer gives no offsets.
     """
 
     split: str
@@ -198,6 +212,8 @@ class ShardPlan:
     sequences: list[np.ndarray]
     corpus_range: dict[str, Any]
     loss_masks: list[np.ndarray] | None = None
+    token_bytes: list[np.ndarray] | None = None
+    texts: list[bytes] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -241,6 +257,9 @@ def plan_shards(
             },
             loss_masks=[q.positions for q in items] if masked else None,
         )
+        if all(q.token_bytes is not None for q in items):
+            plan.token_bytes = [q.token_bytes for q in items if q.token_bytes is not None]
+            plan.texts = [q.text or b"" for q in items]
         shard_index[split] += 1
         pending[split] = []
         return plan
@@ -257,7 +276,13 @@ def plan_shards(
     for document in documents:
         if masked is None:
             masked = separate or document.label_mask is not None
-        packed = packers[document.split].add(document.ids, document.index, document.label_mask)
+        packed = packers[document.split].add(
+            document.ids,
+            document.index,
+            document.label_mask,
+            document.token_bytes,
+            document.text,
+        )
         yield from keep(document.split, packed)
     for split in SPLITS:
         yield from keep(split, packers[split].finish())

@@ -28,6 +28,9 @@ class RowTargets:
     sampled_counts: torch.Tensor | None = None  # (capacity,) int32, a row's sum to N
     sampled_logprobs: torch.Tensor | None = None  # (capacity,) float32
     filled: torch.Tensor | None = None  # () int64 on the device: sampled entries written so far
+    # per position, not per row: (B*S,) float32, log p(tokens[t+1]) at t, NaN without a next
+    # token in the sequence (its last position, padding)
+    next_token_logprob: torch.Tensor | None = None
 
     @classmethod
     def empty(
@@ -62,8 +65,12 @@ class RowTargets:
         the sampled buffers are cut to their M entries first."""
         count_dtype = torch.uint8 if samples <= 255 else torch.int32
         casts = {"topk_logprobs": logprob_dtype, "sampled_logprobs": logprob_dtype}
+        casts["next_token_logprob"] = logprob_dtype
         casts |= {"sampled_distinct": count_dtype, "sampled_counts": count_dtype}
         arrays = self.arrays()
+        if self.next_token_logprob is not None:  # finite in the store's dtype (NaN stays)
+            floor = torch.finfo(logprob_dtype).min
+            arrays["next_token_logprob"] = self.next_token_logprob.clamp(min=floor)
         if self.filled is not None and self.filled.device.type == "cpu":
             m = int(self.filled)
             arrays |= {name: arrays[name][:m] for name in RAGGED}

@@ -57,6 +57,7 @@ def chunked_targets(
     scratch: ChunkScratch | None = None,
     out: RowTargets | None = None,
     row_offset: int = 0,
+    next_ids: torch.Tensor | None = None,
 ) -> RowTargets:
     """Targets from ``log_softmax(head(hidden))`` over the full vocabulary, a chunk at a time.
 
@@ -68,6 +69,8 @@ def chunked_targets(
         keys: (R, 4) int64 position keys, needed to sample (see ``sampling.uniforms``).
         scratch: buffers to reuse across calls (a fresh set when ``None``).
         out: where to write rows ``row_offset..row_offset+R`` (fresh targets when ``None``).
+        next_ids: (R,) int64, the token after each row (-1: none); its log-prob goes to
+            ``out.next_token_logprob`` (R,) (NaN for -1).
 
     Returns:
         ``out``: top-k ids (R, k) and log-probs sorted descending, the log of the mass outside
@@ -86,6 +89,8 @@ def chunked_targets(
             logits = head(rows)  # (C, V)
         if out is None:
             out = RowTargets.empty(n, spec.top_k, spec.samples, logits.shape[-1], logits.device)
+        if next_ids is not None and out.next_token_logprob is None:
+            out.next_token_logprob = torch.empty(n, dtype=torch.float32, device=logits.device)
         if logits.dtype != torch.float32:
             logits = scratch.get("float32", logits, tuple(logits.shape), torch.float32).copy_(
                 logits
@@ -96,6 +101,9 @@ def chunked_targets(
         chunk = scratch.get("logprobs", logits, tuple(logits.shape), torch.float32)
         torch.log_softmax(logits, dim=-1, out=chunk)  # (C, V)
         at = slice(row_offset + start, row_offset + stop)
+        if next_ids is not None:
+            assert out.next_token_logprob is not None
+            out.next_token_logprob[at] = gather_next(chunk, next_ids[start:stop])
         if spec.samples:
             assert keys is not None, "sampling needs the rows' position keys"
             u = uniforms(spec.seed, keys[start:stop], spec.samples)  # (C, N) float64
@@ -107,6 +115,13 @@ def chunked_targets(
             out.put_topk(at, *topk_and_tail(chunk, spec.top_k))
     assert out is not None
     return out
+
+
+def gather_next(logprobs: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """(C,) float32: row r's log-prob of ``next_ids[r]`` from log-softmax rows (C, V); NaN
+    where ``next_ids`` is -1 (no next token)."""
+    got = logprobs.gather(-1, next_ids.clamp(min=0).to(logprobs.device)[:, None])[:, 0]  # (C,)
+    return torch.where(next_ids.to(got.device) >= 0, got, float("nan"))
 
 
 def topk_and_tail(chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,32 +200,78 @@ class TeacherTargets:
         return f"decoder body + chunked {self.head.describe()}"
 
     def _chunked(
-        self, input_ids: torch.Tensor, keys: torch.Tensor | None, rows: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        keys: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        next_ids: torch.Tensor | None = None,
     ) -> RowTargets:
         b, s = input_ids.shape
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         at = self.head.device  # where the head computes (a split model's last device)
-        hidden = hidden.reshape(b * s, -1).to(at)  # (B*S, H)
+        hidden = every = hidden.reshape(b * s, -1).to(at)  # (B*S, H)
+        nxt = None if next_ids is None else next_ids.reshape(-1).to(at)  # (B*S,)
         if keys is not None:
             keys = keys.reshape(b * s, -1).to(at)  # (B*S, 4)
+        flat = None
         if rows is not None:  # only the positions a student trains on: (R, H), (R, 4)
             flat = rows.reshape(-1).to(at)
             hidden = hidden[flat]
             keys = None if keys is None else keys[flat]
         with self.head.resident():
-            return chunked_targets(
-                hidden, self.head, self.spec, self.chunk_tokens, keys=keys, scratch=self.scratch
+            out = chunked_targets(
+                hidden,
+                self.head,
+                self.spec,
+                self.chunk_tokens,
+                keys=keys,
+                scratch=self.scratch,
+                next_ids=nxt if nxt is None or flat is None else nxt[flat],
             )
+            if nxt is not None and flat is not None:  # untrained positions: the head only
+                out.next_token_logprob = self._every_position(out, every, nxt, flat)
+        return out
+
+    def _every_position(
+        self, out: RowTargets, hidden: torch.Tensor, nxt: torch.Tensor, flat: torch.Tensor
+    ) -> torch.Tensor:
+        """(P,) next-token log-probs of all P = B*S positions: the trained rows' from ``out``,
+        the others' from the same head and log-softmax (no top-k, no draws), NaN without a
+        next token."""
+        assert out.next_token_logprob is not None
+        full = torch.full(nxt.shape, float("nan"), dtype=torch.float32, device=nxt.device)
+        full[flat] = out.next_token_logprob
+        rest = (nxt >= 0) & ~flat  # (P,)
+        if bool(rest.any()):
+            alone = chunked_targets(
+                hidden[rest],
+                self.head,
+                TargetSpec(real_vocab=self.spec.real_vocab),
+                self.chunk_tokens,
+                scratch=self.scratch,
+                next_ids=nxt[rest],
+            )
+            assert alone.next_token_logprob is not None
+            full[rest] = alone.next_token_logprob
+        return full
 
     def _model_forward(
-        self, input_ids: torch.Tensor, keys: torch.Tensor | None, rows: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        keys: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        next_ids: torch.Tensor | None = None,
     ) -> RowTargets:
         b, s = input_ids.shape
         total = b * s if rows is None else int(rows.sum())
         out = None
         done = 0
+        positions: list[torch.Tensor] = []  # (S,) per row
         for row in range(b):  # one row's (S, V) logits at a time
             logits = self.model(input_ids=input_ids[row][None], use_cache=False).logits[0]
+            if next_ids is not None:  # every position's, from the same logits (S, V)
+                lp = self._position_logprobs(logits, next_ids[row])
+                positions.append(lp)
             row_keys = None if keys is None else keys[row]  # (S, 4)
             if rows is not None:
                 logits = logits[rows[row]]  # (R_b, V)
@@ -231,7 +292,18 @@ class TeacherTargets:
             )
             done += logits.shape[0]
         assert out is not None
+        if positions:
+            out.next_token_logprob = torch.cat(positions)  # (B*S,)
         return out
+
+    def _position_logprobs(self, logits: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """(S,) log-probs of ``next_ids`` (S,) (-1: NaN) from one row's logits (S, V)."""
+        logits = logits.float()
+        real = self.spec.real_vocab
+        if real is not None and real < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, real:] = float("-inf")
+        return gather_next(torch.log_softmax(logits, dim=-1), next_ids)
 
     @torch.inference_mode()
     def __call__(
@@ -239,6 +311,7 @@ class TeacherTargets:
         input_ids: torch.Tensor,
         keys: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        next_ids: torch.Tensor | None = None,
     ) -> RowTargets:
         """Targets of the positions ``rows`` selects (all when None), row-major.
 
@@ -247,13 +320,15 @@ class TeacherTargets:
                 never sees the ones after it), as long as ``rows`` leaves the padding out.
             keys: (B, S, 4) position keys (to sample).
             rows: (B, S) bool, the positions to compute.
+            next_ids: (B, S) int64, the token after each position in its sequence (-1: none);
+                given, ``next_token_logprob`` holds its log-prob at every position (B*S,).
 
         Returns:
             targets of R = rows.sum() (or B * S) rows, in row-major position order.
         """
         if self.use_model_forward:
-            return self._model_forward(input_ids, keys, rows)
-        return self._chunked(input_ids, keys, rows)
+            return self._model_forward(input_ids, keys, rows, next_ids)
+        return self._chunked(input_ids, keys, rows, next_ids)
 
     @torch.inference_mode()
     def self_check(self, probe_ids: torch.Tensor) -> str | None:

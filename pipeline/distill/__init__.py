@@ -8,6 +8,7 @@ For your own training loop (docs/training-stack.md):
 - ``DistillCollator``: its sequences → a batch in Hugging Face conventions (unshifted ``labels``,
   -100 where nothing is trained; the teacher's targets at the input positions);
 - ``DistillLoss``: the loss from the student's hidden states and head (or from logits);
+- ``CrossTokenizerCollator``: batches for a student with its own tokenizer (``loss="alm"``);
 - ``DistillTrainer`` (``transformers.Trainer``), ``DistillSFTTrainer`` (TRL) — imported on use;
 - ``evaluate``, ``eval_batches``: the eval figures ``train-student`` reports;
 - ``load_store_tokenizer``: the teacher's tokenizer, stored with the store.
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdcache.pipeline.distill.batches import batch_to_device
+from kdcache.pipeline.distill.cross_tokenizer import CrossTokenizerCollator
 from kdcache.pipeline.distill.dataset import DistillCollator, DistillDataset
 from kdcache.pipeline.distill.distill_loss import DistillLoss, check_tokenizer
 from kdcache.pipeline.distill.evaluation import evaluate
@@ -35,6 +37,7 @@ from kdcache.pipeline.distill.student_head import StudentHead, student_head
 from kdcache.pipeline.distill.trainee import make_optimizer
 
 __all__ = [
+    "CrossTokenizerCollator",
     "DistillCollator",
     "DistillDataset",
     "DistillLoss",

@@ -10,7 +10,11 @@ store lacks is absent:
 - sampled: ``sampled_logprobs`` (B, L, m) as ``topk_logprobs``, ``sampled_ids`` (B, L, m) as
   ``topk_ids`` and ``sampled_counts`` (B, L, m) uint8 or uint16 (the store's count dtype), with
   m the most distinct ids any position of the batch drew; a position's entries come first, in
-  ascending id order, and the rest is padding (id 0, count 0, log-prob 0).
+  ascending id order, and the rest is padding (id 0, count 0, log-prob 0);
+- text spans (format 6 stores): ``token_bytes`` and ``token_chars`` (B, L) int32, the UTF-8
+  bytes of the text token t spells and the characters that start in it (0 for special tokens and
+  padding; ``token_sizes``), and ``next_token_logprob`` (B, L) float32, the teacher's log-prob
+  of token t + 1 (0 at the last position and on padding): bits per byte, the teacher's own CE.
 
 Hugging Face conventions: ``labels`` are the input ids themselves, unshifted, with -100 where
 a token is not predicted (position 0, padding, and the token after an untrained position), so
@@ -55,6 +59,9 @@ FIELDS = (
     "sampled_logprobs",
     "sampled_ids",
     "sampled_counts",
+    "token_bytes",
+    "token_chars",
+    "next_token_logprob",
 )
 # a sequence as the loader holds it: these store fields, those the store has, as numpy arrays;
 # ``loss_mask`` (L,) uint8 only in masked stores, whose target fields then have T rows (T = its sum)
@@ -68,6 +75,9 @@ SEQUENCE_FIELDS = (
     "sampled_ids",
     "sampled_counts",
     "sampled_logprobs",
+    "text",
+    "token_ends",
+    "next_token_logprob",
 )
 BASE_FIELDS = FIELDS[:4]  # input_ids, labels, attention_mask, loss_mask: (B, L) int64
 WIDENED = ("topk_ids", "sampled_ids", "sampled_counts")  # int64 on the device
@@ -87,6 +97,8 @@ class Layout(NamedTuple):
     ids: str  # torch dtype name of topk_ids and sampled_ids
     logprobs: str  # of topk_logprobs and sampled_logprobs
     counts: str  # of sampled_counts; "" without sampled targets
+    spans: bool = False  # the store gives each token's text span: token_bytes, token_chars
+    realized: bool = False  # the store gives next_token_logprob
 
 
 def compact_dtypes(ids: np.dtype, logprobs: np.dtype) -> tuple[str, str]:
@@ -121,6 +133,13 @@ def batch_layout(layout: Layout) -> tuple[list[tuple[str, torch.dtype, tuple[int
         present |= {"topk_logprobs": (logprobs, (b, length, k)), "topk_ids": (ids, (b, length, k))}
     if k and layout.tail:
         present["topk_tail_logprob"] = (torch.float32, (b, length))
+    if layout.spans:
+        present |= {
+            "token_bytes": (torch.int32, (b, length)),
+            "token_chars": (torch.int32, (b, length)),
+        }
+    if layout.realized:
+        present["next_token_logprob"] = (torch.float32, (b, length))
     if layout.counts:
         present |= {
             "sampled_logprobs": (logprobs, (b, length, m)),
@@ -164,6 +183,8 @@ def layout_of(sequences: list[Sequence]) -> Layout:
         ids=id_dtype,
         logprobs=logprob_dtype,
         counts=str(first["sampled_counts"].dtype) if sampled else "",
+        spans="token_ends" in first and "text" in first,
+        realized="next_token_logprob" in first,
     )
 
 
@@ -259,7 +280,26 @@ def collate(
                     a[name][i, positions] = sequence[name]  # (T, k) or (T,) rows → positions
         if layout.counts:
             _place_samples(a, i, sequence, positions)
+        if layout.spans:
+            a["token_bytes"][i, :n], a["token_chars"][i, :n] = token_sizes(sequence)
+            a["token_bytes"][i, n:] = a["token_chars"][i, n:] = 0
+        if layout.realized:  # NaN at the last position (no next token): 0, never labelled
+            a["next_token_logprob"][i, :n] = np.nan_to_num(sequence["next_token_logprob"], nan=0.0)
+            a["next_token_logprob"][i, n:] = 0
     return batch
+
+
+def token_sizes(sequence: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes, characters) of the text each token spells, (L,) each, from the sequence's
+    ``text`` (UTF-8) and ``token_ends`` (L,): token i spans ``text[ends[i-1]:ends[i]]``; a
+    character counts in the token holding its first byte."""
+    ends = sequence["token_ends"].astype(np.int64)  # (L,)
+    starts = np.concatenate([[0], ends[:-1]])  # (L,)
+    text = np.frombuffer(sequence["text"], dtype=np.uint8)  # (bytes,)
+    if ends.size and (ends[-1] > text.size or (ends < starts).any()):
+        raise ValueError(f"token spans up to byte {ends.max()} of a {text.size}-byte text")
+    leading = np.concatenate([[0], np.cumsum((text & 0xC0) != 0x80)])  # (bytes + 1,)
+    return ends - starts, leading[ends] - leading[starts]
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:

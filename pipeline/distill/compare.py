@@ -35,6 +35,8 @@ from kdcache.pipeline.store_commands import shard_cache_options, storage_options
 METRICS = (
     ("cross_entropy", "eval CE (nats)", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
+    ("bits_per_byte", "bits/byte", "{:.4f}"),
+    ("bits_per_char", "bits/char", "{:.4f}"),
     ("kl_to_teacher", "KL to teacher", "{:.4f}"),
     ("ghost_kl_to_teacher", "ghost KL to teacher", "{:.4f}"),
     ("sampled_kl_to_teacher", "sampled KL to teacher", "{:.4f}"),

@@ -24,6 +24,7 @@ import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
 from kdcache.pipeline.distill.checks import check_store
+from kdcache.pipeline.distill.cross_tokenizer import CROSS_LOSS, cross_batch_loss
 from kdcache.pipeline.distill.dataset import DistillDataset
 from kdcache.pipeline.distill.live_teacher import LiveTeacher
 from kdcache.pipeline.distill.losses import LossTerms, batch_loss
@@ -39,7 +40,8 @@ class DistillLoss:
     Args:
         source: the ``DistillDataset`` (or the open ``Store``) the batches come from.
         loss: "auto" (sampled-kl for a store with samples, else ghost), "kl", "ghost",
-            "reverse-kl", "sampled-kl" or "ce" (``losses.LOSSES``).
+            "reverse-kl", "sampled-kl" or "ce" (``losses.LOSSES``); "alm" for a student with
+            its own tokenizer, on ``CrossTokenizerCollator`` batches (``cross_tokenizer.py``).
         temperature: KD temperature (CE always at 1); sampled-kl only at the draws' own.
         alpha: the KD weight; CE gets ``1 − alpha``.
 
@@ -57,9 +59,10 @@ class DistillLoss:
     ) -> None:
         store = source.store if isinstance(source, DistillDataset) else source
         self.store: Store | None = store
-        self.loss = check_store(store, loss, temperature=temperature)  # "auto" resolved
+        cross = loss == CROSS_LOSS  # a student with its own tokenizer: its logits, all of them
+        self.loss = loss if cross else check_store(store, loss, temperature=temperature)
         self.temperature, self.alpha = temperature, alpha
-        self.vocab: int | None = store.tokenizer_size  # the student's logits cover these ids
+        self.vocab: int | None = None if cross else store.tokenizer_size  # the logits' ids
         self.sample_temperature = sample_temperature(store.manifest) or 1.0
 
     @classmethod
@@ -136,7 +139,13 @@ class DistillLoss:
         teacher: LiveTeacher | None = None,
     ) -> LossTerms:
         """The loss from (B, L, H) final hidden states and the model's ``head``; with a live
-        ``teacher`` (online KD) from the batch's ``teacher_hidden`` instead of stored targets."""
+        ``teacher`` (online KD) from the batch's ``teacher_hidden`` instead of stored targets;
+        for a cross-tokenizer student (``alm``) from its batch's chunks."""
+        if self.loss == CROSS_LOSS:
+            return cross_batch_loss(
+                hidden, batch, head, temperature=self.temperature, alpha=self.alpha,
+                kd_tokens=kd_tokens, ce_tokens=ce_tokens,
+            )  # fmt: skip
         return batch_loss(
             hidden,
             batch,

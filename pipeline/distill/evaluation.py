@@ -26,6 +26,10 @@ computed from the model's final hidden states a chunk of rows at a time (``stude
 - ``ece``: expected calibration error of the model's top-1 prediction against the true next
   token over the positions with a label, ``Σ_b (n_b / n) · |accuracy_b − confidence_b|`` over
   15 equal-width confidence bins.
+- ``bits_per_byte``, ``bits_per_char`` (stores with text spans, format 6): the same summed CE in
+  bits over the UTF-8 bytes (characters) of the text the labelled tokens spell — a scale every
+  tokenizer shares; ``teacher_bits_per_byte``: the teacher's own, from the stored log-prob of
+  each realized next token (``next_token_logprob``), over the same tokens.
 - ``tokens``: number of positions with a label (the denominator of ``cross_entropy``): in a
   masked store, the trained positions that have a next token.
 
@@ -66,6 +70,9 @@ ECE_BINS = 15
 METRICS = (
     "cross_entropy",
     "perplexity",
+    "bits_per_byte",
+    "bits_per_char",
+    "teacher_bits_per_byte",
     "kl_to_teacher",
     "ghost_kl_to_teacher",
     "sampled_kl_to_teacher",
@@ -92,6 +99,9 @@ class _Totals:
         self.exact: float | None = None  # None: no teacher at hand
         self.agree = 0
         self.kd_tokens = 0
+        # the text the labelled tokens spell: bytes, characters (None: no spans in the store)
+        self.text: tuple[float, float] | None = None
+        self.teacher_nll: float | None = None  # Σ −stored next_token_logprob over labels
         self.bin_count = torch.zeros(bins, dtype=torch.float64)
         self.bin_confidence = torch.zeros(bins, dtype=torch.float64)
         self.bin_correct = torch.zeros(bins, dtype=torch.float64)
@@ -114,6 +124,14 @@ class _Totals:
         self.ce_tokens += int(has_label.sum())
         trained = mask.bool()  # (n,)
         self.kd_tokens += int(trained.sum())
+        if "next_token_bytes" in targets:  # what the predicted tokens spell
+            text_bytes = _sum64(targets["next_token_bytes"][has_label])
+            chars = _sum64(targets["next_token_chars"][has_label])
+            before = self.text or (0.0, 0.0)
+            self.text = (before[0] + text_bytes, before[1] + chars)
+        if "next_token_logprob" in targets:  # the teacher's own, stored at cache time
+            stored = -targets["next_token_logprob"][has_label]
+            self.teacher_nll = (self.teacher_nll or 0.0) + _sum64(stored)
         if "topk_ids" in targets:
             ids = targets["topk_ids"]  # (n, k) int64
             ghost = topk_kd(
@@ -145,7 +163,8 @@ class _Totals:
     def pack(self) -> torch.Tensor:
         """Every running sum in one (10 + 3·bins,) float64 tensor, to be summed over ranks; a
         distance's flag counts the ranks that measured it (0: none did)."""
-        optional = [self.ghost, self.sampled, self.exact]
+        text_bytes, chars = self.text or (None, None)
+        optional = [self.ghost, self.sampled, self.exact, text_bytes, chars, self.teacher_nll]
         flags = [float(v is not None) for v in optional]
         scalars = [self.ce, self.ce_tokens, *(v or 0.0 for v in optional), *flags]
         head = torch.tensor([*scalars, self.agree, self.kd_tokens], dtype=torch.float64)
@@ -155,12 +174,13 @@ class _Totals:
         """Take the sums of ``pack`` (e.g. summed over ranks)."""
         values = packed.tolist()
         self.ce, self.ce_tokens = values[0], int(values[1])
-        self.ghost, self.sampled, self.exact = (
+        self.ghost, self.sampled, self.exact, text_bytes, chars, self.teacher_nll = (
             value if flag > 0 else None
-            for value, flag in zip(values[2:5], values[5:8], strict=True)
+            for value, flag in zip(values[2:8], values[8:14], strict=True)
         )
-        self.agree, self.kd_tokens = int(values[8]), int(values[9])
-        self.bin_count, self.bin_confidence, self.bin_correct = packed[10:].reshape(3, -1).clone()
+        self.text = None if text_bytes is None or chars is None else (text_bytes, chars)
+        self.agree, self.kd_tokens = int(values[14]), int(values[15])
+        self.bin_count, self.bin_confidence, self.bin_correct = packed[16:].reshape(3, -1).clone()
 
     def result(self) -> dict[str, float]:
         if self.ce_tokens == 0:
@@ -174,6 +194,11 @@ class _Totals:
             "ece": float(gaps) / self.ce_tokens,
             "tokens": float(self.ce_tokens),
         }
+        if self.text is not None and self.text[0] > 0:  # nats → bits, per byte and character
+            found["bits_per_byte"] = self.ce / math.log(2) / self.text[0]
+            found["bits_per_char"] = self.ce / math.log(2) / max(self.text[1], 1.0)
+            if self.teacher_nll is not None:
+                found["teacher_bits_per_byte"] = self.teacher_nll / math.log(2) / self.text[0]
         if self.exact is not None:
             found["kl_to_teacher"] = self.exact / positions
         if self.ghost is not None:
@@ -241,6 +266,13 @@ def evaluate(
                 for name in (*TOPK_FIELDS, *SAMPLED_FIELDS)
                 if name in b
             }
+            targets |= {  # of the token each position predicts: shifted as the labels are
+                f"next_{name}": next_token_labels(b[name], fill=0).reshape(-1)
+                for name in ("token_bytes", "token_chars")
+                if name in b
+            }
+            if "next_token_logprob" in b:  # (B·L,) the teacher's log-prob of that next token
+                targets["next_token_logprob"] = b["next_token_logprob"].reshape(-1)
             hidden = None
             if teacher is not None:  # (B·L, H), or (B·L, V_t) logits in its fallback mode
                 hidden = teacher.hidden(b["input_ids"], b["attention_mask"]).reshape(rows, -1)
@@ -275,6 +307,8 @@ def history_table(history: list[dict[str, float]]) -> str:
 def in_words(final: dict[str, float]) -> str:
     """An eval in words: CE, perplexity and every distance to the teacher measured."""
     parts = [f"eval CE {final['cross_entropy']:.4f} (ppl {final['perplexity']:.2f})"]
+    if "bits_per_byte" in final:
+        parts.append(f"{final['bits_per_byte']:.4f} bits/byte")
     parts += [f"{n.replace('_', ' ')} {final[n]:.4f}" for n in TEACHER_DISTANCES if n in final]
     if "top1_agreement" in final:
         parts.append(f"top-1 {final['top1_agreement']:.3f}")

@@ -25,7 +25,7 @@ with ``pin_memory`` on a CUDA machine), never reused while the consumer holds it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice, tee
 from typing import Any
 
@@ -43,6 +43,7 @@ from kdcache.pipeline.distill.dataset import DistillDataset, EpochReads, Part
 from kdcache.pipeline.distill.shard_feed import ShardFeed
 from kdcache.storage import ShardArrays, Store
 
+Collate = Callable[[list[Sequence]], dict[str, torch.Tensor]]
 DATA_WAIT_NOTE = 0.05  # a consumer waiting for batches beyond this share of its time: a note
 
 
@@ -97,15 +98,20 @@ def stream_sequences(
 
 
 def stream_batches(
-    ds: DistillDataset, threads: int, pin: bool
+    ds: DistillDataset, threads: int, pin: bool, collate_fn: Collate | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass of collated batches (one per micro-batch of this rank), page-locked if ``pin``."""
+    """One pass of collated batches (one per micro-batch of this rank), page-locked if ``pin``;
+    ``collate_fn`` instead of ``batches.collate`` (a cross-tokenizer student's re-tokenizing)."""
     pending: list[Sequence] = []
     sequences = stream_sequences(ds, threads)
     try:
         for last, sequence in sequences:
             pending.append(sequence)
             if not last:
+                continue
+            if collate_fn is not None:
+                yield collate_fn(pending)
+                pending = []
                 continue
             out = None
             if pin:  # collated straight into page-locked memory: one copy to the device, async
@@ -131,14 +137,21 @@ class TeacherLoader:
         dataset: what to read.
         num_workers: threads decoding shards (0 or 1: one; see ``shard_feed.py``).
         pin_memory: on a CUDA machine, collate into page-locked memory.
+        collate_fn: sequences → batch instead of ``batches.collate`` (cross-tokenizer students).
     """
 
     def __init__(
-        self, dataset: DistillDataset, *, num_workers: int = 0, pin_memory: bool = False
+        self,
+        dataset: DistillDataset,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        collate_fn: Collate | None = None,
     ) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.collate_fn = collate_fn
         self._iterator: Iterator[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -156,7 +169,7 @@ class TeacherLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         pin = self.pin_memory and torch.cuda.is_available()
-        return stream_batches(self.dataset, max(1, self.num_workers), pin)
+        return stream_batches(self.dataset, max(1, self.num_workers), pin, self.collate_fn)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
@@ -173,8 +186,10 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    collate_fn: Collate | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over the eval split in stored order, from a fresh loader: this rank's share.
+    """One pass over the eval split in stored order, from a fresh loader: this rank's share
+    (collated by ``collate_fn`` when given: a cross-tokenizer student's batches).
 
     The pass every evaluation uses (train-student, sweep, compare), so their figures agree.
     Batch j of the pass (``batch_size`` sequences, the first ``max_batches`` only) goes to rank
@@ -191,7 +206,7 @@ def eval_batches(
         deal="batches",
         pad_id=pad_id,
     )
-    batches = iter(TeacherLoader(dataset, pin_memory=pin_memory))
+    batches = iter(TeacherLoader(dataset, pin_memory=pin_memory, collate_fn=collate_fn))
     if max_batches is None:
         return batches
     return islice(batches, len(range(rank, max_batches, world_size)))

@@ -80,11 +80,11 @@ class LossTerms:
     ce_tokens: int  # this batch's positions with a label
 
 
-def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+def next_token_labels(labels: torch.Tensor, fill: int = IGNORE_INDEX) -> torch.Tensor:
     """(B, L) the token each position predicts, from Hugging Face ``labels`` (B, L) (unshifted):
-    ``labels`` moved one place left, -100 at the last position — the shift a causal LM's own
-    loss makes."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    ``labels`` moved one place left, ``fill`` (-100) at the last position — the shift a causal
+    LM's own loss makes (also of any per-token field, e.g. its text bytes, with ``fill=0``)."""
+    return F.pad(labels[:, 1:], (0, 1), value=fill)
 
 
 def trained_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -92,7 +92,9 @@ class Run:
     accelerator: Any
     store: Any
     out: Path
-    tokenizer: Any = None
+    tokenizer: Any = None  # the student's: the store's, or its own (``cross``)
+    cross: Any = None  # a CrossTokenizerCollator for a student with its own tokenizer
+    vocab: int = 0  # the ids the student's logits cover
     model: Any = None
     source: str = ""
     facts: dict[str, Any] = field(default_factory=dict)  # run.json

@@ -187,6 +187,7 @@ def build_student(
         if not path.is_file():
             raise UserError(f"student config not found, {spec}, check the path")
         fields = _read_config_file(path)
+        fields.pop("tokenizer", None)  # the student's own tokenizer (student_tokenizer.py)
         fields.setdefault("vocab_size", tokenizer_size)
         source = f"config {spec}"
     else:

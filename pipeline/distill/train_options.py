@@ -15,6 +15,7 @@ from kdcache.pipeline.distill.checks import (
     report_to_option,
     workers_option,
 )
+from kdcache.pipeline.distill.cross_tokenizer import CROSS_LOSS
 from kdcache.pipeline.distill.losses import LOSSES
 from kdcache.pipeline.store_commands import shard_cache_options, storage_options_option
 
@@ -28,7 +29,9 @@ OPTIONS: list[Callable[[Any], Any]] = [
         "--student",
         default="tiny",
         show_default=True,
-        help="Preset (tiny|small|base), config .json/.yaml, or HF model directory.",
+        help="Preset (tiny|small|base), config .json/.yaml, or HF model directory. With its own "
+        "tokenizer (tokenizer files in the directory, or a `tokenizer:` directory in the config) "
+        "it learns across tokenizers from a format-6 store (--loss alm).",
     ),
     click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory."),
     click.option("--steps", default=300, show_default=True, help="Optimizer steps."),
@@ -48,12 +51,13 @@ OPTIONS: list[Callable[[Any], Any]] = [
     ),
     click.option(
         "--loss",
-        type=click.Choice(LOSSES),
+        type=click.Choice((*LOSSES, CROSS_LOSS)),
         default="auto",
         show_default=True,
         help="KD loss (docs/architecture.md §5): auto = sampled-kl on a store with samples, else "
-        "ghost (kl with --teacher); kl, ghost, reverse-kl need top-k targets, sampled-kl samples; "
-        "ce = hard labels only (the no-teacher baseline).",
+        "ghost (kl with --teacher), alm for a student with its own tokenizer (chunk likelihood "
+        "matching); kl, ghost, reverse-kl need top-k targets, sampled-kl samples; ce = hard "
+        "labels only (the no-teacher baseline).",
     ),
     click.option(
         "--teacher",

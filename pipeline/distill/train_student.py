@@ -5,10 +5,10 @@ tokenizer → loaders → trainee (model, optimizer, schedule) → resume → lo
 checkpoint) → save → report. The reusable parts (``Trainee``, ``train_step``, checkpoints) live
 in ``trainee.py`` so the sweep can train several students on each batch read once.
 
-Outputs in OUT: the student (``save_pretrained``) + the teacher's tokenizer, ``run.json`` (store,
-manifest fingerprint, every setting), ``log.csv`` (one row per step), ``metrics.json`` (final
-eval, eval history, training summary) and ``checkpoint/`` (for ``--resume``). A store without an
-``eval`` split trains with a warning and reports no eval metrics (``"final": null``).
+Outputs in OUT: the student (``save_pretrained``) + its tokenizer (the teacher's, or its own:
+``student_tokenizer.py``), ``run.json`` (store, manifest fingerprint, every setting), ``log.csv``,
+``metrics.json`` (final eval, eval history, training summary), ``curves.png`` and
+``checkpoint/`` (for ``--resume``). A store without an ``eval`` split reports no eval metrics.
 
 Several processes (``torchrun``/``accelerate launch … -m kdcache.pipeline train-student``):
 ``--batch-size`` is the global micro-batch, split over the processes (each reads its rows of
@@ -19,8 +19,6 @@ processes and resumes with any number; gradients and token counts are summed ove
 Token counts: ``tokens`` (log.csv, metrics.json, tokens/s) are the real input positions the
 student read, over every process; ``trained_tokens`` those its loss counted (``loss_mask``),
 fewer only in a store with a loss mask, whose summary line then says "N tokens (M trained)".
-The student is built on the store's tokenizer size and its logits sliced to it
-(``vocabulary.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from kdcache.pipeline.distill.checks import (
     check_settings,
     check_store,
 )
+from kdcache.pipeline.distill.cross_tokenizer import CROSS_LOSS
 from kdcache.pipeline.distill.dataset import manifest_fingerprint
 from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
 from kdcache.pipeline.distill.loader import (
@@ -58,6 +57,7 @@ from kdcache.pipeline.distill.student import (
     enable_gradient_checkpointing,
     load_store_tokenizer,
 )
+from kdcache.pipeline.distill.student_tokenizer import check_encodes, cross_student
 from kdcache.pipeline.distill.train_options import train_student_options
 from kdcache.pipeline.distill.trainee import (
     LOG_FIELDS,
@@ -138,6 +138,13 @@ def open_run(s: dict[str, Any]) -> Run:
     run = Run(s, accelerator, store, out)
     run.note(parallel_note(accelerator))
     run.note(check_finished(store, s["allow_unfinished"]))  # else refused
+    # a student with its own tokenizer (student_tokenizer.py) learns by chunk likelihood matching
+    run.cross = cross_student(s["student"], store, s["loss"], bool(s["teacher"]))
+    if run.cross is not None:
+        s["loss"] = CROSS_LOSS if s["loss"] == "auto" else s["loss"]  # alm, or ce: its twin
+        run.tokenizer = run.cross.tokenizer
+        run.note(check_encodes(store, run.cross))
+        return run
     # "auto" resolved (run.json has it); sampled-kl only at the draws' temperature; online: the
     # teacher runs live, the store gives the data
     s["loss"] = check_store(
@@ -147,12 +154,14 @@ def open_run(s: dict[str, Any]) -> Run:
 
 
 def build_model(run: Run) -> None:
-    """The student on the store's tokenizer (its embedding checked against it)."""
+    """The student on its tokenizer — the store's, or its own (its embedding checked)."""
     s, store = run.s, run.store
-    run.tokenizer = load_store_tokenizer(store)
+    if run.tokenizer is None:  # a student on the store's tokenizer
+        run.tokenizer = load_store_tokenizer(store)
+    run.vocab = len(run.tokenizer) if run.cross is not None else store.tokenizer_size
     run.model, run.source = build_student(
         s["student"],
-        store.tokenizer_size,  # the student's logits cover these ids only
+        run.vocab,  # the student's logits cover these ids only
         tokenizer=run.tokenizer,
         seed=s["seed"],
         max_positions=max(2048, store.seq_len),
@@ -205,7 +214,10 @@ def train_loader(run: Run) -> TeacherLoader:
         pad_id=run.pad_id,
     )
     return TeacherLoader(
-        dataset, num_workers=s["workers"], pin_memory=accelerator.device.type == "cuda"
+        dataset,
+        num_workers=s["workers"],
+        pin_memory=accelerator.device.type == "cuda",
+        collate_fn=run.cross,  # None: the store's own tokens
     )
 
 
@@ -222,7 +234,7 @@ def build_trainee(run: Run) -> Any:
         lr=s["lr"],
         steps=s["steps"],
         warmup=s["warmup"] if s["warmup"] is not None else max(1, s["steps"] // 10),
-        vocab=run.store.tokenizer_size,
+        vocab=run.vocab,
         sample_temperature=sample_temperature(run.store.manifest) or 1.0,
     )
     trainee.teacher = run.teacher
@@ -252,6 +264,7 @@ def run_eval(run: Run) -> None:
         max_batches=run.s["eval_batches"],
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        collate_fn=run.cross,
     )
     with eval_context(accelerator.device, accelerator.mixed_precision):
         metrics = evaluate(

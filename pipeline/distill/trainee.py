@@ -212,6 +212,14 @@ def make_trainee(
     return trainee
 
 
+def _kd_units(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a batch's KD term is averaged over: its trained positions, or for a cross-tokenizer
+    student's batch its trained chunks."""
+    if "chunk_mask" in batch:
+        return batch["chunk_mask"].sum()
+    return trained_mask(batch).sum()
+
+
 def train_step(
     trainee: Trainee, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any
 ) -> dict[str, Any]:
@@ -226,7 +234,7 @@ def train_step(
     counts = torch.tensor(
         [
             sum(int(b["attention_mask"].sum()) for b in batches),
-            sum(int(trained_mask(b).sum()) for b in batches),
+            sum(int(_kd_units(b)) for b in batches),
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
         ]
     )  # (3,) int64: this rank's real, trained and labelled positions

@@ -17,8 +17,9 @@ from kdcache.pipeline.files import write_text_atomic
 
 # eval metrics that only some stores' targets allow: a column appears when a row has it
 TEACHER_METRICS = ("ghost_kl_to_teacher", "sampled_kl_to_teacher", "top1_agreement")
-# columns only some stores have: the metrics above, the trained positions of a masked store
-OPTIONAL = (*TEACHER_METRICS, "trained_tokens_seen")
+# columns only some stores have: the metrics above, the trained positions of a masked store,
+# bits per byte (stores with text spans)
+OPTIONAL = (*TEACHER_METRICS, "trained_tokens_seen", "eval_bits_per_byte")
 COLUMNS = (
     "candidate",
     "parameters",
@@ -26,6 +27,7 @@ COLUMNS = (
     "tokens_seen",
     "trained_tokens_seen",
     "eval_cross_entropy",
+    "eval_bits_per_byte",
     *TEACHER_METRICS,
     "ece",
     "train_tokens_per_s",
@@ -62,14 +64,34 @@ def inference_tokens_per_s(
     return input_ids.numel() / best
 
 
-def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows not dominated in (fewer parameters, lower eval cross-entropy), sorted by size."""
+def ranking_metric(rows: Sequence[dict[str, Any]]) -> str:
+    """What ranks the candidates: eval cross-entropy per token while they share a tokenizer
+    (every row's ``tokenizer``, when given, the same), else eval bits per byte — the one scale
+    students with different tokenizers share.
+
+    Raises:
+        ValueError: tokenizers differ and a row has no bits per byte (a store without spans).
+    """
+    if len({row.get("tokenizer") for row in rows}) <= 1:
+        return "eval_cross_entropy"
+    if any("eval_bits_per_byte" not in row for row in rows):
+        raise ValueError(
+            "candidates with different tokenizers are ranked by bits per byte, which this "
+            "store cannot give (no text spans); re-cache it with this kdcache"
+        )
+    return "eval_bits_per_byte"
+
+
+def pareto_front(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[dict[str, Any]]:
+    """Rows not dominated in (fewer parameters, lower ``metric`` — ``ranking_metric``'s by
+    default), sorted by size."""
+    metric = metric or ranking_metric(rows)
     front: list[dict[str, Any]] = []
     best = math.inf
-    for row in sorted(rows, key=lambda r: (r["parameters"], r["eval_cross_entropy"])):
-        if row["eval_cross_entropy"] < best:
+    for row in sorted(rows, key=lambda r: (r["parameters"], r[metric])):
+        if row[metric] < best:
             front.append(row)
-            best = row["eval_cross_entropy"]
+            best = row[metric]
     return front
 
 
@@ -111,11 +133,13 @@ def _format(value: Any) -> str:
 def write_leaderboard(
     rows: Sequence[dict[str, Any]], out_dir: Path, baseline: str | None = None
 ) -> None:
-    """``leaderboard.csv`` (all columns + settings) and ``leaderboard.md``, best eval CE first.
+    """``leaderboard.csv`` (all columns + settings) and ``leaderboard.md``, best first by
+    ``ranking_metric`` (eval CE per token; bits per byte when the tokenizers differ).
 
     The Pareto column marks the front among the distilled candidates (``baseline`` excluded).
     """
-    ranked = sorted(rows, key=lambda r: r["eval_cross_entropy"])
+    metric = ranking_metric(rows)
+    ranked = sorted(rows, key=lambda r: r[metric])
     present = {k for r in ranked for k in r}
     columns = [c for c in COLUMNS if c not in OPTIONAL or c in present]
     extra = sorted(present - set(COLUMNS))

@@ -229,6 +229,12 @@ def _train_group(
             "tokens_seen": trainee.tokens,
             **({"trained_tokens_seen": trainee.trained_tokens} if masked else {}),
             "eval_cross_entropy": metrics.get("cross_entropy", math.nan),
+            # the tokenizer-free scale, from a store with text spans (format 6)
+            **(
+                {"eval_bits_per_byte": metrics["bits_per_byte"]}
+                if "bits_per_byte" in metrics
+                else {}
+            ),
             # the distances to the teacher that the store's targets allow (evaluation.METRICS)
             **{name: metrics[name] for name in TEACHER_METRICS if name in metrics},
             "ece": metrics.get("ece", math.nan),

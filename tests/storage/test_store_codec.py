@@ -256,7 +256,7 @@ def test_round_trip_within_the_bound(
     assert verify_store(url) == []
     store = open_store(url)
     m = store.manifest
-    assert (m["format_version"], m["codec"], m["codec_max_abs_error"]) == (5, "gaps", 1 / 16)
+    assert (m["format_version"], m["codec"], m["codec_max_abs_error"]) == (6, "gaps", 1 / 16)
     sequences = list(store.iter_sequences())
     assert len(sequences) == len(given) and len(store.shards) > 1
     decoded = "float16" if dtype == "float16" else "float32"
@@ -326,7 +326,7 @@ def test_older_stores_read_identically_and_resume_only_as_they_are(
     assert verify_store(url) == []
     with pytest.raises(StoreIncompatible) as info:  # kdcache writes version 5 only
         create_store(url, current)
-    assert info.value.differences == [f"format_version: store has {version}, this run asks 5"]
+    assert info.value.differences == [f"format_version: store has {version}, this run asks 6"]
     with pytest.raises(StoreIncompatible) as info:
         create_store(url, manifest(targets, backend=backend))
     assert [d.split(":")[0] for d in info.value.differences] == [

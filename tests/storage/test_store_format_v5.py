@@ -89,7 +89,7 @@ def test_a_version_4_arrow_gaps_store_opens_and_resumes_as_version_4(
         np.testing.assert_array_equal(a.topk_ids, want["topk_ids"])
         for name in ("topk_ids", "topk_logprobs", "topk_tail_logprob", "sampled_logprobs"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    with pytest.raises(StoreIncompatible, match="format_version: store has 4, this run asks 5"):
+    with pytest.raises(StoreIncompatible, match="format_version: store has 4, this run asks 6"):
         create_store(v4, facts)
     assert create_store(v4, {**facts, "format_version": 4}).manifest["format_version"] == 4
 

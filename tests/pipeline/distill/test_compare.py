@@ -78,7 +78,11 @@ def test_every_row_is_measured_here_with_the_teacher_at_hand(
         assert metrics["kl_to_teacher"] >= metrics["ghost_kl_to_teacher"] > 0
         assert metrics["tokens"] == teacher["tokens"]
     assert verdict(students["KD student"], students["CE-only student"]) in out
-    assert table.read_text().startswith("| model | eval CE (nats) | perplexity | KL to teacher |")
+    assert table.read_text().startswith(
+        "| model | eval CE (nats) | perplexity | bits/byte | bits/char | KL to teacher |"
+    )  # a format-6 store gives the text: bits per byte, the teacher's too
+    # the teacher measured live equals its stored realized-token log-probs (float16 rounding)
+    assert teacher["bits_per_byte"] == pytest.approx(teacher["teacher_bits_per_byte"], rel=2e-3)
 
 
 def test_verdict_says_when_kd_does_not_help() -> None:

@@ -12,6 +12,7 @@ from kdcache.pipeline.distill.evaluation import METRICS, evaluate
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, next_token_labels
 
 V, K, N = 40, 6, 16
+TEXT_METRICS = ("bits_per_byte", "bits_per_char", "teacher_bits_per_byte")
 TOPK = ("topk_ids", "topk_logprobs", "topk_tail_logprob")
 SAMPLED = ("sampled_ids", "sampled_counts", "sampled_logprobs")
 
@@ -150,7 +151,8 @@ def test_metrics_equal_the_hand_computed_ones(chunk_tokens: int) -> None:
     got = evaluate(FixedLogits(logits), batches, chunk_tokens=chunk_tokens)
     want = _by_hand(batches, logits)
     # a topk+sampled store: every metric but the exact KL (no teacher at hand), in table order
-    assert list(got) == [m for m in METRICS if m != "kl_to_teacher"]
+    # hand-built batches have no text spans: no bits per byte
+    assert list(got) == [m for m in METRICS if m not in ("kl_to_teacher", *TEXT_METRICS)]
     for name in got:
         assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), name
 
@@ -159,9 +161,14 @@ def test_each_store_kind_reports_the_distances_its_targets_allow() -> None:
     batches, logits, _ = _batches(2)
     want = _by_hand(batches, logits)
     topk = evaluate(FixedLogits(logits), _only(batches, SAMPLED))
-    assert set(topk) == set(METRICS) - {"sampled_kl_to_teacher", "kl_to_teacher"}
+    assert set(topk) == set(METRICS) - {"sampled_kl_to_teacher", "kl_to_teacher", *TEXT_METRICS}
     sampled = evaluate(FixedLogits(logits), _only(batches, TOPK))
-    assert set(sampled) == set(METRICS) - {"ghost_kl_to_teacher", "top1_agreement", "kl_to_teacher"}
+    assert set(sampled) == set(METRICS) - {
+        "ghost_kl_to_teacher",
+        "top1_agreement",
+        "kl_to_teacher",
+        *TEXT_METRICS,
+    }
     for got in (topk, sampled):
         for name, value in got.items():
             assert value == pytest.approx(want[name], rel=1e-5, abs=1e-6), name

@@ -1,0 +1,212 @@
+"""A student with another tokenizer: the collator's chunks and labels, and the chunk likelihood
+matching loss equal to its plain autograd computation from whole logits, in value and gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from kdcache.pipeline.cache.tokenizer import train_bpe_tokenizer
+from kdcache.pipeline.distill.alignment import NO_CHUNK, retokenize
+from kdcache.pipeline.distill.cross_tokenizer import (
+    CrossTokenizerCollator,
+    chunk_distance,
+    cross_batch_loss,
+)
+from kdcache.pipeline.distill.losses import IGNORE_INDEX, next_token_labels
+from kdcache.pipeline.distill.student_head import student_head
+
+TEXTS = ["def add(a, b):\n    return a + b  # café ✓\n", "x = [1, 2, 3]\nprint(sum(x))\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(corpus_texts: list[str]):
+    texts = [t[:4000] for t in corpus_texts[:40]] + TEXTS
+    return train_bpe_tokenizer(texts, vocab_size=700), train_bpe_tokenizer(texts, vocab_size=350)
+
+
+def store_sequence(teacher, text: str, seed: int, masked: bool = False) -> dict:
+    """A sequence as a format-6 store gives it: the teacher's tokens (BOS first), the text, each
+    token's end byte, made-up log-probs of the realized next tokens, optionally a loss mask."""
+    data = text.encode()
+    tokens = retokenize(teacher, data)
+    rng = np.random.default_rng(seed)
+    n = tokens.ids.size + 1
+    realized = -rng.random(n).astype(np.float32) * 4
+    realized[-1] = np.nan
+    sequence = {
+        "tokens": np.concatenate([[teacher.bos_token_id or 0], tokens.ids]).astype(np.int32),
+        "text": data,
+        "token_ends": np.concatenate([[0], tokens.ends]).astype(np.int32),
+        "next_token_logprob": realized,
+    }
+    if masked:  # train only the second half of the text
+        mask = np.zeros(n, np.uint8)
+        mask[n // 2 :] = 1
+        sequence["loss_mask"] = mask
+    return sequence
+
+
+def test_the_collator_gives_the_student_tokens_and_the_teachers_chunk_likelihoods(tokenizers):
+    teacher, student = tokenizers
+    sequence = store_sequence(teacher, TEXTS[0], seed=1)
+    collator = CrossTokenizerCollator(student)
+    row = collator.sequence(sequence)
+    own = retokenize(student, sequence["text"])
+    assert row["input_ids"][1:].tolist() == own.ids.tolist()  # the student's BOS, then its tokens
+    assert row["token_bytes"].sum() == len(sequence["text"])
+    # a chunk's teacher log-likelihood: the stored log-probs of the teacher tokens spelling it
+    ends = sequence["token_ends"].astype(np.int64)
+    student_ends = np.concatenate([[0], own.ends])
+    shared = np.intersect1d(ends, student_ends)
+    bounds = np.concatenate([[0], shared[shared > 0]])
+    for c in range(bounds.size - 1):
+        inside = [k for k in range(1, ends.size) if bounds[c] < ends[k] <= bounds[c + 1]
+                  and ends[k] > ends[k - 1]]  # fmt: skip
+        want = sum(float(sequence["next_token_logprob"][k - 1]) for k in inside)
+        assert row["chunk_teacher_logprob"][c] == pytest.approx(min(want, 0.0), rel=1e-6)
+    assert row["chunk_mask"].sum() == bounds.size - 1  # every chunk predicted (BOS on both)
+    batch = collator([sequence, store_sequence(teacher, TEXTS[1], seed=2)])
+    assert batch["input_ids"].shape == batch["chunk_ids"].shape == batch["labels"].shape
+    assert (batch["labels"][:, 0] == IGNORE_INDEX).all()
+    assert (batch["chunk_ids"][batch["attention_mask"] == 0] == NO_CHUNK).all()
+
+
+def test_a_masked_store_trains_only_the_chunks_its_mask_trains(tokenizers) -> None:
+    teacher, student = tokenizers
+    sequence = store_sequence(teacher, TEXTS[0], seed=3, masked=True)
+    row = CrossTokenizerCollator(student).sequence(sequence)
+    trained = row["chunk_mask"].astype(bool)
+    assert 0 < trained.sum() < trained.size
+    # untrained chunks carry no student labels either
+    untrained_tokens = np.isin(row["chunk_ids"], np.flatnonzero(~trained))
+    assert (row["labels"][untrained_tokens] == IGNORE_INDEX).all()
+
+
+def test_a_store_without_text_is_refused(tokenizers) -> None:
+    teacher, student = tokenizers
+    sequence = store_sequence(teacher, TEXTS[0], seed=1)
+    del sequence["text"]
+    with pytest.raises(ValueError, match="format 6"):
+        CrossTokenizerCollator(student).sequence(sequence)
+
+
+def reference(model, batch, alpha: float, temperature: float) -> torch.Tensor:
+    """The plain computation: whole logits, per-chunk sums, autograd."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    b, length, _ = logits.shape
+    log_p = torch.log_softmax(logits.float(), -1)
+    ids = next_token_labels(batch["input_ids"], fill=0)
+    nll = -log_p.gather(-1, ids[..., None])[..., 0]  # (B, L)
+    chunk = next_token_labels(batch["chunk_ids"], fill=NO_CHUNK)  # (B, L)
+    chunks = batch["chunk_mask"].shape[1]
+    student_ll = torch.zeros(b, chunks)
+    for i in range(b):
+        for t in range(length):
+            if chunk[i, t] >= 0:
+                student_ll[i, chunk[i, t]] = student_ll[i, chunk[i, t]] - nll[i, t]
+    distance = chunk_distance(student_ll, batch["chunk_teacher_logprob"], temperature)
+    kd = distance * batch["chunk_mask"]
+    kd = kd.sum() / batch["chunk_mask"].sum()
+    labels = next_token_labels(batch["labels"])
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(b * length, -1), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    return alpha * kd + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_loss_and_its_gradients_equal_the_whole_logits_computation(tokenizers, masked) -> None:
+    teacher, student = tokenizers
+    batch = CrossTokenizerCollator(student)(
+        [store_sequence(teacher, text, seed=i, masked=masked) for i, text in enumerate(TEXTS)]
+    )
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(student), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    want = reference(model, batch, alpha=0.6, temperature=1.5)
+    want.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    head = student_head(model, len(student))
+    terms = cross_batch_loss(
+        head.rows(model, batch), batch, head, temperature=1.5, alpha=0.6, chunk_tokens=7
+    )
+    terms.total.backward()
+    torch.testing.assert_close(terms.total, want, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- end to end: cache-teacher (format 6) → train-student with the student's own tokenizer -----
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory, tiny_teacher_dir, corpus_texts) -> Path:
+    from conftest import cache_small_store
+
+    return cache_small_store(tmp_path_factory, tiny_teacher_dir, corpus_texts)
+
+
+@pytest.fixture(scope="module")
+def own_student(tmp_path_factory, tokenizers) -> Path:
+    """A student config whose `tokenizer:` is a BPE of another vocabulary size."""
+    folder = tmp_path_factory.mktemp("own-student")
+    tokenizers[1].save_pretrained(folder / "tokenizer")
+    config = folder / "student.yaml"
+    config.write_text(
+        "tokenizer: tokenizer\nhidden_size: 32\nintermediate_size: 64\nnum_hidden_layers: 1\n"
+        "num_attention_heads: 2\nnum_key_value_heads: 1\ntie_word_embeddings: true\n"
+    )
+    return config
+
+
+def _train(store: Path, student: Path, out: Path, capsys, *extra: str) -> tuple[int, str]:
+    from kdcache.pipeline.cli import main
+
+    argv = ["train-student", "--store", str(store), "--student", str(student), "--out", str(out),
+            "--steps", "3", "--batch-size", "2", "--threads", "1", *extra]  # fmt: skip
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_a_student_with_its_own_tokenizer_trains_from_the_store(
+    text_store, own_student, tmp_path, capsys, tokenizers
+) -> None:
+    import json
+
+    code, err = _train(text_store, own_student, tmp_path / "kd", capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert metrics["settings"]["loss"] == "alm"
+    final = metrics["final"]
+    assert final["bits_per_byte"] > 0 and final["bits_per_char"] >= final["bits_per_byte"]
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "kd")  # the student's own, saved beside it
+    assert saved.get_vocab() == tokenizers[1].get_vocab()
+    # its CE-only twin trains on the same re-tokenized text
+    code, err = _train(text_store, own_student, tmp_path / "ce", capsys, "--loss", "ce")
+    assert code == 0, err
+    twin = json.loads((tmp_path / "ce" / "metrics.json").read_text())["final"]
+    assert twin["tokens"] == final["tokens"]  # the same eval tokens, in the student's tokens
+
+
+def test_cross_tokenizer_refusals_are_one_line(text_store, own_student, tmp_path, capsys):
+    code, err = _train(text_store, own_student, tmp_path / "a", capsys, "--loss", "ghost")
+    assert code == 2 and "--loss alm" in err and len(err.strip().splitlines()) == 1
+    code, err = _train(text_store, "tiny", tmp_path / "b", capsys, "--loss", "alm")
+    assert code == 2 and "is for a student with its own tokenizer" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
