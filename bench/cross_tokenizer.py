@@ -6,9 +6,14 @@ Makefile's steps and batch), for every seed, three student tokenizers each train
 distillation and CE only (the same initial weights and data order per seed, so differences are
 paired):
 
-- `same`: the store's own tokenizer (the teacher's 8k BPE), KD = the store's `auto` loss;
-- `bpe-4k`: a byte-level BPE of 4,096 ids trained on the same corpus, KD = `alm`;
-- `bytes`: a byte-level tokenizer with no merges (its ids are the 256 bytes), KD = `alm`.
+- `same`: the store's own tokenizer (the teacher's 8k BPE), KD = the store's `auto` loss
+  (`sampled-kl`);
+- `bpe-4k`: a byte-level BPE of 4,096 ids trained on the same corpus;
+- `bytes`: a byte-level tokenizer with no merges (its ids are the 256 bytes).
+
+A cross student is distilled two ways: `matched` (`auto` = `sampled-kl` on the teacher's draws at
+aligned positions whose tokens both vocabularies hold, pipeline/distill/exact_matches.py) and
+`alm` (chunk likelihood matching, pipeline/distill/cross_tokenizer.py).
 
 Every student is ranked on eval bits per byte (of the text its predicted tokens spell), the scale
 every tokenizer shares. Reported per tokenizer: bits/byte (mean ± sd over seeds) of KD and CE,
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -61,6 +67,8 @@ def student_tokenizers(work: Path) -> dict[str, Path]:
 def train(work: Path, s: dict, student: str, name: str, loss: str, seed: int, log: Path) -> dict:
     out = work / "students" / f"seed{seed}" / name
     if not (out / "metrics.json").is_file():
+        if out.exists():  # a run killed before it finished: start it again
+            shutil.rmtree(out)
         args = ["--store", str(work / "stores" / STORE), "--student", student, "--loss", loss]
         args += ["--steps", str(s["steps"]), "--batch-size", str(s["batch_size"])]
         args += ["--seed", str(seed), "--out", str(out)]
@@ -68,12 +76,20 @@ def train(work: Path, s: dict, student: str, name: str, loss: str, seed: int, lo
     return json.loads((out / "metrics.json").read_text())["final"]
 
 
+# (student, KD variant): the loss of each; every student also trains CE only
+VARIANTS = {
+    "same": {"kd": "auto"},
+    **{name: {"matched": "auto", "alm": "alm"} for name in TOKENIZERS},
+}
+
+
 def summarize(raw: dict) -> list[dict]:
     rows = []
     seeds = sorted(raw["runs"])
     same_gain = None
-    for name in ("same", *TOKENIZERS):
-        kd = [raw["runs"][seed][name]["kd"]["bits_per_byte"] for seed in seeds]
+    pairs = [(name, kd) for name, kinds in VARIANTS.items() for kd in kinds]
+    for name, variant in pairs:
+        kd = [raw["runs"][seed][name][variant]["bits_per_byte"] for seed in seeds]
         ce = [raw["runs"][seed][name]["ce"]["bits_per_byte"] for seed in seeds]
         gain = [c - k for k, c in zip(kd, ce, strict=True)]  # > 0: KD has fewer bits per byte
         mean_gain = statistics.mean(gain)
@@ -82,6 +98,7 @@ def summarize(raw: dict) -> list[dict]:
         spread = statistics.stdev(gain) if len(gain) > 1 else 0.0
         rows.append({
             "tokenizer": name,
+            "variant": variant,
             "kd_bpb": statistics.mean(kd), "kd_sd": statistics.stdev(kd) if len(kd) > 1 else 0.0,
             "ce_bpb": statistics.mean(ce), "ce_sd": statistics.stdev(ce) if len(ce) > 1 else 0.0,
             "gain": mean_gain, "gain_sd": spread,
@@ -102,13 +119,13 @@ def report(raw: dict, rows: list[dict], seconds: float) -> str:
         "− KD, paired by seed (mean ± sd); share = a tokenizer's mean gain / the same-tokenizer "
         "student's.",
         "",
-        "| student tokenizer | KD bits/byte | CE-only bits/byte | paired gain | gain > spread | "
-        "share of same-tokenizer gain |",
-        "|---|---|---|---|---|---|",
+        "| student tokenizer | KD | KD bits/byte | CE-only bits/byte | paired gain | "
+        "gain > spread | share of same-tokenizer gain |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['tokenizer']} | {r['kd_bpb']:.4f} ± {r['kd_sd']:.4f} | "
+            f"| {r['tokenizer']} | {r['variant']} | {r['kd_bpb']:.4f} ± {r['kd_sd']:.4f} | "
             f"{r['ce_bpb']:.4f} ± {r['ce_sd']:.4f} | {r['gain']:+.4f} ± {r['gain_sd']:.4f} | "
             f"{'yes' if r['beats_spread'] else 'no'} | {r['share_of_same']:.0%} |"
         )
@@ -136,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         raw["runs"][seed] = {
             name: {
-                "kd": train(work, s, student, f"{name}-kd", "auto", seed, log),
+                **{
+                    variant: train(work, s, student, f"{name}-{variant}", loss, seed, log)
+                    for variant, loss in VARIANTS[name].items()
+                },
                 "ce": train(work, s, student, f"{name}-ce", "ce", seed, log),
             }
             for name, student in configs.items()

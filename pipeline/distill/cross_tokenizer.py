@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.pipeline.distill.alignment import NO_CHUNK, align, retokenize
-from kdcache.pipeline.distill.batches import token_sizes
+from kdcache.pipeline.distill.batches import collate, token_sizes
+from kdcache.pipeline.distill.exact_matches import matched_draws, vocabulary_map
 from kdcache.pipeline.distill.fused_chunks import Head, fused_chunk_loss
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, LossTerms, chunk_rows, next_token_labels
 
@@ -68,19 +69,33 @@ class CrossTokenizerCollator:
     ``chunk_mask`` (B, C) float32: 1 where chunk c is trained (both sides predict it; the store's
     loss mask trains all its teacher tokens); ``token_bytes``/``token_chars`` (B, L_s) int32 of
     the student's tokens (bits per byte). ``labels`` is -100 for tokens of untrained chunks.
+    Given the teacher's tokenizer and a store with samples: ``sampled_*`` (B, L_s, m), the
+    teacher's draws at aligned positions whose tokens both vocabularies hold, and ``loss_mask``
+    marking those positions (``exact_matches.py``): the ``sampled-kl`` loss reads them.
 
     Args:
         tokenizer: the student's (fast) tokenizer.
+        teacher_tokenizer: the store's; with it, the teacher's draws at aligned positions.
         pad_id: ``input_ids`` of padding (default: the tokenizer's pad, else 0).
         bos: put the tokenizer's BOS first (when it has one), as its own pretraining did.
     """
 
-    def __init__(self, tokenizer: Any, pad_id: int | None = None, bos: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        teacher_tokenizer: Any = None,
+        pad_id: int | None = None,
+        bos: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
         pad = tokenizer.pad_token_id if pad_id is None else pad_id
         self.pad_id = 0 if pad is None else int(pad)
         self.bos = tokenizer.bos_token_id if bos else None
         self.stats = CrossStats()
+        # the teacher's draws at aligned positions, where both vocabularies hold the token
+        self.mapping = (
+            None if teacher_tokenizer is None else vocabulary_map(teacher_tokenizer, tokenizer)
+        )
 
     def sequence(self, sequence: dict[str, Any]) -> dict[str, np.ndarray]:
         """One store sequence in the student's tokens and its chunks (numpy, unpadded)."""
@@ -124,7 +139,11 @@ class CrossTokenizerCollator:
         untrained = (s_chunk == NO_CHUNK) | ~chunk_trained[np.maximum(s_chunk, 0)]
         labels[untrained] = IGNORE_INDEX
         sizes, characters = token_sizes({"text": sequence["text"], "token_ends": ends})
+        draws = None
+        if self.mapping is not None and sequence.get("sampled_distinct") is not None:
+            draws = matched_draws(sequence, ids, ends, self.mapping)
         return {
+            "draws": draws,
             "input_ids": ids,
             "labels": labels,
             "chunk_ids": s_chunk,
@@ -158,6 +177,10 @@ class CrossTokenizerCollator:
             batch["chunk_teacher_logprob"][i, :c] = torch.from_numpy(row["chunk_teacher_logprob"])
             batch["chunk_mask"][i, :c] = torch.from_numpy(row["chunk_mask"])
         batch["loss_mask"] = (batch["chunk_ids"] != NO_CHUNK).long()
+        if all(row["draws"] is not None for row in rows):  # the matched draws: sampled_* fields
+            drawn = collate([row["draws"] for row in rows], self.pad_id)
+            names = ("loss_mask", "sampled_ids", "sampled_counts", "sampled_logprobs")
+            batch |= {name: drawn[name] for name in names if name in drawn}
         return batch
 
 

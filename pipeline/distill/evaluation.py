@@ -264,8 +264,8 @@ def evaluate(
             targets = {
                 name: b[name].reshape(rows, *b[name].shape[2:])  # (B·L,) or (B·L, k|m)
                 for name in (*TOPK_FIELDS, *SAMPLED_FIELDS)
-                if name in b
-            }
+                if name in b and "chunk_mask" not in b  # a cross-tokenizer batch's draws are
+            }  # merged per student token: their log-probs are not the teacher's, no KL estimate
             targets |= {  # of the token each position predicts: shifted as the labels are
                 f"next_{name}": next_token_labels(b[name], fill=0).reshape(-1)
                 for name in ("token_bytes", "token_chars")

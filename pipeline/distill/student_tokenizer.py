@@ -5,7 +5,9 @@ A student has its own tokenizer when ``--student`` is a model directory holding 
 file whose ``tokenizer`` entry names a tokenizer directory (relative to the file). If that
 tokenizer maps every token to the id the store's tokenizer gives it, the student is an ordinary
 one; otherwise it is a cross-tokenizer student (``cross_tokenizer.py``): the store must give
-the text and its spans (format 6), and the loss is ``alm``.
+the text and its spans (format 6); it learns from the teacher's draws at aligned positions whose
+tokens both vocabularies hold (``sampled-kl``, ``exact_matches.py``, a store with samples) or by
+chunk likelihood matching (``alm``, what ``auto`` picks).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kdcache.pipeline.distill.cross_tokenizer import CROSS_LOSS, CrossTokenizerC
 from kdcache.pipeline.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CROSS_LOSSES = ("auto", CROSS_LOSS, "sampled-kl", "ce")  # what a cross-tokenizer student takes
 UNKNOWN_LIMIT = 0.01  # the share of the student's tokens that may be its unknown token
 PROBE_SEQUENCES = 64  # stored sequences re-tokenized before training to count unknown tokens
 
@@ -87,10 +90,16 @@ def cross_student(spec: str, store: Any, loss: str, online: bool) -> CrossTokeni
                 "store's; use --loss auto"
             )
         return None
-    if loss not in ("auto", CROSS_LOSS, "ce"):
+    if loss not in CROSS_LOSSES:
         raise UserError(
-            f"the student's tokenizer is not the store's ({spec}): it learns by chunk likelihood "
-            f"matching, --loss {CROSS_LOSS} (or auto; ce for its CE-only twin), not --loss {loss}"
+            f"the student's tokenizer is not the store's ({spec}): it learns from the teacher's "
+            f"matched draws (--loss sampled-kl, a store with samples) or by chunk likelihood "
+            f"matching (--loss {CROSS_LOSS}); auto picks; ce is its CE-only twin; not --loss {loss}"
+        )
+    if loss == "sampled-kl" and not store.has_samples:
+        raise UserError(
+            f"--loss sampled-kl needs a store with samples, {store.url} holds "
+            f"{store.manifest.get('targets', 'topk')} targets; use --loss {CROSS_LOSS} (or auto)"
         )
     if online:
         raise UserError(
@@ -104,7 +113,15 @@ def cross_student(spec: str, store: Any, loss: str, online: bool) -> CrossTokeni
             f"{store.manifest.get('format_version')}), {store.url}: a student with its own "
             "tokenizer needs them; re-cache the store with this kdcache"
         )
-    return CrossTokenizerCollator(tokenizer)
+    teacher = load_store_tokenizer(store) if store.has_samples else None
+    return CrossTokenizerCollator(tokenizer, teacher_tokenizer=teacher)
+
+
+def cross_loss(loss: str, store: Any) -> str:
+    """``auto`` for a cross-tokenizer student: chunk likelihood matching (``alm``), the one that
+    measured no worse than CE on the default (bench/results/cross_tokenizer.md); the matched
+    draws (``sampled-kl``) are asked for by name."""
+    return CROSS_LOSS if loss == "auto" else loss
 
 
 def check_encodes(store: Any, collator: CrossTokenizerCollator) -> str | None:

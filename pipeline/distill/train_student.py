@@ -40,7 +40,6 @@ from kdcache.pipeline.distill.checks import (
     check_settings,
     check_store,
 )
-from kdcache.pipeline.distill.cross_tokenizer import CROSS_LOSS
 from kdcache.pipeline.distill.dataset import manifest_fingerprint
 from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
 from kdcache.pipeline.distill.loader import (
@@ -57,7 +56,7 @@ from kdcache.pipeline.distill.student import (
     enable_gradient_checkpointing,
     load_store_tokenizer,
 )
-from kdcache.pipeline.distill.student_tokenizer import check_encodes, cross_student
+from kdcache.pipeline.distill.student_tokenizer import check_encodes, cross_loss, cross_student
 from kdcache.pipeline.distill.train_options import train_student_options
 from kdcache.pipeline.distill.trainee import (
     LOG_FIELDS,
@@ -141,7 +140,7 @@ def open_run(s: dict[str, Any]) -> Run:
     # a student with its own tokenizer (student_tokenizer.py) learns by chunk likelihood matching
     run.cross = cross_student(s["student"], store, s["loss"], bool(s["teacher"]))
     if run.cross is not None:
-        s["loss"] = CROSS_LOSS if s["loss"] == "auto" else s["loss"]  # alm, or ce: its twin
+        s["loss"] = cross_loss(s["loss"], store)  # matched draws, alm, or ce: its twin
         run.tokenizer = run.cross.tokenizer
         run.note(check_encodes(store, run.cross))
         return run

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from kdcache.pipeline.distill.batches import batch_to_device
+from kdcache.pipeline.distill.cross_tokenizer import CROSS_LOSS
 from kdcache.pipeline.distill.distill_loss import DistillLoss
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, trained_mask
 from kdcache.pipeline.distill.student_head import student_head
@@ -212,10 +213,10 @@ def make_trainee(
     return trainee
 
 
-def _kd_units(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """What a batch's KD term is averaged over: its trained positions, or for a cross-tokenizer
-    student's batch its trained chunks."""
-    if "chunk_mask" in batch:
+def _kd_units(batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
+    """What a batch's KD term is averaged over: its trained positions, or for chunk likelihood
+    matching (a cross-tokenizer student) its trained chunks."""
+    if loss == CROSS_LOSS:
         return batch["chunk_mask"].sum()
     return trained_mask(batch).sum()
 
@@ -234,7 +235,7 @@ def train_step(
     counts = torch.tensor(
         [
             sum(int(b["attention_mask"].sum()) for b in batches),
-            sum(int(_kd_units(b)) for b in batches),
+            sum(int(_kd_units(b, trainee.loss)) for b in batches),
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
         ]
     )  # (3,) int64: this rank's real, trained and labelled positions

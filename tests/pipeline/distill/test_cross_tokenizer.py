@@ -190,7 +190,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_store(
     code, err = _train(text_store, own_student, tmp_path / "kd", capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "kd" / "metrics.json").read_text())
-    assert metrics["settings"]["loss"] == "alm"
+    assert metrics["settings"]["loss"] == "alm"  # auto on a top-k store: chunk likelihoods
     final = metrics["final"]
     assert final["bits_per_byte"] > 0 and final["bits_per_char"] >= final["bits_per_byte"]
     from transformers import AutoTokenizer
@@ -210,3 +210,87 @@ def test_cross_tokenizer_refusals_are_one_line(text_store, own_student, tmp_path
     code, err = _train(text_store, "tiny", tmp_path / "b", capsys, "--loss", "alm")
     assert code == 2 and "is for a student with its own tokenizer" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_store_without_text_or_a_tokenizer_full_of_unknowns_is_refused(
+    text_store, own_student, tmp_path, capsys, tiny_tokenizer_dir, corpus_texts
+) -> None:
+    from conftest import write_synthetic_store
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    old = write_synthetic_store(  # no text spans (what a format-5 store gives)
+        str(tmp_path / "old"), lengths={"train": [[24] * 4]}, tokenizer_dir=tiny_tokenizer_dir
+    )
+    code, err = _train(Path(old), own_student, tmp_path / "a", capsys)
+    assert code == 2 and "holds no text spans" in err and len(err.strip().splitlines()) == 1
+    # a WordPiece tokenizer that knows only letters: code punctuation is all [UNK]
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(["abc def ghi jkl mno pqr stu vwx yz"], vocab_size=60)
+    folder = tmp_path / "letters"
+    PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", pad_token="[PAD]"
+    ).save_pretrained(folder / "tokenizer")
+    config = folder / "student.yaml"
+    config.write_text(own_student.read_text())
+    code, err = _train(text_store, config, tmp_path / "b", capsys)
+    assert code == 2 and "cannot encode the stored text" in err and "unknown token" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_teachers_draws_reach_the_student_where_both_vocabularies_hold_the_token(tokenizers):
+    from kdcache.pipeline.distill.exact_matches import vocabulary_map
+
+    teacher, student = tokenizers
+    sequence = store_sequence(teacher, TEXTS[0], seed=4)
+    n = sequence["tokens"].size
+    rng = np.random.default_rng(0)
+    draws = [np.sort(rng.choice(len(teacher), 5, replace=False)) for _ in range(n)]
+    sequence |= {
+        "sampled_distinct": np.full(n, 5, np.uint8),
+        "sampled_ids": np.concatenate(draws).astype(np.uint16),
+        "sampled_counts": np.full(5 * n, 2, np.uint8),
+        "sampled_logprobs": -rng.random(5 * n).astype(np.float16),
+    }
+    mapping = vocabulary_map(teacher, student)
+    # byte-level BPEs share their alphabet: every ordinary teacher entry begins with a student one
+    assert (mapping >= 0).sum() >= len(teacher) - len(teacher.all_special_tokens)
+    shared = [t for t in teacher.get_vocab() if t in student.get_vocab()]
+    assert all(mapping[teacher.get_vocab()[t]] == student.get_vocab()[t] for t in shared)
+    collator = CrossTokenizerCollator(student, teacher_tokenizer=teacher)
+    batch = collator([sequence])
+    rows = batch["loss_mask"][0].nonzero()[:, 0].tolist()
+    assert rows, "no aligned position"
+    kept = batch["sampled_counts"][0] > 0
+    begins = {int(mapping[i]) for i in np.concatenate(draws)}
+    for position in rows:
+        ids = batch["sampled_ids"][0, position][kept[position]].long().tolist()
+        assert ids == sorted(ids) and ids and set(ids) <= begins
+        # every draw is kept (merged per student token): 5 draws of 2 each
+        assert int(batch["sampled_counts"][0, position].sum()) == 10
+
+
+def test_on_a_sampled_store_the_student_learns_from_the_matched_draws(
+    tmp_path_factory, tiny_teacher_dir, corpus_texts, own_student, tmp_path, capsys
+) -> None:
+    import json
+
+    from kdcache.pipeline.cli import main
+
+    corpus = tmp_path_factory.mktemp("sampled-corpus")
+    for i, text in enumerate(corpus_texts[:6]):
+        (corpus / f"doc{i}.txt").write_text(text[:2000], encoding="utf-8")
+    store = tmp_path / "sampled"
+    try:
+        main(["cache-teacher", "--teacher", str(tiny_teacher_dir), "--corpus", str(corpus),
+              "--out", str(store), "--targets", "sampled", "--samples", "16", "--seq-len", "32",
+              "--eval-fraction", "0.3"])  # fmt: skip
+    except SystemExit as e:
+        assert e.code in (0, None)
+    code, err = _train(store, own_student, tmp_path / "kd", capsys, "--loss", "sampled-kl")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert metrics["settings"]["loss"] == "sampled-kl"
+    assert metrics["final"]["bits_per_byte"] > 0
+    assert "sampled_kl_to_teacher" not in metrics["final"]  # no KL estimate across tokenizers
+    assert metrics["train"]["trained_tokens"] > 0  # the aligned positions with matched draws

@@ -454,6 +454,9 @@ def test_two_ranks_log_once_from_the_main_process_and_fail_together(store, tmp_p
 
 
 def test_train_student_reports_to_wandb_offline_and_mlflow(store, tmp_path, offline, capsys):
+    import wandb
+
+    wandb.teardown()  # an earlier test's wandb singleton keeps its WANDB_DIR: a fresh one here
     out = tmp_path / "out"
     code, _, err = run_cli(
         ["train-student", "--store", store, "--out", str(out), "--steps", "4", "--batch-size",
