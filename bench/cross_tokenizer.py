@@ -11,7 +11,7 @@ paired):
 - `bpe-4k`: a byte-level BPE of 4,096 ids trained on the same corpus;
 - `bytes`: a byte-level tokenizer with no merges (its ids are the 256 bytes).
 
-A cross student is distilled two ways: `matched` (`auto` = `sampled-kl` on the teacher's draws at
+A cross student is distilled two ways: `matched` (`sampled-kl` on the teacher's draws at
 aligned positions whose tokens both vocabularies hold, pipeline/distill/exact_matches.py) and
 `alm` (chunk likelihood matching, pipeline/distill/cross_tokenizer.py).
 
@@ -79,7 +79,7 @@ def train(work: Path, s: dict, student: str, name: str, loss: str, seed: int, lo
 # (student, KD variant): the loss of each; every student also trains CE only
 VARIANTS = {
     "same": {"kd": "auto"},
-    **{name: {"matched": "auto", "alm": "alm"} for name in TOKENIZERS},
+    **{name: {"matched": "sampled-kl", "alm": "alm"} for name in TOKENIZERS},
 }
 
 
@@ -110,7 +110,7 @@ def summarize(raw: dict) -> list[dict]:
 
 def report(raw: dict, rows: list[dict], seconds: float) -> str:
     lines = [
-        "# Cross-tokenizer students (bench/cross_tokenizer.py)",
+        "## Cross-tokenizer students (bench/cross_tokenizer.py)",
         "",
         f"Machine: {raw['machine']}. Command: `{raw['command']}` ({seconds / 60:.0f} min). "
         f"Store: the default sampled store (format 6), {len(raw['runs'])} paired seeds, "
