@@ -125,7 +125,6 @@ def start(
     Raises:
         UserError: a tracker that cannot start (bad URI, no credentials), on every rank.
     """
-    from accelerate.utils import broadcast_object_list
 
     if not accelerator.log_with:
         return
@@ -152,12 +151,9 @@ def start(
                 f"--report-to {','.join(map(str, accelerator.log_with))} could not start a run "
                 f"({type(e).__name__}: {reason}), fix the tracker's settings or pass --report-to none"
             )
-    if accelerator.num_processes > 1:
-        broadcast_object_list(failure, from_process=0)
-    if failure[0] is not None:
-        if not accelerator.is_main_process:
-            raise SystemExit(2)
-        raise UserError(failure[0])
+    from kdcache.pipeline.distill.trainee import stop_together  # trainee imports this module
+
+    stop_together(accelerator, failure[0])
 
 
 def log_train(accelerator: Any, row: Mapping[str, Any], *, series: str | None = None) -> None:

@@ -134,7 +134,6 @@ def sum_over_ranks(values: torch.Tensor, accelerator: Any) -> torch.Tensor:
 def on_main(accelerator: Any, action: Callable[[], T]) -> T | None:
     """``action()`` on the main process (None elsewhere), every rank waiting for it; a UserError
     there stops every rank, the main one printing its one line."""
-    from accelerate.utils import broadcast_object_list
 
     result, failure = None, [None]
     if accelerator.is_main_process:
@@ -142,14 +141,23 @@ def on_main(accelerator: Any, action: Callable[[], T]) -> T | None:
             result = action()
         except UserError as e:
             failure[0] = e.message
-    if accelerator.num_processes > 1:
-        broadcast_object_list(failure, from_process=0)
-    if failure[0] is not None:
-        if not accelerator.is_main_process:
-            raise SystemExit(2)
-        raise UserError(failure[0])
+    stop_together(accelerator, failure[0])
     accelerator.wait_for_everyone()
     return result
+
+
+def stop_together(accelerator: Any, failure: str | None) -> None:
+    """The main process's ``failure`` (None: none) stops every rank: the main one with that
+    UserError line, the others with exit code 2 and nothing printed."""
+    from accelerate.utils import broadcast_object_list
+
+    sent = [failure]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(sent, from_process=0)
+    if sent[0] is not None:
+        if not accelerator.is_main_process:
+            raise SystemExit(2)
+        raise UserError(sent[0])
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
