@@ -12,8 +12,9 @@ paired):
 - `bytes`: a byte-level tokenizer with no merges (its ids are the 256 bytes).
 
 A cross student is distilled two ways: `matched` (`sampled-kl` on the teacher's draws at
-aligned positions whose tokens both vocabularies hold, pipeline/distill/exact_matches.py) and
-`alm` (chunk likelihood matching, pipeline/distill/cross_tokenizer.py).
+aligned positions mapped to the student tokens they begin with, the data's token elsewhere,
+pipeline/distill/exact_matches.py) and `alm` (chunk likelihood matching,
+pipeline/distill/cross_tokenizer.py).
 
 Every student is ranked on eval bits per byte (of the text its predicted tokens spell), the scale
 every tokenizer shares. Reported per tokenizer: bits/byte (mean ± sd over seeds) of KD and CE,

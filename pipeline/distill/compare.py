@@ -10,6 +10,11 @@ the verdict line compares) and any number of ``--student NAME=DIR``.
 Every row counts the store's trained positions only (``loss_mask``; all of them in a store
 without a loss mask) over the tokenizer's ids only: a student or teacher embedding at least the
 tokenizer's size is fine, padded rows get no probability (``vocabulary.py``).
+
+A student saved with a tokenizer of its own (``cross_tokenizer.py``) reads the eval text in its
+own tokens: its row has cross-entropy per *its* token and bits per byte and per character, no
+KL to the teacher (the vocabularies differ); when the KD and CE-only students do not share one
+tokenizer with the store, the verdict compares bits per byte, the scale they share.
 """
 
 from __future__ import annotations
@@ -78,9 +83,12 @@ def evaluate_models(
     allow_unfinished: bool = False,
     shard_cache: Any = None,
     precision: str = "auto",
+    crossed: set[str] | None = None,
 ) -> list[tuple[str, dict[str, float]]]:
     """The teacher and each student on the store's eval split, the teacher run beside each, under
-    the autocast train-student and the sweep evaluate in (``precision.eval_context``)."""
+    the autocast train-student and the sweep evaluate in (``precision.eval_context``). The names
+    of the students with their own tokenizer are added to ``crossed``."""
+    crossed = set() if crossed is None else crossed
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -88,6 +96,7 @@ def evaluate_models(
     from kdcache.pipeline.distill.evaluation import evaluate
     from kdcache.pipeline.distill.live_teacher import load_live_teacher
     from kdcache.pipeline.distill.loader import eval_batches
+    from kdcache.pipeline.distill.student_tokenizer import cross_student
     from kdcache.pipeline.distill.vocabulary import check_embedding, embedding_rows
     from kdcache.pipeline.host_memory import keep_freed_memory
     from kdcache.pipeline.precision import compute_device, eval_context, mixed_precision
@@ -107,17 +116,20 @@ def evaluate_models(
     keep_freed_memory(device)  # CPU only: no page-fault storm per vocab-wide tensor
     pad_id = live.model.config.pad_token_id if live.model.config.pad_token_id is not None else 0
 
-    def measure(model: Any) -> dict[str, float]:
-        # the same pass train-student evaluates on: the eval split in stored order, one epoch
-        batches = eval_batches(store, batch_size, pad_id, pin_memory=device.type == "cuda")
+    def measure(model: Any, cross: Any = None) -> dict[str, float]:
+        # the same pass train-student evaluates on: the eval split in stored order, one epoch;
+        # a student with its own tokenizer reads it re-tokenized (``cross``, its collator)
+        batches = eval_batches(
+            store, batch_size, pad_id, pin_memory=device.type == "cuda", collate_fn=cross
+        )
         with eval_context(device, autocast):
             return evaluate(
                 model,
                 batches,
                 device=device,
                 max_batches=max_batches,
-                teacher=live,
-                vocab=live.vocab,
+                teacher=live if cross is None else None,
+                vocab=live.vocab if cross is None else len(cross.tokenizer),
                 sample_temperature=sample_temperature(store.manifest) or 1.0,
             )
 
@@ -128,13 +140,16 @@ def evaluate_models(
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the student {name}, {directory}, ({e})") from e
+        cross = cross_student(str(directory), store, "ce", online=False)
         embedded = embedding_rows(model)
         check_embedding(
             embedded if embedded is not None else model.config.vocab_size,
-            store.tokenizer_size,
+            store.tokenizer_size if cross is None else len(cross.tokenizer),
             f"the student {name} ({directory})",
         )
-        rows.append((name, measure(model.to(device).eval())))
+        if cross is not None:
+            crossed.add(name)
+        rows.append((name, measure(model.to(device).eval(), cross)))
         del model
     return rows
 
@@ -171,8 +186,21 @@ def format_markdown(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(kd: dict[str, float], ce: dict[str, float]) -> str:
-    """One line: does distillation help on eval cross-entropy, and by how much."""
+def verdict(kd: dict[str, float], ce: dict[str, float], per_byte: bool = False) -> str:
+    """One line: does distillation help on eval cross-entropy (``per_byte``: on bits per byte,
+    for students that do not share the store's tokenizer), and by how much."""
+    if per_byte:
+        gain = ce["bits_per_byte"] - kd["bits_per_byte"]
+        if gain > 0:
+            return (
+                f"KD student beats the CE-only student by {gain:.4f} bits per byte of the eval "
+                f"text ({ce['bits_per_byte']:.4f} -> {kd['bits_per_byte']:.4f})"
+            )
+        return (
+            f"KD student does NOT beat the CE-only student: {kd['bits_per_byte']:.4f} vs "
+            f"{ce['bits_per_byte']:.4f} bits per byte of the eval text; try more student steps, "
+            "another --loss (alm, sampled-kl) or --alpha"
+        )
     gain = ce["cross_entropy"] - kd["cross_entropy"]
     ratio = math.exp(gain)
     if gain > 0:
@@ -287,6 +315,7 @@ def command(
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}, pass a positive number")
     pairs = [(name, path) for name, path, _ in students]
+    crossed: set[str] = set()
     rows = evaluate_models(
         teacher,
         store_url,
@@ -297,11 +326,13 @@ def command(
         allow_unfinished=allow_unfinished,
         shard_cache=shard_cache,
         precision=precision,
+        crossed=crossed,
     )
     by_name = dict(rows)
     line = ""
     if kd_dir and ce_dir:
-        line = verdict(by_name["KD student"], by_name["CE-only student"])
+        per_byte = bool(crossed & {"KD student", "CE-only student"})
+        line = verdict(by_name["KD student"], by_name["CE-only student"], per_byte)
     click.echo(format_table(rows))
     if line:
         click.echo(line)

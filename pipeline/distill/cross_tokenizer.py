@@ -58,6 +58,12 @@ class CrossStats:
     sequences: int = 0
     student_tokens: int = 0
     unknown_tokens: int = 0
+    aligned_tokens: int = 0  # student tokens (after the first) that start where a teacher one does
+
+    @property
+    def aligned_share(self) -> float:
+        """The share of the student's predicted tokens a teacher token starts with."""
+        return self.aligned_tokens / max(self.student_tokens - self.sequences, 1)
 
 
 class CrossTokenizerCollator:
@@ -70,8 +76,9 @@ class CrossTokenizerCollator:
     loss mask trains all its teacher tokens); ``token_bytes``/``token_chars`` (B, L_s) int32 of
     the student's tokens (bits per byte). ``labels`` is -100 for tokens of untrained chunks.
     Given the teacher's tokenizer and a store with samples: ``sampled_*`` (B, L_s, m), the
-    teacher's draws at aligned positions whose tokens both vocabularies hold, and ``loss_mask``
-    marking those positions (``exact_matches.py``): the ``sampled-kl`` loss reads them.
+    teacher's draws at aligned positions as draws of student tokens (a one-hot row of the data's
+    token where no teacher token starts), and ``loss_mask`` marking the trained positions
+    (``exact_matches.py``): the ``sampled-kl`` loss reads them.
 
     Args:
         tokenizer: the student's (fast) tokenizer.
@@ -92,7 +99,7 @@ class CrossTokenizerCollator:
         self.pad_id = 0 if pad is None else int(pad)
         self.bos = tokenizer.bos_token_id if bos else None
         self.stats = CrossStats()
-        # the teacher's draws at aligned positions, where both vocabularies hold the token
+        # the student token each teacher token begins with (the matched draws)
         self.mapping = (
             None if teacher_tokenizer is None else vocabulary_map(teacher_tokenizer, tokenizer)
         )
@@ -113,6 +120,11 @@ class CrossTokenizerCollator:
         self.stats.student_tokens += int(ids.size)
         self.stats.unknown_tokens += student.unknown
         teacher_ends = np.asarray(sequence["token_ends"], np.int64)  # (L_t,)
+        t_starts = np.concatenate([[0], teacher_ends[:-1]])[1:][
+            teacher_ends[1:] > teacher_ends[:-1]
+        ]
+        s_starts = np.concatenate([[0], ends[:-1]])[1:]  # (L_s − 1,) of tokens 1..
+        self.stats.aligned_tokens += int(np.isin(s_starts, t_starts).sum())
         alignment = align(teacher_ends, ends)
         chunks = alignment.chunks
         realized = np.asarray(sequence["next_token_logprob"], np.float64)  # (L_t,) of token t+1
@@ -141,7 +153,7 @@ class CrossTokenizerCollator:
         sizes, characters = token_sizes({"text": sequence["text"], "token_ends": ends})
         draws = None
         if self.mapping is not None and sequence.get("sampled_distinct") is not None:
-            draws = matched_draws(sequence, ids, ends, self.mapping)
+            draws = matched_draws(sequence, ids, ends, self.mapping, labels != IGNORE_INDEX)
         return {
             "draws": draws,
             "input_ids": ids,

@@ -26,6 +26,7 @@ from kdcache.pipeline.distill.batches import batch_to_device
 from kdcache.pipeline.distill.checks import check_store
 from kdcache.pipeline.distill.cross_tokenizer import CROSS_LOSS, cross_batch_loss
 from kdcache.pipeline.distill.dataset import DistillDataset
+from kdcache.pipeline.distill.fused_chunks import IdentityHead
 from kdcache.pipeline.distill.live_teacher import LiveTeacher
 from kdcache.pipeline.distill.losses import LossTerms, batch_loss
 from kdcache.pipeline.distill.student_head import StudentHead, student_head
@@ -44,6 +45,9 @@ class DistillLoss:
             its own tokenizer, on ``CrossTokenizerCollator`` batches (``cross_tokenizer.py``).
         temperature: KD temperature (CE always at 1); sampled-kl only at the draws' own.
         alpha: the KD weight; CE gets ``1 − alpha``.
+        student_tokenizer: the student's tokenizer. When it is not the store's, the student
+            reads ``CrossTokenizerCollator`` batches and its logits cover its own ids: "auto"
+            is "alm", and "sampled-kl" (the matched draws) and "ce" are taken.
 
     Raises:
         UserError: the store lacks the targets ``loss`` needs, or the temperature does not fit.
@@ -56,13 +60,40 @@ class DistillLoss:
         loss: str = "auto",
         temperature: float = 1.0,
         alpha: float = 0.5,
+        student_tokenizer: Any = None,
     ) -> None:
+        from kdcache.pipeline.distill.student import load_store_tokenizer
+        from kdcache.pipeline.distill.student_tokenizer import (
+            check_encodes,
+            cross_collator,
+            cross_loss,
+        )
+
         store = source.store if isinstance(source, DistillDataset) else source
         self.store: Store | None = store
-        cross = loss == CROSS_LOSS  # a student with its own tokenizer: its logits, all of them
+        self.student_tokenizer = None  # set for a student with its own tokenizer
+        if student_tokenizer is not None and (
+            student_tokenizer.get_vocab() != load_store_tokenizer(store).get_vocab()
+        ):
+            self.student_tokenizer = student_tokenizer
+            if loss == "auto":  # train-student's choice, from a probe of the stored text
+                probe = cross_collator(store, student_tokenizer)
+                check_encodes(store, probe)
+                loss = cross_loss(loss, store, probe)
+            if loss not in (CROSS_LOSS, "sampled-kl", "ce"):
+                raise UserError(
+                    f"a student with its own tokenizer learns by --loss {CROSS_LOSS}, sampled-kl "
+                    f"(matched draws) or ce, not {loss}"
+                )
+            if loss == "sampled-kl":
+                check_store(store, loss, temperature=temperature)  # a store with samples
+        cross = loss == CROSS_LOSS or self.student_tokenizer is not None
         self.loss = loss if cross else check_store(store, loss, temperature=temperature)
         self.temperature, self.alpha = temperature, alpha
-        self.vocab: int | None = None if cross else store.tokenizer_size  # the logits' ids
+        # the logits' ids: the store's tokenizer's, or the student's own (all of them)
+        self.vocab: int | None = store.tokenizer_size if not cross else None
+        if self.student_tokenizer is not None:
+            self.vocab = len(self.student_tokenizer)
         self.sample_temperature = sample_temperature(store.manifest) or 1.0
 
     @classmethod
@@ -94,11 +125,12 @@ class DistillLoss:
             raise ValueError("check_student needs the loss made from a store (DistillLoss(store))")
         rows = embedding_rows(model)
         if rows is not None and self.vocab is not None and rows < self.vocab:
+            whose = "the store's" if self.student_tokenizer is None else "its own"
             raise UserError(
-                f"the student's embedding has {rows} rows, the store's tokenizer {self.vocab} "
-                f"ids, {self.store.url}; build the student on the store's tokenizer"
+                f"the student's embedding has {rows} rows, {whose} tokenizer {self.vocab} "
+                f"ids, {self.store.url}; build the student on {whose} tokenizer"
             )
-        if tokenizer is not None:
+        if tokenizer is not None and self.student_tokenizer is None:
             check_tokenizer(self.store, tokenizer)
 
     def head(self, model: Any) -> StudentHead:
@@ -168,6 +200,12 @@ class DistillLoss:
         ce_tokens: int | None = None,
     ) -> LossTerms:
         """The loss from (B, L, V') logits (sliced to the store's V ids here)."""
+        if self.loss == CROSS_LOSS:
+            return cross_batch_loss(
+                logits if self.vocab is None else logits[..., : self.vocab], batch,
+                IdentityHead(), temperature=self.temperature, alpha=self.alpha,
+                kd_tokens=kd_tokens, ce_tokens=ce_tokens,
+            )  # fmt: skip
         return batch_loss(
             logits if self.vocab is None else logits[..., : self.vocab],
             batch,

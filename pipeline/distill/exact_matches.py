@@ -14,6 +14,14 @@ student's next token, up to tokenization bias (the student splits the whole cont
 the teacher's token alone). Draws with no student token (a tokenizer family whose entries the
 student's model cannot split) are dropped and the log-probs shifted by log P(kept), estimated by
 the share of the draws kept.
+
+A student position no teacher token starts at (inside a teacher token, or where the student's
+token crosses a teacher boundary) has no teacher distribution; its target is the data's own next
+token, a one-hot teacher (one draw of it, log-prob 0), so there the KD term is the plain
+cross-entropy. The loss then mixes ``alpha · KD + (1 − alpha) · CE`` at every trained position
+and the positions without a teacher keep their full CE weight: averaging KD over the aligned
+positions alone gave the rest only ``1 − alpha`` of their CE (a byte-level student, whose
+positions are two-thirds inside teacher tokens, then trained worse than its CE-only twin).
 """
 
 from __future__ import annotations
@@ -76,13 +84,16 @@ def matched_draws(
     student_ids: np.ndarray,
     student_ends: np.ndarray,
     mapping: np.ndarray,
+    labelled: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """A student-token sequence for ``batches.collate``: ``tokens`` (L_s,), ``loss_mask`` (L_s,)
     marking the student positions with draws, and their rows ``sampled_distinct`` (T,),
     ``sampled_ids``/``sampled_counts``/``sampled_logprobs`` (M,) in the store's dtypes.
 
     Position m − 1 of the student (predicting its token m) is aligned with position k − 1 of the
-    teacher when tokens m and k spell text starting at the same byte.
+    teacher when tokens m and k spell text starting at the same byte. ``labelled`` (L_s,) bool
+    marks the student tokens that are trained (default: all but the first); one of them with no
+    aligned teacher draws gets a one-hot row of itself.
     """
     teacher_ends = np.asarray(sequence["token_ends"], np.int64)
     t_starts = starts_of(teacher_ends)
@@ -100,12 +111,16 @@ def matched_draws(
     s_starts = starts_of(student_ends)
     loss_mask = np.zeros(student_ids.size, np.uint8)
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    if labelled is None:
+        labelled = np.arange(student_ids.size) > 0
     for m in range(1, student_ids.size):
         k = by_start.get(int(s_starts[m])) if student_ends[m] > s_starts[m] else None
-        if k is None or not trained[k - 1]:
-            continue
-        a, b = offsets[row_of[k - 1]], offsets[row_of[k - 1] + 1]
-        draws = _student_draws(ids[a:b], counts[a:b], logprobs[a:b], mapping)
+        draws = None
+        if k is not None and trained[k - 1]:
+            a, b = offsets[row_of[k - 1]], offsets[row_of[k - 1] + 1]
+            draws = _student_draws(ids[a:b], counts[a:b], logprobs[a:b], mapping)
+        if draws is None and labelled[m]:  # no teacher here: the data's token, one-hot
+            draws = (student_ids[m : m + 1].astype(np.int64), np.ones(1), np.zeros(1))
         if draws is not None:
             loss_mask[m - 1] = 1
             rows.append(draws)

@@ -36,7 +36,9 @@ from kdcache.pipeline.distill.dataset import DistillCollator, DistillDataset
 from kdcache.pipeline.distill.distill_loss import DistillLoss
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.loader import eval_batches
-from kdcache.pipeline.distill.losses import IGNORE_INDEX, trained_mask
+from kdcache.pipeline.distill.losses import IGNORE_INDEX
+from kdcache.pipeline.distill.student_tokenizer import cross_collator
+from kdcache.pipeline.distill.trainee import kd_units
 from kdcache.pipeline.errors import UserError
 from kdcache.storage import Store, open_store
 
@@ -99,10 +101,14 @@ class DistillMixin:
                 "one process per GPU with torchrun or accelerate launch"
             )
         opened = _store(store, storage_options)
-        self.distill_loss = DistillLoss(opened, loss=loss, temperature=temperature, alpha=alpha)
-        self.distill_loss.check_student(model, kwargs.get("processing_class"))
         tokenizer = kwargs.get("processing_class")
+        self.distill_loss = DistillLoss(
+            opened, loss=loss, temperature=temperature, alpha=alpha, student_tokenizer=tokenizer
+        )
+        self.distill_loss.check_student(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
+        # a student with its own tokenizer reads the stored text re-tokenized
+        self.distill_cross = cross_collator(opened, self.distill_loss.student_tokenizer)
         world = args.world_size
         self.distill_data = DistillDataset(
             opened,
@@ -126,7 +132,7 @@ class DistillMixin:
             **kwargs,
             "train_dataset": self.distill_data,
             "eval_dataset": evaluated,
-            "data_collator": DistillCollator(self.distill_data),
+            "data_collator": self.distill_cross or DistillCollator(self.distill_data),
         }
 
     def _note_parallelism(self) -> None:
@@ -151,7 +157,7 @@ class DistillMixin:
         return torch.utils.data.DataLoader(
             self.distill_data,
             batch_size=self.distill_data.batch_rows,
-            collate_fn=DistillCollator(self.distill_data),
+            collate_fn=self.distill_cross or DistillCollator(self.distill_data),
             num_workers=workers,
             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
             persistent_workers=args.dataloader_persistent_workers and workers > 0,
@@ -176,7 +182,7 @@ class DistillMixin:
             return batches, None
         counts = torch.tensor(
             [
-                sum(int(trained_mask(b).sum()) for b in batches),
+                sum(int(kd_units(b, self.distill_loss.loss)) for b in batches),
                 sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
             ],
             device=device,
@@ -237,6 +243,7 @@ class DistillMixin:
             max_batches=self.distill_eval_batches,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
+            collate_fn=self.distill_cross,
         )
 
         def sum_ranks(sums: torch.Tensor) -> torch.Tensor:

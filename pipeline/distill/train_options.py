@@ -55,7 +55,8 @@ OPTIONS: list[Callable[[Any], Any]] = [
         default="auto",
         show_default=True,
         help="KD loss (docs/architecture.md §5): auto = sampled-kl on a store with samples, else "
-        "ghost (kl with --teacher), alm for a student with its own tokenizer (chunk likelihood "
+        "ghost (kl with --teacher); for a student with its own tokenizer sampled-kl (the matched "
+        "draws) where its tokens mostly start with the teacher's, else alm (chunk likelihood "
         "matching); kl, ghost, reverse-kl need top-k targets, sampled-kl samples; ce = hard "
         "labels only (the no-teacher baseline).",
     ),

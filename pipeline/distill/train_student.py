@@ -140,9 +140,9 @@ def open_run(s: dict[str, Any]) -> Run:
     # a student with its own tokenizer (student_tokenizer.py) learns by chunk likelihood matching
     run.cross = cross_student(s["student"], store, s["loss"], bool(s["teacher"]))
     if run.cross is not None:
-        s["loss"] = cross_loss(s["loss"], store)  # matched draws, alm, or ce: its twin
         run.tokenizer = run.cross.tokenizer
-        run.note(check_encodes(store, run.cross))
+        run.note(check_encodes(store, run.cross))  # a probe: unknown tokens, aligned tokens
+        s["loss"] = cross_loss(s["loss"], store, run.cross)  # matched draws, alm, or ce
         return run
     # "auto" resolved (run.json has it); sampled-kl only at the draws' temperature; online: the
     # teacher runs live, the store gives the data

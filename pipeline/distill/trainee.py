@@ -221,7 +221,7 @@ def make_trainee(
     return trainee
 
 
-def _kd_units(batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
+def kd_units(batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
     """What a batch's KD term is averaged over: its trained positions, or for chunk likelihood
     matching (a cross-tokenizer student) its trained chunks."""
     if loss == CROSS_LOSS:
@@ -243,7 +243,7 @@ def train_step(
     counts = torch.tensor(
         [
             sum(int(b["attention_mask"].sum()) for b in batches),
-            sum(int(_kd_units(b, trainee.loss)) for b in batches),
+            sum(int(kd_units(b, trainee.loss)) for b in batches),
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
         ]
     )  # (3,) int64: this rank's real, trained and labelled positions

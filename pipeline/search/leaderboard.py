@@ -111,13 +111,15 @@ def _short(n: float) -> str:
 def best_per_size_class(
     rows: Sequence[dict[str, Any]], size_key: str = "non_embedding_parameters"
 ) -> dict[str, dict[str, Any]]:
-    """The lowest eval cross-entropy per decade of ``size_key`` (non-embedding parameters:
-    at small sizes the embedding, fixed by the vocabulary, would put every student in one class).
+    """The best candidate (``ranking_metric``: eval cross-entropy, or bits per byte across
+    tokenizers) per decade of ``size_key`` (non-embedding parameters: at small sizes the
+    embedding, fixed by the vocabulary, would put every student in one class).
     """
     best: dict[str, dict[str, Any]] = {}
+    metric = ranking_metric(rows) if rows else "eval_cross_entropy"
     for row in rows:
         label = size_class(row[size_key])
-        if label not in best or row["eval_cross_entropy"] < best[label]["eval_cross_entropy"]:
+        if label not in best or row[metric] < best[label][metric]:
             best[label] = row
     return dict(sorted(best.items(), key=lambda item: item[1][size_key]))
 

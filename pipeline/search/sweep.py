@@ -30,7 +30,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import click
 import torch
 
 from kdcache.pipeline.distill import tracking
-from kdcache.pipeline.distill.checks import check_finished, check_store
+from kdcache.pipeline.distill.checks import check_finished
 from kdcache.pipeline.distill.dataset import manifest_fingerprint
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader, eval_batches
@@ -47,7 +46,6 @@ from kdcache.pipeline.distill.student import (
     build_student,
     count_parameters,
     enable_gradient_checkpointing,
-    load_store_tokenizer,
 )
 from kdcache.pipeline.distill.trainee import (
     load_checkpoint,
@@ -72,6 +70,7 @@ from kdcache.pipeline.search.leaderboard import (
     plot_pareto,
     write_leaderboard,
 )
+from kdcache.pipeline.search.readings import Reading, candidate_readings, plan_groups
 from kdcache.pipeline.search.sweep_config import Candidate, SweepConfig, load_sweep_config
 from kdcache.pipeline.search.sweep_dir import (
     CandidateLogs,
@@ -97,19 +96,20 @@ def _train_group(
     group: list[Candidate],
     config: SweepConfig,
     store: Any,
-    tokenizer: Any,
+    reading: Reading,
     out: Path,
     accelerator: Any,
     steps: int,
     settings: dict[str, Any],
 ) -> bool:
-    """Train ``group`` on one shared stream of batches, then evaluate and save each candidate.
+    """Train ``group`` on one shared stream of batches (in the tokens of its ``reading``), then
+    evaluate and save each candidate.
 
     Returns False when ``--stop-after`` stopped it early (a checkpoint holds its progress).
     """
     main = accelerator.is_main_process
     masked = store.has_loss_mask
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id, tokenizer, cross = reading.pad_id, reading.tokenizer, reading.cross
     keep_freed_memory(accelerator.device)  # CPU only: no page-fault storm per vocab-wide tensor
     loader = TeacherLoader(
         DistillDataset(
@@ -123,9 +123,10 @@ def _train_group(
         ),
         num_workers=settings["workers"],
         pin_memory=accelerator.device.type == "cuda",
+        collate_fn=cross,  # None: the store's own tokens
     )
     warmup = config.warmup or max(1, steps // 10)
-    vocab = store.tokenizer_size
+    vocab = reading.vocab
     drawn_at = sample_temperature(store.manifest) or 1.0  # sampled-kl trains at it
     trainees, models = [], {}
     for candidate in group:
@@ -135,7 +136,7 @@ def _train_group(
             tokenizer=tokenizer,
             overrides=candidate.architecture,
             seed=config.seed,
-            max_positions=store.seq_len,
+            max_positions=store.seq_len if cross is None else max(2048, store.seq_len),
         )
         if settings.get("gradient_checkpointing"):
             enable_gradient_checkpointing(model, config.base)
@@ -200,7 +201,7 @@ def _train_group(
     has_eval = bool(store.shards_of("eval"))
     probe = None  # a batch to time inference on (main process)
     if has_eval and main:
-        probe = next(iter(eval_batches(store, config.batch_size, pad_id)), None)
+        probe = next(iter(eval_batches(store, config.batch_size, pad_id, collate_fn=cross)), None)
     for candidate, trainee in zip(group, trainees, strict=True):
         model = accelerator.unwrap_model(trainee.model)
         metrics: dict[str, float] = {}
@@ -212,6 +213,7 @@ def _train_group(
                 max_batches=config.eval_batches,
                 rank=accelerator.process_index,
                 world_size=accelerator.num_processes,
+                collate_fn=cross,
             )
             sum_ranks = partial(sum_over_ranks, accelerator=accelerator)
             with eval_context(accelerator.device, accelerator.mixed_precision):
@@ -266,18 +268,16 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     options, cache = settings["storage_options"], settings.get("shard_cache")
     store = open_store(settings["store"], storage_options=options, cache=cache)
     note = check_finished(store, settings["allow_unfinished"])  # refused unless allowed
-    # "auto" resolved from the store: every candidate trains and reports the loss it used
-    config.candidates = [
-        replace(c, loss=check_store(store, c.loss, temperature=c.temperature, candidate=c.name))
-        for c in config.candidates
-    ]
-    tokenizer = load_store_tokenizer(store)
+    # "auto" resolved for each candidate's reading of the store (its tokens, or its own
+    # tokenizer's): every candidate trains and reports the loss it used
+    readings, config.candidates, notes = candidate_readings(config, store)
     for candidate in config.candidates:
+        reading = readings[candidate.name]
         try:
             model, source = build_student(
                 config.base,
-                store.tokenizer_size,
-                tokenizer=tokenizer,
+                reading.vocab,
+                tokenizer=reading.tokenizer,
                 overrides=candidate.architecture,
                 max_positions=store.seq_len,
             )
@@ -291,8 +291,9 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     accelerator = make_accelerator(
         config.seed, settings["precision"], report_to=report_to, run_dir=out
     )
-    if note and accelerator.is_main_process:
-        click.echo(f"Note: {note}", err=True)
+    for line in [note, *notes] if accelerator.is_main_process else []:
+        if line:
+            click.echo(f"Note: {line}", err=True)
     if (note := parallel_note(accelerator)) and accelerator.is_main_process:
         click.echo(f"Note: {note}", err=True)
     if config.batch_size < accelerator.num_processes:
@@ -323,9 +324,9 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
             f"{steps} steps each, {settings['together']} per data pass"
         )
     started = time.perf_counter()
-    for first in range(0, len(todo), settings["together"]):
-        group = todo[first : first + settings["together"]]
-        complete = _train_group(group, config, store, tokenizer, out, accelerator, steps, settings)
+    for group in plan_groups(todo, readings, settings["together"]):
+        reading = readings[group[0].name]
+        complete = _train_group(group, config, store, reading, out, accelerator, steps, settings)
         if accelerator.is_main_process:
             write_all_curves(out, config.candidates)
         if not complete:
@@ -351,7 +352,12 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
             click.echo(
                 f"best {label} non-embedding parameters: {row['candidate']} "
                 f"({row['non_embedding_parameters']:,} of {row['parameters']:,} parameters, "
-                f"eval CE {row['eval_cross_entropy']:.4f})"
+                f"eval CE {row['eval_cross_entropy']:.4f}"
+                + (
+                    f", {row['eval_bits_per_byte']:.4f} bits/byte)"
+                    if "eval_bits_per_byte" in row
+                    else ")"
+                )
             )
         tokens = sum(int(r["tokens_seen"]) for r in rows)
         click.echo(

@@ -11,6 +11,11 @@ Example (``sweeps/default.yaml``)::
       num_hidden_layers: [1, 2, 4]
       loss: [kl]
     baseline: true             # also train the base student with --loss ce (no teacher)
+
+``tokenizer:`` (top level, in ``search:`` or in a candidate) gives students a tokenizer of their
+own: a directory written by ``save_pretrained``, relative to the YAML file, or ``store`` (the
+store's own, the default); such candidates re-tokenize the stored text (``readings.py``) and the
+leaderboard ranks by bits per byte.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import yaml
 
 from kdcache.pipeline.distill.losses import LOSSES
+from kdcache.pipeline.distill.student_tokenizer import tokenizer_dir
 from kdcache.pipeline.errors import UserError
 
 ARCHITECTURE_KEYS = (
@@ -34,7 +40,8 @@ ARCHITECTURE_KEYS = (
     "intermediate_size",
 )
 TRAINING_KEYS = ("loss", "temperature", "alpha", "lr")
-SEARCH_KEYS = ARCHITECTURE_KEYS + TRAINING_KEYS
+SEARCH_KEYS = (*ARCHITECTURE_KEYS, "tokenizer", *TRAINING_KEYS)
+STORE_TOKENIZER = "store"  # a `tokenizer:` value: the store's own
 TOP_LEVEL_KEYS = (
     "base",
     "seed",
@@ -44,6 +51,7 @@ TOP_LEVEL_KEYS = (
     "loss",
     "temperature",
     "alpha",
+    "tokenizer",
     "warmup",
     "eval_batches",
     "search",
@@ -57,6 +65,7 @@ _SHORT = {
     "num_attention_heads": "a",
     "num_key_value_heads": "kv",
     "intermediate_size": "i",
+    "tokenizer": "tok-",
     "loss": "",
     "temperature": "T",
     "alpha": "alpha",
@@ -74,10 +83,12 @@ class Candidate:
     temperature: float
     alpha: float
     lr: float
+    tokenizer: str = STORE_TOKENIZER  # the directory of its own tokenizer, or the store's
 
     def settings(self) -> dict[str, Any]:
         return {
             **self.architecture,
+            "tokenizer": Path(self.tokenizer).name,  # "store" for the store's
             "loss": self.loss,
             "temperature": self.temperature,
             "alpha": self.alpha,
@@ -130,13 +141,17 @@ def _candidate_name(overrides: dict[str, Any]) -> str:
     for key in SEARCH_KEYS:
         if key in overrides:
             value = overrides[key]
+            if key == "tokenizer":
+                value = Path(str(value)).name
             parts.append(
                 f"{_SHORT[key]}{value:g}" if isinstance(value, float) else f"{_SHORT[key]}{value}"
             )
     return "-".join(parts) or "base"
 
 
-def _make_candidate(path: Path, defaults: dict[str, Any], overrides: dict[str, Any]) -> Candidate:
+def _make_candidate(
+    path: Path, defaults: dict[str, Any], overrides: dict[str, Any], base: str = "tiny"
+) -> Candidate:
     settings = {**defaults, **overrides}
     architecture = {}
     for key in ARCHITECTURE_KEYS:
@@ -156,6 +171,7 @@ def _make_candidate(path: Path, defaults: dict[str, Any], overrides: dict[str, A
             f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}",
             "choose sizes that divide",
         )
+    tokenizer = _tokenizer_dir(path, settings.get("tokenizer"), base)
     loss = settings.get("loss", "auto")  # resolved from the store by the sweep
     if loss not in LOSSES:
         raise _fail(path, f"unknown loss {loss!r}", f"use one of {', '.join(LOSSES)}")
@@ -166,7 +182,27 @@ def _make_candidate(path: Path, defaults: dict[str, Any], overrides: dict[str, A
         temperature=_number(path, "temperature", settings.get("temperature", 1.0), 1e-3, 100.0),
         alpha=_number(path, "alpha", settings.get("alpha", 0.5), 0.0, 1.0),
         lr=_number(path, "lr", settings.get("lr", 1e-3), 1e-8, 10.0),
+        tokenizer=tokenizer,
     )
+
+
+def _tokenizer_dir(path: Path, value: Any, base: str) -> str:
+    """A ``tokenizer:`` value → the tokenizer's directory (absolute), or ``store``; none given:
+    the base student's own tokenizer (a config's ``tokenizer:``, a model directory's files)."""
+    if value is None:
+        own = tokenizer_dir(base)
+        return str(own.resolve()) if own is not None else STORE_TOKENIZER
+    if value == STORE_TOKENIZER:
+        return STORE_TOKENIZER
+    found = (path.parent / str(value)).resolve()
+    if not isinstance(value, str) or tokenizer_dir(str(found)) is None:
+        raise _fail(
+            path,
+            f"tokenizer {value!r} is not a tokenizer directory ({found})",
+            f"name a directory written by save_pretrained, relative to the file, or "
+            f"{STORE_TOKENIZER!r}",
+        )
+    return str(found)
 
 
 def load_sweep_config(path: Path) -> SweepConfig:
@@ -195,7 +231,7 @@ def load_sweep_config(path: Path) -> SweepConfig:
     ((budget_kind, budget_value),) = budget.items()
     budget_value = _positive_int(path, f"budget {budget_kind}", budget_value)
 
-    defaults = {k: raw[k] for k in ("loss", "temperature", "alpha", "lr") if k in raw}
+    defaults = {k: raw[k] for k in (*TRAINING_KEYS, "tokenizer") if k in raw}
     search = raw.get("search") or {}
     explicit = raw.get("candidates") or []
     if not isinstance(search, dict):
@@ -225,17 +261,20 @@ def load_sweep_config(path: Path) -> SweepConfig:
     if not overrides_list:
         raise _fail(path, "empty search space", "give `search:` values or a `candidates:` list")
 
-    candidates = [_make_candidate(path, defaults, o) for o in overrides_list]
+    base_spec = str(raw.get("base", "tiny"))
+    candidates = [_make_candidate(path, defaults, o, base_spec) for o in overrides_list]
     if raw.get("baseline", False):
-        base = _make_candidate(path, defaults, {})
-        candidates.append(Candidate("baseline-ce", base.architecture, "ce", 1.0, 0.0, base.lr))
+        base = _make_candidate(path, defaults, {}, base_spec)
+        candidates.append(
+            Candidate("baseline-ce", base.architecture, "ce", 1.0, 0.0, base.lr, base.tokenizer)
+        )
     names = [c.name for c in candidates]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise _fail(path, f"duplicate candidates {', '.join(duplicates)}", "remove the repeats")
 
     return SweepConfig(
-        base=str(raw.get("base", "tiny")),
+        base=base_spec,
         seed=int(raw.get("seed", 0)),
         budget_steps=budget_value if budget_kind == "steps" else None,
         budget_tokens=budget_value if budget_kind == "tokens" else None,

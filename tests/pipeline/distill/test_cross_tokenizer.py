@@ -204,6 +204,38 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_store(
     assert twin["tokens"] == final["tokens"]  # the same eval tokens, in the student's tokens
 
 
+def test_compare_reads_the_eval_text_in_each_students_own_tokens(
+    text_store, own_student, tiny_teacher_dir, tmp_path, capsys
+) -> None:
+    import json
+
+    from kdcache.pipeline.cli import main
+
+    for name, extra in (("kd", ()), ("ce", ("--loss", "ce"))):
+        code, err = _train(text_store, own_student, tmp_path / name, capsys, *extra)
+        assert code == 0, err
+    facts = tmp_path / "compare.json"
+    argv = ["compare", "--teacher", str(tiny_teacher_dir), "--store", str(text_store),
+            "--kd", str(tmp_path / "kd"), "--ce", str(tmp_path / "ce"), "--json", str(facts)]  # fmt: skip
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    out = capsys.readouterr().out
+    rows = json.loads(facts.read_text())
+    assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    for name, row in (
+        ("kd", rows["students"]["KD student"]),
+        ("ce", rows["students"]["CE-only student"]),
+    ):
+        trained = json.loads((tmp_path / name / "metrics.json").read_text())["final"]
+        # the same pass train-student evaluated on: its own tokens, the same figures
+        assert row["tokens"] == trained["tokens"] != rows["teacher"]["tokens"]
+        assert row["bits_per_byte"] == pytest.approx(trained["bits_per_byte"], rel=1e-4)
+        assert "kl_to_teacher" not in row  # no KL across vocabularies
+    assert "bits per byte" in out.splitlines()[-2]  # the verdict on the scale both share
+
+
 def test_cross_tokenizer_refusals_are_one_line(text_store, own_student, tmp_path, capsys):
     code, err = _train(text_store, own_student, tmp_path / "a", capsys, "--loss", "ghost")
     assert code == 2 and "--loss alm" in err and len(err.strip().splitlines()) == 1
@@ -260,14 +292,31 @@ def test_the_teachers_draws_reach_the_student_where_both_vocabularies_hold_the_t
     collator = CrossTokenizerCollator(student, teacher_tokenizer=teacher)
     batch = collator([sequence])
     rows = batch["loss_mask"][0].nonzero()[:, 0].tolist()
-    assert rows, "no aligned position"
+    # student positions m − 1 whose token m starts where a teacher token k ≥ 1 starts
+    t_ends = sequence["token_ends"].astype(np.int64)
+    t_starts = {int(b) for b, e in zip(np.r_[0, t_ends[:-1]][1:], t_ends[1:], strict=True) if e > b}
+    own = retokenize(student, sequence["text"])
+    s_starts = np.r_[0, own.ends[:-1]]  # where each of the student's own tokens starts
+    first = 1 if collator.bos is not None else 0  # the index of its first text token
+    # own token j is token j + first of the batch row, predicted at position j + first − 1
+    aligned = [j + first - 1 for j, b in enumerate(s_starts.tolist()) if b in t_starts]
+    aligned = [p for p in aligned if p >= 0]
+    assert aligned, "no aligned position"
     kept = batch["sampled_counts"][0] > 0
     begins = {int(mapping[i]) for i in np.concatenate(draws)}
     for position in rows:
         ids = batch["sampled_ids"][0, position][kept[position]].long().tolist()
-        assert ids == sorted(ids) and ids and set(ids) <= begins
-        # every draw is kept (merged per student token): 5 draws of 2 each
-        assert int(batch["sampled_counts"][0, position].sum()) == 10
+        assert ids == sorted(ids) and ids
+        if position in aligned:
+            assert set(ids) <= begins
+            # every draw is kept (merged per student token): 5 draws of 2 each
+            assert int(batch["sampled_counts"][0, position].sum()) == 10
+        else:  # no teacher token starts here: the data's own next token, one draw
+            assert ids == [int(batch["input_ids"][0, position + 1])]
+            assert float(batch["sampled_logprobs"][0, position][kept[position]][0]) == 0.0
+    # every trained position has a row (the rest keep their full CE weight in the loss)
+    assert rows == (next_token_labels(batch["labels"])[0] != IGNORE_INDEX).nonzero()[:, 0].tolist()
+    assert set(rows) - set(aligned), "no position inside a teacher token"
 
 
 def test_on_a_sampled_store_the_student_learns_from_the_matched_draws(
@@ -294,3 +343,116 @@ def test_on_a_sampled_store_the_student_learns_from_the_matched_draws(
     assert metrics["final"]["bits_per_byte"] > 0
     assert "sampled_kl_to_teacher" not in metrics["final"]  # no KL estimate across tokenizers
     assert metrics["train"]["trained_tokens"] > 0  # the aligned positions with matched draws
+
+
+def test_a_sweep_trains_candidates_with_their_own_tokenizers_and_ranks_by_bits_per_byte(
+    text_store, own_student, tmp_path, capsys
+) -> None:
+    import csv
+    import json
+
+    from kdcache.pipeline.cli import main
+
+    own = own_student.parent / "tokenizer"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        "base: tiny\nseed: 0\nbudget: {steps: 3}\nbatch_size: 2\neval_batches: 2\n"
+        f"search:\n  hidden_size: [32]\n  num_hidden_layers: [1]\n  tokenizer: [store, {own}]\n"
+        "baseline: true\ntokenizer: " + str(own) + "\n"
+    )
+    try:
+        main(["sweep", "--store", str(text_store), "--config", str(config), "--out",
+              str(tmp_path / "out"), "--threads", "1", "--together", "4"])  # fmt: skip
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    with (tmp_path / "out" / "leaderboard.csv").open() as f:
+        board = {row["candidate"]: row for row in csv.DictReader(f)}
+    assert set(board) == {"h32-l1-tok-store", "h32-l1-tok-tokenizer", "baseline-ce"}
+    ours, theirs = board["h32-l1-tok-tokenizer"], board["h32-l1-tok-store"]
+    assert ours["tokenizer"] == board["baseline-ce"]["tokenizer"] == "tokenizer"
+    assert theirs["tokenizer"] == "store"
+    assert ours["loss"] == "alm" and theirs["loss"] != "alm"
+    assert board["baseline-ce"]["loss"] == "ce"
+    # ranked by bits per byte: the scale students with different tokenizers share
+    ranked = sorted(board.values(), key=lambda row: float(row["eval_bits_per_byte"]))
+    assert [row["candidate"] for row in ranked] == list(board)  # the leaderboard's order
+    assert "bits" in (tmp_path / "out" / "leaderboard.md").read_text()
+    # each candidate saved with the tokenizer it reads, its eval in its own tokens
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "candidates" / "h32-l1-tok-tokenizer")
+    assert len(saved) == len(AutoTokenizer.from_pretrained(own))
+    facts = {
+        name: json.loads((tmp_path / "out" / "candidates" / name / "metrics.json").read_text())
+        for name in board
+    }
+    assert (
+        facts["h32-l1-tok-tokenizer"]["eval"]["tokens"]
+        != facts["h32-l1-tok-store"]["eval"]["tokens"]
+    )
+
+
+def test_the_hf_trainer_trains_a_student_with_its_own_tokenizer_as_train_student_does(
+    text_store, own_student, tmp_path, capsys
+) -> None:
+    import csv
+    import json
+
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from kdcache.pipeline.distill import DistillTrainer, make_optimizer
+    from kdcache.pipeline.distill.student import build_student
+    from kdcache.storage import open_store
+
+    code, err = _train(text_store, own_student, tmp_path / "cli", capsys, "--steps", "4",
+                       "--grad-accum", "2", "--lr", "3e-3", "--warmup", "1")  # fmt: skip
+    assert code == 0, err
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    with (tmp_path / "cli" / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    st = open_store(str(text_store))
+    tokenizer = AutoTokenizer.from_pretrained(own_student.parent / "tokenizer")
+    model, _ = build_student(str(own_student), len(tokenizer), tokenizer=tokenizer, seed=0,
+                             max_positions=max(2048, st.seq_len))  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        gradient_accumulation_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+        save_strategy="no", seed=0, max_grad_norm=1.0, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = DistillTrainer(
+        model, args, store=st, processing_class=tokenizer, eval_batches=20,
+        optimizers=make_optimizer(model, lr=3e-3, steps=4, warmup=1),
+    )  # fmt: skip
+    assert trainer.distill_loss.loss == "alm"  # auto, for a student with its own tokenizer
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)
+    final = trainer.evaluate()
+    for name in ("cross_entropy", "bits_per_byte", "tokens"):
+        assert final[f"eval_{name}"] == pytest.approx(cli["final"][name], rel=1e-5), name
+
+
+def test_auto_takes_the_matched_draws_only_where_the_tokens_mostly_start_together(
+    tokenizers, corpus_texts
+) -> None:
+    from types import SimpleNamespace
+
+    from kdcache.pipeline.distill.student_tokenizer import MATCHED_SHARE, cross_loss
+
+    teacher, bpe = tokenizers
+    texts = [t[:4000] for t in corpus_texts[:40]] + TEXTS
+    byte_level = train_bpe_tokenizer(texts, vocab_size=1)  # the byte alphabet, no merges
+    shares = {}
+    for name, student in (("bpe", bpe), ("bytes", byte_level)):
+        collator = CrossTokenizerCollator(student)
+        for seed, text in enumerate(TEXTS + [t[:1500] for t in corpus_texts[:4]]):
+            collator.sequence(store_sequence(teacher, text, seed=seed))
+        shares[name] = collator.stats.aligned_share
+        sampled, topk = SimpleNamespace(has_samples=True), SimpleNamespace(has_samples=False)
+        want = "sampled-kl" if shares[name] >= MATCHED_SHARE else "alm"
+        assert cross_loss("auto", sampled, collator) == want
+        assert cross_loss("auto", topk, collator) == "alm"  # draws need a store with samples
+        assert cross_loss("ce", sampled, collator) == "ce"
+    # a BPE of half the size, trained on the same text, splits the teacher's tokens: it starts
+    # nearly every token where the teacher does; bytes start mostly inside teacher tokens
+    assert shares["bpe"] >= MATCHED_SHARE > shares["bytes"]
