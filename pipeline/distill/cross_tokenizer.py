@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from kdcache.pipeline.distill.alignment import NO_CHUNK, align, retokenize
 from kdcache.pipeline.distill.batches import collate, token_sizes
+from kdcache.pipeline.distill.continuations import EntrySplits
 from kdcache.pipeline.distill.exact_matches import matched_draws, vocabulary_map
 from kdcache.pipeline.distill.fused_chunks import Head, fused_chunk_loss
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, LossTerms, chunk_rows, next_token_labels
@@ -103,6 +104,10 @@ class CrossTokenizerCollator:
         self.mapping = (
             None if teacher_tokenizer is None else vocabulary_map(teacher_tokenizer, tokenizer)
         )
+        # the draws as continuations inside teacher tokens (byte-level tokenizers on both sides)
+        self.splits = (
+            None if teacher_tokenizer is None else EntrySplits(teacher_tokenizer, tokenizer)
+        )
 
     def sequence(self, sequence: dict[str, Any]) -> dict[str, np.ndarray]:
         """One store sequence in the student's tokens and its chunks (numpy, unpadded)."""
@@ -153,7 +158,9 @@ class CrossTokenizerCollator:
         sizes, characters = token_sizes({"text": sequence["text"], "token_ends": ends})
         draws = None
         if self.mapping is not None and sequence.get("sampled_distinct") is not None:
-            draws = matched_draws(sequence, ids, ends, self.mapping, labels != IGNORE_INDEX)
+            draws = matched_draws(
+                sequence, ids, ends, self.mapping, labels != IGNORE_INDEX, self.splits
+            )
         return {
             "draws": draws,
             "input_ids": ids,

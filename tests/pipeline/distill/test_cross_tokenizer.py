@@ -17,6 +17,7 @@ from kdcache.pipeline.distill.cross_tokenizer import (
     chunk_distance,
     cross_batch_loss,
 )
+from kdcache.pipeline.distill.exact_matches import QUANTUM
 from kdcache.pipeline.distill.losses import IGNORE_INDEX, next_token_labels
 from kdcache.pipeline.distill.student_head import student_head
 
@@ -302,18 +303,29 @@ def test_the_teachers_draws_reach_the_student_where_both_vocabularies_hold_the_t
     aligned = [j + first - 1 for j, b in enumerate(s_starts.tolist()) if b in t_starts]
     aligned = [p for p in aligned if p >= 0]
     assert aligned, "no aligned position"
-    kept = batch["sampled_counts"][0] > 0
-    begins = {int(mapping[i]) for i in np.concatenate(draws)}
+    counts = batch["sampled_counts"][0].long()  # (L, m) uint16 widened
+    kept = counts > 0
+    # the drawn entries, and the realized ones (counted by their exact stored probability)
+    entries = {int(i) for i in np.concatenate([*draws, sequence["tokens"]])}
+    begins = {int(mapping[i]) for i in entries}
+    continuing = set()  # a piece of an entry's split, after its start
+    for teacher_id in entries:
+        entry = collator.splits.entry(teacher_id)
+        continuing |= set(entry[1].values()) if entry else set()
+    one_hot = 0
     for position in rows:
         ids = batch["sampled_ids"][0, position][kept[position]].long().tolist()
         assert ids == sorted(ids) and ids
+        # the weights, in units of 1/QUANTUM: one row's sum to it, up to rounding
+        assert abs(int(counts[position].sum()) - QUANTUM) <= len(ids)
         if position in aligned:
-            assert set(ids) <= begins
-            # every draw is kept (merged per student token): 5 draws of 2 each
-            assert int(batch["sampled_counts"][0, position].sum()) == 10
-        else:  # no teacher token starts here: the data's own next token, one draw
-            assert ids == [int(batch["input_ids"][0, position + 1])]
+            assert set(ids) <= begins | continuing
+        elif ids == [int(batch["input_ids"][0, position + 1])]:  # the data's token, one-hot
             assert float(batch["sampled_logprobs"][0, position][kept[position]][0]) == 0.0
+            one_hot += 1
+        else:  # continuations of the teacher token holding this position
+            assert set(ids) <= continuing
+    assert one_hot, "random draws rarely continue the text: most inside positions are one-hot"
     # every trained position has a row (the rest keep their full CE weight in the loss)
     assert rows == (next_token_labels(batch["labels"])[0] != IGNORE_INDEX).nonzero()[:, 0].tolist()
     assert set(rows) - set(aligned), "no position inside a teacher token"
@@ -456,3 +468,126 @@ def test_auto_takes_the_matched_draws_only_where_the_tokens_mostly_start_togethe
     # a BPE of half the size, trained on the same text, splits the teacher's tokens: it starts
     # nearly every token where the teacher does; bytes start mostly inside teacher tokens
     assert shares["bpe"] >= MATCHED_SHARE > shares["bytes"]
+
+
+def _student_piece_at(student, text: str, cut: int) -> int | None:
+    """The student token starting at byte ``cut`` of ``text`` split alone, if one does."""
+    encoded = student(text, add_special_tokens=False, return_offsets_mapping=True)
+    for piece, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        if len(text[:start].encode()) == cut:
+            return piece
+    return None
+
+
+def _continuing_entry(teacher, student, seen: bytes, exclude: int) -> tuple[int, int] | None:
+    """A teacher entry (not ``exclude``) that begins with ``seen``, goes on, and is split by the
+    student with a boundary after it: (its id, the student piece starting there)."""
+    for teacher_id in range(len(teacher)):
+        if teacher_id == exclude or teacher_id in teacher.all_special_ids:
+            continue
+        text = teacher.decode([teacher_id])
+        data = text.encode()
+        if len(data) > len(seen) and data.startswith(seen) and "\ufffd" not in text:
+            piece = _student_piece_at(student, text, len(seen))
+            if piece is not None:
+                return teacher_id, piece
+    return None
+
+
+def _row_weights(batch: dict, position: int) -> dict[int, float]:
+    """{student token: target weight} of the first row's sampled row at ``position``."""
+    counts = batch["sampled_counts"][0, position].long()
+    ids = batch["sampled_ids"][0, position].long()[counts > 0].tolist()
+    return dict(zip(ids, (counts[counts > 0] / QUANTUM).tolist(), strict=True))
+
+
+def _with_draws(sequence: dict, rows: dict[int, list[tuple[int, int]]]) -> dict:
+    """``sequence`` with made-up draws: {teacher position: [(id, count)]}, one draw of id 0
+    elsewhere (no byte continues anything with it: a special token)."""
+    n = sequence["tokens"].size
+    ids, counts, distinct = [], [], []
+    for position in range(n):
+        drawn = rows.get(position, [(0, 1)])
+        distinct.append(len(drawn))
+        ids += [i for i, _ in drawn]
+        counts += [c for _, c in drawn]
+    return sequence | {
+        "sampled_distinct": np.asarray(distinct, np.uint8),
+        "sampled_ids": np.asarray(ids, np.uint16),
+        "sampled_counts": np.asarray(counts, np.uint8),
+        "sampled_logprobs": np.full(len(ids), -1.0, np.float16),
+    }
+
+
+def _draw_case(tokenizers, seed: int):
+    """A stored sequence, its text and teacher token ends, the student's own tokens, a collator
+    with the teacher's tokenizer, and the index of the student's first text token."""
+    teacher, student = tokenizers
+    base = store_sequence(teacher, TEXTS[0], seed=seed)
+    own = retokenize(student, base["text"])
+    collator = CrossTokenizerCollator(student, teacher_tokenizer=teacher)
+    first = 1 if collator.bos is not None else 0
+    return base, base["text"], base["token_ends"].astype(np.int64), own, collator, first
+
+
+def test_inside_a_teacher_token_the_draws_continue_the_text_seen(tokenizers) -> None:
+    teacher, student = tokenizers
+    base, text, ends, own, collator, first = _draw_case(tokenizers, seed=5)
+    # a teacher token k the student splits, and a continuing entry of its first piece
+    for j in range(own.ids.size):
+        start = int(own.ends[j - 1]) if j else 0
+        k = int(np.searchsorted(ends, start, side="right"))
+        if k < ends.size and ends[k - 1] < start < ends[k]:
+            seen = text[ends[k - 1] : start]
+            realized = int(base["tokens"][k])
+            other = _continuing_entry(teacher, student, seen, exclude=realized)
+            if other is not None:
+                break
+    else:
+        pytest.skip("no teacher token split by the student with a continuing entry")
+    # the draws predicting token k: itself 3 times, the continuing entry once, a stranger 4;
+    # the realized token k counts by its exact probability (stored), 0.25
+    stranger = next(
+        i for i in range(len(teacher)) if not teacher.decode([i]).encode().startswith(seen)
+    )
+    sequence = _with_draws(base, {k - 1: sorted([(realized, 3), (other[0], 1), (stranger, 4)])})
+    sequence["next_token_logprob"][k - 1] = np.log(0.25)
+    batch = collator([sequence])
+    position = j + first - 1  # predicting own token j
+    got = _row_weights(batch, position)
+    want: dict[int, float] = {}
+    piece = _student_piece_at(student, teacher.decode([realized]), len(seen))
+    for token, share in ((int(own.ids[j]) if piece is None else piece, 2 / 3), (other[1], 1 / 3)):
+        want[token] = want.get(token, 0.0) + share  # 0.25 : 1/8 of the draws
+    assert got == pytest.approx(want, abs=1 / QUANTUM)
+
+
+def test_where_both_start_a_token_the_teachers_boundary_is_mixed_with_going_on(tokenizers):
+    teacher, student = tokenizers
+    base, text, ends, own, collator, first = _draw_case(tokenizers, seed=6)
+    starts = {int(b): k for k, b in enumerate(np.r_[0, ends[:-1]]) if k >= 2 and ends[k] > b}
+    for j in range(1, own.ids.size):
+        start = int(own.ends[j - 1])
+        k = starts.get(start)
+        if k is not None and ends[k - 1] > ends[k - 2]:  # token k − 1 spells text
+            seen = text[ends[k - 2] : start]
+            other = _continuing_entry(teacher, student, seen, exclude=int(base["tokens"][k - 1]))
+            if other is not None:
+                break
+    else:
+        pytest.skip("no aligned position whose previous teacher token has a continuing entry")
+    nxt = int(base["tokens"][k])
+    sequence = _with_draws(
+        base, {k - 1: [(nxt, 4)], k - 2: sorted([(int(base["tokens"][k - 1]), 2), (other[0], 2)])}
+    )
+    sequence["next_token_logprob"][k - 2] = np.log(0.5)  # P(the token before ends here)
+    sequence["next_token_logprob"][k - 1] = np.log(0.5)  # P(token k), exact
+    batch = collator([sequence])
+    position = j + first - 1
+    got = _row_weights(batch, position)
+    # ended 0.5 × the teacher here (token k's first piece, at its exact 0.5) + going on: the
+    # continuing entry's share of the draws before, 2 of 4
+    mapping = collator.mapping
+    want: dict[int, float] = {int(mapping[nxt]): 0.25 / 0.75}
+    want[other[1]] = want.get(other[1], 0.0) + 0.5 / 0.75
+    assert got == pytest.approx(want, abs=1 / QUANTUM)
