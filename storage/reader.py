@@ -279,11 +279,12 @@ class Store:
         files = self.cache.read(record) if self.cache else read_files(self._fs, record)
         return decode_shard(record, files, self.manifest, check=check, sequences=picked)
 
-    def prefetch(self, records: list[ShardRecord]) -> None:
+    def prefetch(self, records: list[ShardRecord], consumer: str | None = None) -> None:
         """Hint: the shards in the order they will be read, so a remote store's cache fetches
-        the next ones in the background (a no-op without a cache)."""
+        the next ones in the background (a no-op without a cache); one plan per ``consumer``
+        (default: the records' split)."""
         if self.cache is not None:
-            self.cache.prefetch(records)
+            self.cache.prefetch(records, consumer)
 
     def iter_sequences(self, split: str | None = None) -> Iterator[TeacherSequence]:
         """Every sequence of ``split`` (all splits when None), in shard order.

@@ -81,7 +81,8 @@ class _Process:
     lock: threading.Lock = field(default_factory=threading.Lock)
     fetching: dict[str, Future[None]] = field(default_factory=dict)
     busy: dict[str, int] = field(default_factory=dict)  # entry path → readers/fetchers now
-    plan: list[ShardRecord] = field(default_factory=list)
+    # each consumer's plan (a split's loader: train and eval read side by side)
+    plans: dict[str, list[ShardRecord]] = field(default_factory=dict)
 
 
 class ShardCache:
@@ -157,21 +158,27 @@ class ShardCache:
                 files = self._fetch(record)
         return files
 
-    def prefetch(self, records: list[ShardRecord]) -> None:
+    def prefetch(self, records: list[ShardRecord], consumer: str | None = None) -> None:
         """The shards in the order they will be read: the first ``prefetch`` of them, and then
-        those after each shard read, are fetched in a background thread."""
+        those after each shard read, are fetched in a background thread. Each ``consumer``
+        (default: the records' split) has a plan of its own, replaced by its next call only, so
+        an evaluation mid-epoch leaves the training reads' read-ahead in place."""
         mine = self._mine
+        key = consumer if consumer is not None else (records[0].split if records else "")
         with mine.lock:
-            mine.plan = list(records)
+            mine.plans[key] = list(records)
         for record in records[: self.ahead]:
             self._submit(record)
 
     def _advance(self, record: ShardRecord) -> None:
         mine = self._mine
+        after: list[ShardRecord] = []
         with mine.lock:
-            names = [r.name for r in mine.plan]
-            after = mine.plan[names.index(record.name) + 1 :] if record.name in names else []
-        for nxt in after[: self.ahead]:
+            for plan in mine.plans.values():
+                names = [r.name for r in plan]
+                if record.name in names:
+                    after += plan[names.index(record.name) + 1 :][: self.ahead]
+        for nxt in after:
             self._submit(nxt)
 
     def _submit(self, record: ShardRecord) -> None:
@@ -279,7 +286,7 @@ class ShardCache:
         mine = self._mine
         with mine.lock:
             busy = set(mine.busy) - {self.entry(record)}
-            planned = {self.entry(r) for r in mine.plan}
+            planned = {self.entry(r) for plan in mine.plans.values() for r in plan}
         with _flock(os.path.join(self.directory, ".evict.lock")):
             entries = sorted(_entries(self.directory))  # (mtime, bytes, path), oldest first
             total = sum(size for _, size, _ in entries) + record.nbytes

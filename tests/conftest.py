@@ -5,8 +5,10 @@ Nothing here downloads anything: the Hugging Face Hub is unreachable in tests.
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,12 +251,24 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     }
 
 
+def needed(module: str) -> types.ModuleType:
+    """Import a test dependency of ``[dev]`` (moto, s3fs): skipped without it on a developer's
+    machine, a failure under ``CI=true`` (a broken install must not remove a whole area of
+    coverage without a word)."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"{module} is missing under CI=true ({e}); install '.[dev]'")
+    return pytest.importorskip(module, reason=f"{module} is not installed: pip install -e '.[dev]'")
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 (a free port) for the session; yields its endpoint URL.
-    Skips when moto or s3fs is not installed (`pip install -e '.[dev]'`)."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
+    Skips when moto or s3fs is not installed (`pip install -e '.[dev]'`), fails under CI=true."""
+    moto_server = needed("moto.server")
+    needed("s3fs")
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access-log line per request

@@ -92,6 +92,8 @@ def stream_sequences(
                     last = not ds.infinite or ds.deal.last_position(owners[i]) < epoch.end
                 if last:  # of its micro-batch: the position after it, as it is handed out
                     ds.consumed = ds.deal.consumed_after(owners[i])
+                    if not ds.infinite and i + 1 == len(owners):  # a finite pass ends with
+                        ds.consumed = epoch.end  # its epoch (every rank): the next pass starts
                 yield last, sequence
     finally:
         feed.close()
@@ -172,9 +174,18 @@ class TeacherLoader:
         return stream_batches(self.dataset, max(1, self.num_workers), pin, self.collate_fn)
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        """The next batch. An error (a shard that cannot be read or decoded, after the store's
+        retries) is raised as it is, and the open pass is closed: the next call starts again
+        from the position after the last batch handed out, so a caller that catches it gets
+        the batch that failed, never a quiet end. The end of a finite dataset's pass raises
+        ``StopIteration`` once; the next call starts the next pass."""
         if self._iterator is None:
             self._iterator = iter(self)
-        return next(self._iterator)
+        try:
+            return next(self._iterator)
+        except BaseException:
+            self.close()
+            raise
 
 
 def eval_batches(

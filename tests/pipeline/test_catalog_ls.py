@@ -12,8 +12,8 @@ from typing import Any
 import fsspec
 import numpy as np
 import pytest
+from conftest import needed, write_synthetic_store
 from conftest import run_cli as run
-from conftest import write_synthetic_store
 
 from kdcache.pipeline.catalog import catalog, find_stores
 from kdcache.storage import create_store, make_manifest, open_store
@@ -268,7 +268,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 def test_an_unreachable_object_store_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """An S3 endpoint nobody listens on: one line naming the URL, exit 2, no traceback."""
-    pytest.importorskip("s3fs")
+    needed("s3fs")
     options = {
         "endpoint_url": "http://127.0.0.1:9",  # discard port: refused at once
         "key": "k",
@@ -293,8 +293,8 @@ def test_the_listed_urls_open_also_under_a_root_with_a_trailing_slash(root: str)
 @pytest.fixture(scope="module")
 def s3_options() -> Any:
     """A local S3 (moto's server on a free port) and the fsspec options that reach it."""
-    pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
+    needed("s3fs")
+    server_module = needed("moto.server")
     import logging
     import socket
 

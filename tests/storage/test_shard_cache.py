@@ -106,6 +106,24 @@ def test_prefetch_fetches_the_next_shards_in_the_background(s3_store: str, tmp_p
     assert store.cache.fetches == 3
 
 
+def test_an_evaluation_mid_epoch_leaves_the_training_read_ahead_in_place(
+    s3_store: str, tmp_path: Path
+) -> None:
+    store = open_store(s3_store, cache=ShardCacheConfig(str(tmp_path / "c"), limit=10**6))
+    assert store.cache is not None
+    train = store.shards_of("train")
+    store.prefetch(train)  # the training loader's epoch plan
+    store.read_shard(train[0])
+    wait_prefetched(store.cache)
+    store.prefetch(store.shards_of("eval"))  # an evaluation's plan, a consumer of its own
+    for record in store.shards_of("eval"):
+        store.read_shard(record)
+    store.read_shard(train[1])  # training goes on: its read-ahead goes on with it
+    wait_prefetched(store.cache)
+    cached = {p.parent.name for p in entries(tmp_path / "c")}
+    assert {r.name for r in train[:4]} <= cached
+
+
 def test_least_recently_used_shards_are_evicted_under_the_limit(
     s3_store: str, tmp_path: Path
 ) -> None:

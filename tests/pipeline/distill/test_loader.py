@@ -348,3 +348,68 @@ def test_ranks_of_a_masked_store_get_their_sequences_whole(tmp_path: Path) -> No
         np.testing.assert_array_equal(batch["topk_ids"][i, positions].long(), seq.topk_ids)
         seen.append(key)
     assert sorted(seen) == list(range(20))
+
+
+@pytest.mark.parametrize("deal", ["rows", "batches"])
+def test_a_finite_loader_gives_a_whole_pass_every_time_it_is_iterated(
+    store_url: str, deal: str
+) -> None:
+    # 24 sequences in micro-batches of 5: the last micro-batch of a pass is short
+    dataset = DistillDataset(
+        open_store(store_url), "train", batch_size=5, shuffle=False, infinite=False, deal=deal
+    )
+    loader = TeacherLoader(dataset)
+    first, second = _all_keys(loader), _all_keys(loader)
+    assert sorted(first) == sorted(second) and len(first) == N_TRAIN == len(set(first))
+    # next(): a pass ends with one StopIteration, then the next pass begins
+    taken = []
+    for _ in range(2):
+        while True:
+            try:
+                taken += _keys(next(loader))
+            except StopIteration:
+                break
+    assert sorted(taken) == sorted(first + second)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_shard_that_fails_to_read_reaches_the_caller_and_the_next_call_retries_it(
+    store_url: str, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def clean() -> list[list[int]]:
+        loader = TeacherLoader(
+            DistillDataset(open_store(store_url), "train", batch_size=4, seed=3),
+            num_workers=workers,
+        )
+        return [_keys(next(loader)) for _ in range(12)]  # two epochs
+
+    want = clean()
+    store = open_store(store_url)
+    original = type(store).read_shard
+    failures = {"left": 2}  # the third shard read fails once, then the fifth
+
+    def flaky(self, record, **kwargs):
+        if (
+            record.index in (2, 4)
+            and failures["left"]
+            and failures.setdefault(record.index, 0) == 0
+        ):
+            failures[record.index] = 1
+            failures["left"] -= 1
+            raise OSError(f"cannot read {record.name}: connection reset")
+        return original(self, record, **kwargs)
+
+    monkeypatch.setattr(type(store), "read_shard", flaky)
+    loader = TeacherLoader(
+        DistillDataset(store, "train", batch_size=4, seed=3), num_workers=workers
+    )
+    got, errors = [], []
+    while len(got) < 12:
+        try:
+            got.append(_keys(next(loader)))
+        except OSError as e:  # the error itself, not a quiet StopIteration
+            errors.append(str(e))
+    # each failure surfaces, unless a failure read ahead was dropped with its pass and the
+    # shard read again afterwards
+    assert 1 <= len(errors) <= 2 and all("connection reset" in e for e in errors)
+    assert got == want  # the batch that failed, and every one after it, as in a clean run
