@@ -80,6 +80,7 @@ from kdcache.pipeline.search.sweep_dir import (
     write_all_curves,
 )
 from kdcache.pipeline.search.sweep_options import DEFAULT_CONFIG, sweep_options  # noqa: F401 (tests)
+from kdcache.pipeline.search.teacher_init import TeacherInit
 from kdcache.storage import open_store, sample_temperature
 
 BASELINE = "baseline-ce"
@@ -101,6 +102,7 @@ def _train_group(
     accelerator: Any,
     steps: int,
     settings: dict[str, Any],
+    teacher: TeacherInit,
 ) -> bool:
     """Train ``group`` on one shared stream of batches (in the tokens of its ``reading``), then
     evaluate and save each candidate.
@@ -130,14 +132,17 @@ def _train_group(
     drawn_at = sample_temperature(store.manifest) or 1.0  # sampled-kl trains at it
     trainees, models = [], {}
     for candidate in group:
-        model, _ = build_student(
-            config.base,
-            vocab,
-            tokenizer=tokenizer,
-            overrides=candidate.architecture,
-            seed=config.seed,
-            max_positions=store.seq_len if cross is None else max(2048, store.seq_len),
-        )
+        if candidate.init == "teacher":  # pruned from the teacher (teacher_init.py)
+            model = teacher.pruner(pad_id).student(candidate.architecture)
+        else:
+            model, _ = build_student(
+                config.base,
+                vocab,
+                tokenizer=tokenizer,
+                overrides=candidate.architecture,
+                seed=config.seed,
+                max_positions=store.seq_len if cross is None else max(2048, store.seq_len),
+            )
         if settings.get("gradient_checkpointing"):
             enable_gradient_checkpointing(model, config.base)
         models[candidate.name] = model
@@ -271,9 +276,13 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     # "auto" resolved for each candidate's reading of the store (its tokens, or its own
     # tokenizer's): every candidate trains and reports the loss it used
     readings, config.candidates, notes = candidate_readings(config, store)
+    teacher = TeacherInit(config.teacher, store)  # loaded once, if a candidate asks for it
     for candidate in config.candidates:
         reading = readings[candidate.name]
         try:
+            if candidate.init == "teacher":  # its shape checked; built when its group trains
+                teacher.pruner(reading.pad_id).shape(candidate.architecture, reading.vocab)
+                continue
             model, source = build_student(
                 config.base,
                 reading.vocab,
@@ -326,7 +335,9 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     started = time.perf_counter()
     for group in plan_groups(todo, readings, settings["together"]):
         reading = readings[group[0].name]
-        complete = _train_group(group, config, store, reading, out, accelerator, steps, settings)
+        complete = _train_group(
+            group, config, store, reading, out, accelerator, steps, settings, teacher
+        )
         if accelerator.is_main_process:
             write_all_curves(out, config.candidates)
         if not complete:

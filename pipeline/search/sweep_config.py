@@ -16,6 +16,10 @@ Example (``sweeps/default.yaml``)::
 own: a directory written by ``save_pretrained``, relative to the YAML file, or ``store`` (the
 store's own, the default); such candidates re-tokenize the stored text (``readings.py``) and the
 leaderboard ranks by bits per byte.
+
+``init:`` (top level, in ``search:`` or in a candidate) is ``random`` (the default) or
+``teacher``: the student starts from the weights of the top-level ``teacher:`` model directory
+(relative to the YAML file), pruned to its architecture keys (``teacher_init.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ ARCHITECTURE_KEYS = (
     "intermediate_size",
 )
 TRAINING_KEYS = ("loss", "temperature", "alpha", "lr")
-SEARCH_KEYS = (*ARCHITECTURE_KEYS, "tokenizer", *TRAINING_KEYS)
+SEARCH_KEYS = (*ARCHITECTURE_KEYS, "tokenizer", *TRAINING_KEYS, "init")
+INITS = ("random", "teacher")
 STORE_TOKENIZER = "store"  # a `tokenizer:` value: the store's own
 TOP_LEVEL_KEYS = (
     "base",
@@ -52,6 +57,8 @@ TOP_LEVEL_KEYS = (
     "temperature",
     "alpha",
     "tokenizer",
+    "init",
+    "teacher",
     "warmup",
     "eval_batches",
     "search",
@@ -70,6 +77,7 @@ _SHORT = {
     "temperature": "T",
     "alpha": "alpha",
     "lr": "lr",
+    "init": "init-",
 }
 
 
@@ -84,6 +92,7 @@ class Candidate:
     alpha: float
     lr: float
     tokenizer: str = STORE_TOKENIZER  # the directory of its own tokenizer, or the store's
+    init: str = "random"  # or "teacher": pruned from SweepConfig.teacher (teacher_init.py)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -93,6 +102,7 @@ class Candidate:
             "temperature": self.temperature,
             "alpha": self.alpha,
             "lr": self.lr,
+            "init": self.init,
         }
 
 
@@ -106,6 +116,7 @@ class SweepConfig:
     warmup: int
     eval_batches: int
     candidates: list[Candidate] = field(default_factory=list)
+    teacher: str | None = None  # the model directory `init: teacher` candidates start from
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,7 +161,11 @@ def _candidate_name(overrides: dict[str, Any]) -> str:
 
 
 def _make_candidate(
-    path: Path, defaults: dict[str, Any], overrides: dict[str, Any], base: str = "tiny"
+    path: Path,
+    defaults: dict[str, Any],
+    overrides: dict[str, Any],
+    base: str = "tiny",
+    teacher: str | None = None,
 ) -> Candidate:
     settings = {**defaults, **overrides}
     architecture = {}
@@ -175,6 +190,17 @@ def _make_candidate(
     loss = settings.get("loss", "auto")  # resolved from the store by the sweep
     if loss not in LOSSES:
         raise _fail(path, f"unknown loss {loss!r}", f"use one of {', '.join(LOSSES)}")
+    init = settings.get("init", "random")
+    if init not in INITS:
+        raise _fail(path, f"unknown init {init!r}", f"use one of {', '.join(INITS)}")
+    if init == "teacher" and teacher is None:
+        raise _fail(path, "init: teacher needs a teacher", "set `teacher:` to a model directory")
+    if init == "teacher" and tokenizer != STORE_TOKENIZER:
+        raise _fail(
+            path,
+            f"init: teacher reads the store's tokens, not tokenizer {Path(tokenizer).name!r}",
+            "set `tokenizer: store` for those candidates",
+        )
     return Candidate(
         name=_candidate_name(overrides),
         architecture=architecture,
@@ -183,6 +209,7 @@ def _make_candidate(
         alpha=_number(path, "alpha", settings.get("alpha", 0.5), 0.0, 1.0),
         lr=_number(path, "lr", settings.get("lr", 1e-3), 1e-8, 10.0),
         tokenizer=tokenizer,
+        init=init,
     )
 
 
@@ -205,12 +232,24 @@ def _tokenizer_dir(path: Path, value: Any, base: str) -> str:
     return str(found)
 
 
+def _teacher_dir(path: Path, value: Any) -> str:
+    """A ``teacher:`` value → the model directory (absolute), relative to the YAML file."""
+    found = (path.parent / str(value)).resolve()
+    if not isinstance(value, str) or not found.is_dir():
+        raise _fail(
+            path,
+            f"teacher {value!r} is not a model directory ({found})",
+            "name a directory written by save_pretrained, relative to the file",
+        )
+    return str(found)
+
+
 def load_sweep_config(path: Path) -> SweepConfig:
     """Read and validate a sweep YAML; every mistake is a ``UserError`` before any training.
 
     Raises:
         UserError: unreadable file, unknown keys (named), empty search space, budget < 1,
-            invalid sizes or losses.
+            invalid sizes, losses or inits, ``init: teacher`` without a ``teacher:``.
     """
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -231,7 +270,8 @@ def load_sweep_config(path: Path) -> SweepConfig:
     ((budget_kind, budget_value),) = budget.items()
     budget_value = _positive_int(path, f"budget {budget_kind}", budget_value)
 
-    defaults = {k: raw[k] for k in (*TRAINING_KEYS, "tokenizer") if k in raw}
+    defaults = {k: raw[k] for k in (*TRAINING_KEYS, "tokenizer", "init") if k in raw}
+    teacher = _teacher_dir(path, raw["teacher"]) if "teacher" in raw else None
     search = raw.get("search") or {}
     explicit = raw.get("candidates") or []
     if not isinstance(search, dict):
@@ -262,9 +302,9 @@ def load_sweep_config(path: Path) -> SweepConfig:
         raise _fail(path, "empty search space", "give `search:` values or a `candidates:` list")
 
     base_spec = str(raw.get("base", "tiny"))
-    candidates = [_make_candidate(path, defaults, o, base_spec) for o in overrides_list]
+    candidates = [_make_candidate(path, defaults, o, base_spec, teacher) for o in overrides_list]
     if raw.get("baseline", False):
-        base = _make_candidate(path, defaults, {}, base_spec)
+        base = _make_candidate(path, defaults, {}, base_spec, teacher)
         candidates.append(
             Candidate("baseline-ce", base.architecture, "ce", 1.0, 0.0, base.lr, base.tokenizer)
         )
@@ -283,4 +323,5 @@ def load_sweep_config(path: Path) -> SweepConfig:
         eval_batches=_positive_int(path, "eval_batches", raw.get("eval_batches", 20)),
         candidates=candidates,
         raw=raw,
+        teacher=teacher,
     )
