@@ -97,8 +97,13 @@ class ShardRecord:
             raise bad(f"names shard {self.name!r}")
         if self.split != match.group(1) or self.index != int(match.group(2)):
             raise bad(f"split/index {self.split!r}/{self.index!r} do not match the name")
-        expected = f"{SHARDS_DIR}/{name}{BACKEND_SUFFIX.get(self.backend, '?')}"
-        if self.path != expected:
+        suffix = BACKEND_SUFFIX.get(self.backend, "?")
+        expected = f"{SHARDS_DIR}/{name}[.<attempt>]{suffix}"
+        if (
+            data_name(self.path.rsplit("/", 1)[-1]) != (name, suffix)
+            or not self.path.startswith(f"{SHARDS_DIR}/")
+            or self.path.count("/") != 1
+        ):
             raise bad(f"path {self.path!r} is not {expected!r} (path traversal or wrong backend)")
         for key in ("num_sequences", "num_tokens", "nbytes"):
             value = getattr(self, key)
@@ -191,13 +196,41 @@ def temporary_target(entry: str) -> str | None:
     return match.group(1) if match else None
 
 
-def leftover_of(entry: str, present: set[str]) -> str | None:
-    """The shard whose leftover ``entry`` of ``shards/`` is — a temporary (".tmp-…"), or shard
-    data without its commit record among ``present`` (a killed writer's) — else None."""
+# a write attempt's data: "<shard>.<8 hex: unix seconds><8 hex: random><suffix>", unique to the
+# attempt, so a writer that loses the race for the commit record never overwrites the data a
+# record names (docs/architecture.md §3); the legacy "<shard><suffix>" of format ≤ 6 writers
+ATTEMPT = re.compile(r"^(.+?)(?:\.([0-9a-f]{16}))?(\.zarr|\.arrow)$")
+ATTEMPT_VERSION = 7  # the format version whose writers put data at attempt keys
+STALE_ATTEMPT_SECONDS = 3600  # an uncommitted attempt this old is a dead writer's, not a live one
+
+
+def data_name(entry: str) -> tuple[str, str] | None:
+    """(shard name, suffix) of shard data named ``entry`` (an attempt's or legacy), else None."""
+    match = ATTEMPT.match(entry)
+    if match is None or not SHARD_NAME.match(match.group(1)):
+        return None
+    return match.group(1), match.group(3)
+
+
+def attempt_started(entry: str) -> int | None:
+    """The unix second a write attempt's data was named at (None: legacy data, not an attempt)."""
+    match = ATTEMPT.match(entry)
+    return int(match.group(2)[:8], 16) if match and match.group(2) else None
+
+
+def leftover_of(entry: str, present: set[str], now: float | None = None) -> str | None:
+    """The shard whose leftover ``entry`` of ``shards/`` is, else None: a temporary (".tmp-…"),
+    or shard data without its commit record among ``present`` — legacy data at once (a killed
+    writer's), an attempt only once stale (``now`` − its start > ``STALE_ATTEMPT_SECONDS``: a
+    live writer may commit it any moment; ``now`` None: never)."""
     target = temporary_target(entry)
-    stem = re.sub(r"\.(zarr|arrow|json)$", "", target or entry)
-    if target is not None or (
-        entry.endswith((".zarr", ".arrow")) and f"{stem}.json" not in present
-    ):
-        return stem
+    if target is not None:
+        found = data_name(target)
+        return found[0] if found else re.sub(r"\.json$", "", target)
+    found = data_name(entry)
+    if found is None or f"{found[0]}.json" in present:
+        return None
+    started = attempt_started(entry)
+    if started is None or (now is not None and now - started > STALE_ATTEMPT_SECONDS):
+        return found[0]
     return None

@@ -211,6 +211,37 @@ class StoreFS:
             raise
         fsync_dir(directory)
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` only if it does not exist: True when this call
+        created it, False when it was there already (its content untouched). Locally a durable
+        temporary hard-linked into place (``link`` fails on an existing name, atomically); on an
+        object store one conditional PUT (``If-None-Match: *``, answered 412 if the key exists).
+        """
+        path = self.full(rel)
+        if not self.is_local:
+            try:
+                with self._errors(writing=True):
+                    self.fs.pipe_file(path, data, IfNoneMatch="*")
+            except Exception as e:  # a 412 surfaces as a translated or an OSError
+                if _precondition_failed(e):
+                    return False
+                raise
+            return True
+        directory, name = os.path.split(path)
+        make_dirs(directory)
+        tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+        try:
+            write_durable(tmp, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        fsync_dir(directory)
+        return True
+
     def write_tree(self, rel: str, files: dict[str, bytes]) -> None:
         """Write files under ``rel`` (keys relative to it; "" = ``rel`` itself is the file).
 
@@ -258,3 +289,19 @@ class StoreFS:
                     self.fs.rm_file(path)
         except FileNotFoundError:
             pass
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether ``error`` (or what it was raised from) is an object store's 412 Precondition
+    Failed: a conditional write that found the key there already."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = f"{type(seen).__name__} {seen}"
+        if (
+            "PreconditionFailed" in text
+            or "412" in text
+            or "At least one of the pre-conditions" in text
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -3,6 +3,7 @@ record last; docs/architecture.md §3)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._arrays import ShardArrays, ShardLayout
-from ._base import SHARDS_DIR, ShardRecord, sha256
+from ._base import ATTEMPT_VERSION, SHARDS_DIR, ShardRecord, sha256
 from ._fs import TMP_PREFIX
 from ._validate import prepare_sequence
 from .errors import ShardExists
@@ -123,8 +124,14 @@ class ShardWriter:
         self.num_tokens += part["tokens"].shape[0]
 
     def commit(self) -> ShardRecord:
-        """Write the shard's files, then its commit record (docs/architecture.md §3): locally
-        under a temporary name renamed into place, on an object store at the final keys."""
+        """Write the shard's files, then its commit record (docs/architecture.md §3).
+
+        The files go to keys unique to this attempt (``<shard>.<attempt><suffix>``, locally a
+        temporary tree renamed there) and the record, which names them, is created only if
+        absent (``StoreFS.create_exclusive``): of two writers of one shard exactly one commits,
+        and the other can never overwrite data a record names; the loser deletes its attempt
+        and raises ``ShardExists``.
+        """
         if self._done:
             raise ValueError(f"shard {self.name} is already committed or aborted")
         if self.num_sequences == 0:
@@ -140,8 +147,12 @@ class ShardWriter:
         store = self._store
         codec, layout = store.codec, self._layout
         blobs = codec.encode(arrays, layout.logprob_dtype, layout.codec, layout.format_version)
-        final = f"{SHARDS_DIR}/{self.name}{codec.suffix}"
-        tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{uuid.uuid4().hex}-{self.name}{codec.suffix}"
+        # format 7: this attempt's own keys (see ATTEMPT); an older store resumed as it is keeps
+        # the one name its readers know (and the old hazard: a racing writer may overwrite it)
+        legacy = layout.format_version < ATTEMPT_VERSION
+        attempt = "" if legacy else f".{int(time.time()) & 0xFFFFFFFF:08x}{uuid.uuid4().hex[:8]}"
+        final = f"{SHARDS_DIR}/{self.name}{attempt}{codec.suffix}"
+        tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{uuid.uuid4().hex}-{self.name}{attempt}{codec.suffix}"
         files: dict[str, dict[str, Any]] = {
             (f"{final}/{key}" if key else final): {"size": len(data), "sha256": sha256(data)}
             for key, data in sorted(blobs.items())
@@ -162,31 +173,50 @@ class ShardWriter:
         )
         fs = store._fs
         try:
+            self._refuse_if_committed()  # early: another writer's record is there already
             if fs.is_local:  # a fsynced temporary tree renamed into place, then the record
                 fs.write_tree(tmp, blobs)
-                self._refuse_if_committed()
-                fs.remove(final)  # an uncommitted leftover of an earlier crash
+                if legacy:
+                    fs.remove(final)  # an uncommitted leftover of an earlier crash
                 fs.move(tmp, final)
-            else:
-                # no rename on an object store (a "move" copies every object): final keys, then
-                # the record, one PUT, the only atomic step (open_shard deleted any leftover)
-                self._refuse_if_committed()
+            else:  # no rename on an object store (a "move" copies every object)
                 fs.write_tree(final, blobs)
-            fs.write_atomic(record.record_path, record.to_bytes())
+            won = fs.create_exclusive(record.record_path, record.to_bytes())
         except BaseException:
             self._done = True
             if fs.is_local:
                 fs.remove(tmp)
+            if not legacy and not self._names(final):  # never data a record names
+                fs.remove(final)
             raise
         self._done = True
+        if not won:  # another writer committed this shard meanwhile: its data stays untouched
+            if not legacy:
+                fs.remove(final)
+            raise self._committed_meanwhile()
         return record
+
+    def _names(self, path: str) -> bool:
+        """Whether this shard's commit record exists and names ``path`` (a commit interrupted
+        after its record was created: the data is committed, and stays)."""
+        fs = self._store._fs
+        try:
+            return bool(
+                ShardRecord.from_bytes(fs.read(f"{SHARDS_DIR}/{self.name}.json"), self.name).path
+                == path
+            )
+        except Exception:  # no record, or one that cannot be read: not ours to keep
+            return False
+
+    def _committed_meanwhile(self) -> ShardExists:
+        return ShardExists(
+            f"shard committed by another writer meanwhile, {self.name} in {self._store.url}, "
+            "run one writer per store (rerunning afterwards resumes it)"
+        )
 
     def _refuse_if_committed(self) -> None:
         if self._store._fs.exists(f"{SHARDS_DIR}/{self.name}.json"):
-            raise ShardExists(
-                f"shard committed by another writer meanwhile, {self.name} in {self._store.url}, "
-                "run one writer per store (rerunning afterwards resumes it)"
-            )
+            raise self._committed_meanwhile()
 
     def abort(self) -> None:
         """Drop the buffered sequences; nothing of this shard becomes visible."""

@@ -19,8 +19,16 @@ from ._targets import has_topk as has_topk
 from ._targets import sample_temperature as sample_temperature
 from .errors import StoreCorrupt, UnsupportedFormat
 
-FORMAT_VERSION = 6  # what this kdcache writes
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # what it opens (docs/architecture.md §3, "Format versions")
+FORMAT_VERSION = 7  # what this kdcache writes (7: shard data at keys unique to its write attempt)
+READABLE_VERSIONS = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+)  # what it opens (docs/architecture.md §3, "Format versions")
 BACKENDS = ("zarr", "arrow")
 LOGPROB_DTYPES = ("float16", "float32", "bfloat16")
 ID_DTYPES = ("uint16", "uint32")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from types import TracebackType
 from typing import Any
 
@@ -13,6 +14,7 @@ from ._base import (
     SHARD_NAME,
     SHARDS_DIR,
     ShardRecord,
+    data_name,
     get_codec,
     leftover_of,
     sha256,
@@ -123,6 +125,14 @@ class StoreWriter:
         ``None`` also removes other writers' in-flight files: use it with a single writer only.
         """
         removed = self._clean(self._fs.list_names(SHARDS_DIR), names)
+        if names is None:  # a writer that lost the race and died before deleting its attempt
+            named = {r.path.rsplit("/", 1)[-1] for r in self.committed().values()}
+            entries = self._fs.list_names(SHARDS_DIR)
+            for entry in entries:
+                found = data_name(entry)
+                if found and entry not in named and f"{found[0]}.json" in entries:
+                    self._fs.remove(f"{SHARDS_DIR}/{entry}")
+                    removed += 1
         if names is None:
             for base in ("", TOKENIZER_DIR):
                 for entry in self._fs.list_names(base):
@@ -133,9 +143,9 @@ class StoreWriter:
 
     def _clean(self, entries: list[str], names: list[str] | None) -> int:
         """Remove the leftovers among ``entries`` of ``shards/`` (of ``names`` only, if given)."""
-        removed = 0
+        removed, now, present = 0, time.time(), set(entries)
         for entry in entries:
-            shard = leftover_of(entry, set(entries))
+            shard = leftover_of(entry, present, now)
             if shard is not None and (names is None or shard in names):
                 self._fs.remove(f"{SHARDS_DIR}/{entry}")
                 removed += 1

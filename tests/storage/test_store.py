@@ -364,7 +364,7 @@ class StoreTests(StoreSuite):
         [
             (b"{not json", StoreCorrupt),
             (b"[1, 2]", StoreCorrupt),
-            (b'{"format_version": 7}', UnsupportedFormat),
+            (b'{"format_version": 8}', UnsupportedFormat),
             (b'{"format_version": true}', UnsupportedFormat),
             (b'{"format_version": 2}', StoreCorrupt),
             (b'{"format_version": 3}', StoreCorrupt),

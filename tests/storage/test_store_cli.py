@@ -216,7 +216,7 @@ def test_inspect_reports_the_targets(
     store = build_kind(tmp_path / "s", targets, backend)
     code, out, _ = run(["inspect", store, "--json"], capsys)
     facts = json.loads(out)
-    assert code == 0 and facts["format_version"] == 6 and facts["targets"] == targets
+    assert code == 0 and facts["format_version"] == 7 and facts["targets"] == targets
     sampled, topk = "sampled" in targets, "topk" in targets
     assert facts["samples"] == (24 if sampled else 0) and facts["top_k"] == (8 if topk else 0)
     assert facts["sample_seed"] == (3 if sampled else None)

@@ -256,7 +256,7 @@ def test_round_trip_within_the_bound(
     assert verify_store(url) == []
     store = open_store(url)
     m = store.manifest
-    assert (m["format_version"], m["codec"], m["codec_max_abs_error"]) == (6, "gaps", 1 / 16)
+    assert (m["format_version"], m["codec"], m["codec_max_abs_error"]) == (7, "gaps", 1 / 16)
     sequences = list(store.iter_sequences())
     assert len(sequences) == len(given) and len(store.shards) > 1
     decoded = "float16" if dtype == "float16" else "float32"
@@ -326,7 +326,7 @@ def test_older_stores_read_identically_and_resume_only_as_they_are(
     assert verify_store(url) == []
     with pytest.raises(StoreIncompatible) as info:  # kdcache writes version 5 only
         create_store(url, current)
-    assert info.value.differences == [f"format_version: store has {version}, this run asks 6"]
+    assert info.value.differences == [f"format_version: store has {version}, this run asks 7"]
     with pytest.raises(StoreIncompatible) as info:
         create_store(url, manifest(targets, backend=backend))
     assert [d.split(":")[0] for d in info.value.differences] == [
@@ -518,7 +518,8 @@ def test_cache_teacher_codec_option(
 README_ZARR = """
 # a gaps store (manifest "codec": "gaps"): int16 levels, top-k ids as ranks in the shard's table
 m = json.load(open(f"{store}/manifest.json"))  # m["codec"]: "raw" or "gaps"
-g = zarr.open_group(f"{store}/shards/train-00000.zarr", mode="r")
+shard = json.load(open(f"{store}/shards/train-00000.json"))["path"]
+g = zarr.open_group(f"{store}/{shard}", mode="r")
 a = g["topk_logprobs"]  # codec gaps: int16 (k, T), each row's first level, then the gaps
 levels, grid = a.attrs["levels"], a.attrs["logprobs"]  # the grid's knots
 logprobs = np.interp(np.cumsum(a[:], axis=0), levels, grid, right=-np.inf).T  # (T, k)
@@ -528,7 +529,8 @@ tail = np.interp(g["topk_tail_logprob"][:], levels, grid, right=-np.inf)  # (T,)
 README_ARROW = """
 m = json.load(open(f"{store}/manifest.json"))  # m["codec"]: "raw" or "gaps"
 k = m["top_k"]
-table = pyarrow.ipc.open_file(f"{store}/shards/train-00000.arrow").read_all()
+shard = json.load(open(f"{store}/shards/train-00000.json"))["path"]
+table = pyarrow.ipc.open_file(f"{store}/{shard}").read_all()  # shard: the record's .arrow
 meta = table.schema.field("topk_logprobs").metadata  # codec gaps: levels, logprobs (JSON)
 levels, grid = json.loads(meta[b"levels"]), json.loads(meta[b"logprobs"])
 def planes(column):  # (2k, T) uint8: the low bytes of ranks 0..k-1, then their high bytes

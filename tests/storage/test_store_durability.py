@@ -19,9 +19,10 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/sel
 
 @pytest.fixture
 def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """("fsync", path) and ("rename", destination) in the order they happen."""
+    """("fsync", path), ("rename", destination) and ("link", destination: a commit record,
+    created only if absent) in the order they happen."""
     log: list[tuple[str, str]] = []
-    fsync, replace = os.fsync, os.replace
+    fsync, replace, link = os.fsync, os.replace, os.link
 
     def logged_fsync(fd: int) -> None:
         fsync(fd)
@@ -31,7 +32,12 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
         replace(src, dst)
         log.append(("rename", os.fspath(dst)))
 
+    def logged_link(src: str, dst: str) -> None:
+        link(src, dst)
+        log.append(("link", os.fspath(dst)))
+
     monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "link", logged_link)
     monkeypatch.setattr(os, "replace", logged_replace)
     return log
 
@@ -69,11 +75,12 @@ def test_a_shard_is_on_disk_before_its_record_and_the_record_before_commit_retur
     (record,) = open_store(root).shards
     shards = str(root / "shards")
     tree = events.index(("rename", str(root / record.path)))
-    committed = events.index(("rename", str(root / record.record_path)))
+    committed = events.index(("link", str(root / record.record_path)))
     assert tree < committed and events[-1] == ("fsync", shards)  # the record's entry, last
     synced = {path for kind, path in events[:tree] if kind == "fsync"}
     suffix = os.path.splitext(record.path)[1]
-    temporary = next(p for p in synced if p.endswith(f"-{record.name}{suffix}"))
+    temporary = next(p for p in synced if p.endswith(f"-{os.path.basename(record.path)}"))
+    assert record.path.endswith(suffix) and record.name in record.path
     for rel in record.files:  # every file of the shard, under its temporary name
         inside = rel[len(record.path) :]
         assert temporary + inside in synced, rel

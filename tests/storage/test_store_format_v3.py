@@ -69,7 +69,7 @@ def older(facts: dict[str, Any], version: int) -> dict[str, Any]:
 
 
 def test_versions_and_defaults() -> None:
-    assert (FORMAT_VERSION, READABLE_VERSIONS) == (6, (1, 2, 3, 4, 5, 6))
+    assert (FORMAT_VERSION, READABLE_VERSIONS) == (7, (1, 2, 3, 4, 5, 6, 7))
     v6 = {"next_token_logprob": False, "text": False}
     assert later_defaults(1) == {**V2_DEFAULTS, **V3_DEFAULTS, **V4_DEFAULTS, **v6}
     assert later_defaults(2) == {**V3_DEFAULTS, **V4_DEFAULTS, **v6}
@@ -191,7 +191,7 @@ def test_version_2_store_written_today_opens_and_reads_as_before(
     # this kdcache writes version 3: a version-2 store resumes with a version-2 manifest only
     with pytest.raises(StoreIncompatible) as info:
         create_store(url, manifest(backend, targets))
-    assert info.value.differences == ["format_version: store has 2, this run asks 6"]
+    assert info.value.differences == ["format_version: store has 2, this run asks 7"]
     assert create_store(url, v2).manifest["format_version"] == 2
 
 
@@ -220,7 +220,7 @@ def test_inspect_a_masked_store(
     trained = reader.num_trained
     code, out, _ = run(["inspect", store, "--json"], capsys)
     facts = json.loads(out)
-    assert code == 0 and facts["format_version"] == 6 and facts["loss_mask"] is True
+    assert code == 0 and facts["format_version"] == 7 and facts["loss_mask"] is True
     assert facts["tokens"] == 128 and facts["trained_positions"] == trained
     assert 0 < trained < 128 and facts["trained_fraction"] == pytest.approx(trained / 128)
     assert facts["bytes_per_token"] == pytest.approx(facts["bytes_on_disk"] / 128)

@@ -23,7 +23,8 @@ PLANE_COLUMNS = ("topk_ids", "topk_logprobs")
 
 
 def arrow_table(url: str, shard: str = "train-00000") -> pa.Table:
-    return pa.ipc.open_file(f"{url}/shards/{shard}.arrow").read_all()
+    path = json.loads(Path(f"{url}/shards/{shard}.json").read_text())["path"]  # the record's
+    return pa.ipc.open_file(f"{url}/{path}").read_all()
 
 
 def test_gaps_columns_are_byte_planes_that_the_field_metadata_decodes(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_a_version_4_arrow_gaps_store_opens_and_resumes_as_version_4(
         np.testing.assert_array_equal(a.topk_ids, want["topk_ids"])
         for name in ("topk_ids", "topk_logprobs", "topk_tail_logprob", "sampled_logprobs"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    with pytest.raises(StoreIncompatible, match="format_version: store has 4, this run asks 6"):
+    with pytest.raises(StoreIncompatible, match="format_version: store has 4, this run asks 7"):
         create_store(v4, facts)
     assert create_store(v4, {**facts, "format_version": 4}).manifest["format_version"] == 4
 

@@ -204,7 +204,7 @@ class MaskTests(StoreSuite):
         full_ids = np.concatenate([full["topk_ids"] for _, _, full, _ in seqs])  # (N, k)
         if self.backend == "zarr":
             g = zarr.open_group(shard_url, mode="r")
-            assert g.attrs["kdcache"]["format_version"] == 6
+            assert g.attrs["kdcache"]["format_version"] == 7
             m = g["loss_mask"][:].astype(bool)  # the README's lines
             assert g["loss_mask"].dtype == np.uint8 and m.shape == (15,)
             assert g["topk_ids"].shape == (m.sum(), K)

@@ -212,7 +212,7 @@ class TargetTests(StoreSuite):
             group = zarr.open_group(shard_url, mode="r")
             assert sorted(group.array_keys()) == sorted([*names, "seq_offsets"])
             got = {name: group[name][:] for name in names}
-            assert group.attrs["kdcache"]["format_version"] == 6
+            assert group.attrs["kdcache"]["format_version"] == 7
         else:
             table = pa.ipc.open_file(pa.BufferReader(StoreFS(shard_url).read(""))).read_all()
             assert table.column_names == names and table.num_rows == 2
@@ -357,7 +357,7 @@ class TargetTests(StoreSuite):
         assert self.manifest("sampled", samples=65535)["count_dtype"] == "uint16"
         topk = self.manifest("topk")
         assert (topk["samples"], topk["sample_seed"], topk["count_dtype"]) == (0, None, None)
-        assert topk["format_version"] == 6 and topk["loss_mask"] is False
+        assert topk["format_version"] == 7 and topk["loss_mask"] is False
         for overrides, message in [
             ({"targets": "logits"}, "targets unknown"),
             ({"targets": "sampled", "top_k": 8}, "top_k must be 0 for sampled"),
@@ -444,7 +444,7 @@ class TargetTests(StoreSuite):
         # this kdcache writes version 3: resuming a version-1 store is refused, by that fact only
         with pytest.raises(StoreIncompatible) as info:
             create_store(url, self.manifest("topk", logprob_dtype="float16"))
-        assert info.value.differences == ["format_version: store has 1, this run asks 6"]
+        assert info.value.differences == ["format_version: store has 1, this run asks 7"]
         assert create_store(url, self.v1_manifest()).manifest["format_version"] == 1
 
     def test_version_1_manifest_cannot_claim_samples(self) -> None:

@@ -159,7 +159,7 @@ def test_cache_teacher_stores_text_and_exact_next_token_logprobs(
         "--out", out, "--top-k", "4", "--seq-len", "16", "--eval-fraction", "0",
         "--shard-tokens", "64", "--format", backend, "--packing", packing)  # fmt: skip
     store = open_store(out)
-    assert store.manifest["format_version"] == 6 and store.manifest["text"] is True
+    assert store.manifest["format_version"] == 7 and store.manifest["text"] is True
     assert verify_store(out) == []
     sequences = list(store.iter_sequences("train"))
     assert b"".join(q.text.tobytes() for q in sequences) == "".join(DOCS).encode()

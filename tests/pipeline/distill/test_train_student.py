@@ -171,7 +171,7 @@ def _corrupt(store: str, tmp_path: Path) -> str:
 
     copy = tmp_path / "corrupt"
     shutil.copytree(store, copy)
-    for chunk in sorted((copy / "shards").glob("train-00001.zarr/**/c/**/*")):
+    for chunk in sorted((copy / "shards").glob("train-00001*.zarr/**/c/**/*")):  # its attempt
         if chunk.is_file():
             chunk.write_bytes(b"\x00garbage" * 8)
     return str(copy)
