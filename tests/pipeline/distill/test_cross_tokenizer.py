@@ -591,3 +591,42 @@ def test_where_both_start_a_token_the_teachers_boundary_is_mixed_with_going_on(t
     want: dict[int, float] = {int(mapping[nxt]): 0.25 / 0.75}
     want[other[1]] = want.get(other[1], 0.0) + 0.5 / 0.75
     assert got == pytest.approx(want, abs=1 / QUANTUM)
+
+
+def test_with_a_loss_mask_the_matched_draws_train_only_what_the_mask_trains(tokenizers) -> None:
+    teacher, student = tokenizers
+    sequence = store_sequence(teacher, TEXTS[0], seed=7, masked=True)
+    trained = np.flatnonzero(sequence["loss_mask"])  # (T,) teacher positions with target rows
+    rng = np.random.default_rng(1)
+    rows = [np.sort(rng.choice(len(teacher), 3, replace=False)) for _ in trained]
+    sequence |= {
+        "sampled_distinct": np.full(trained.size, 3, np.uint8),
+        "sampled_ids": np.concatenate(rows).astype(np.uint16),
+        "sampled_counts": np.full(3 * trained.size, 1, np.uint8),
+        "sampled_logprobs": np.full(3 * trained.size, -2.0, np.float16),
+    }
+    batch = CrossTokenizerCollator(student, teacher_tokenizer=teacher)([sequence])
+    labelled = (next_token_labels(batch["labels"])[0] != IGNORE_INDEX).nonzero()[:, 0].tolist()
+    with_rows = batch["loss_mask"][0].nonzero()[:, 0].tolist()
+    assert with_rows == labelled and 0 < len(labelled) < batch["input_ids"].shape[1] - 1
+    # the text the untrained teacher positions predict is in no trained student position
+    ends = sequence["token_ends"].astype(np.int64)
+    untrained_text_end = int(ends[trained[0]])  # the teacher's first trained row predicts after
+    s_ends = batch["token_bytes"][0].cumsum(0)  # (L_s,) where each student token ends
+    for position in with_rows:
+        assert int(s_ends[position + 1]) > untrained_text_end
+
+
+def test_a_sweep_tokenizer_that_is_not_a_tokenizer_directory_is_one_line(
+    text_store, tmp_path, capsys
+) -> None:
+    from kdcache.pipeline.cli import main
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("base: tiny\nbudget: {steps: 2}\nsearch:\n  tokenizer: [store, nowhere]\n")
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--store", str(text_store), "--config", str(config), "--out",
+              str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "tokenizer 'nowhere' is not a tokenizer directory" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
