@@ -307,6 +307,14 @@ def manifest_fingerprint(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
+def records_fingerprint(records: list[Any]) -> str:
+    """sha256 of the commit records of the shards a run reads (``Store.shards_of(split)``): a
+    store that gained, lost or replaced a shard since reads in another order — a resume refuses
+    it, also when the counts of shards and tokens happen to agree."""
+    digests = [[r.name, hashlib.sha256(r.to_bytes()).hexdigest()] for r in records]
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
+
+
 def store_id(store: Store) -> str:
     """A short id of a store's content (its manifest), stamped on the sequences it yields."""
     return manifest_fingerprint(store.manifest)[:16]

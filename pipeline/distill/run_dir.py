@@ -57,7 +57,9 @@ def prepare_out(out: Path, resume: bool, run: dict[str, Any]) -> bool:
         if previous["settings"].get(key) != run["settings"].get(key)
     ]
     # the precision the run computes in (older runs recorded it only here)
-    for key in ("manifest_fingerprint", "train_shards", "mixed_precision"):
+    for key in ("manifest_fingerprint", "train_shards", "train_records", "mixed_precision"):
+        if key == "train_records" and key not in previous:  # a run of an older kdcache
+            continue
         if previous.get(key) != run[key]:
             differences.append(f"{key}: run has {previous.get(key)!r}, store now has {run[key]!r}")
     if differences:

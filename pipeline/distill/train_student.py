@@ -35,12 +35,13 @@ import click
 import torch
 
 from kdcache.pipeline.distill import tracking
+from kdcache.pipeline.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.pipeline.distill.checks import (
     check_finished,
     check_settings,
     check_store,
 )
-from kdcache.pipeline.distill.dataset import manifest_fingerprint
+from kdcache.pipeline.distill.dataset import manifest_fingerprint, records_fingerprint
 from kdcache.pipeline.distill.evaluation import evaluate, history_table, in_words
 from kdcache.pipeline.distill.loader import (
     DistillDataset,
@@ -60,12 +61,10 @@ from kdcache.pipeline.distill.student_tokenizer import check_encodes, cross_loss
 from kdcache.pipeline.distill.train_options import train_student_options
 from kdcache.pipeline.distill.trainee import (
     LOG_FIELDS,
-    load_checkpoint,
     make_accelerator,
     make_trainee,
     on_main,
     parallel_note,
-    save_checkpoint,
     sum_over_ranks,
     train_step,
 )
@@ -178,6 +177,7 @@ def prepare_run_dir(run: Run) -> None:
         "store": store.url,
         "manifest_fingerprint": manifest_fingerprint(store.manifest),
         "train_shards": [len(records), sum(r.num_tokens for r in records)],
+        "train_records": records_fingerprint(records),
         "teacher": store.manifest.get("teacher"),
         "student": {"source": run.source, "parameters": count_parameters(run.model)},
         "settings": {k: v for k, v in s.items() if k not in UNRECORDED},
@@ -244,7 +244,7 @@ def build_trainee(run: Run) -> Any:
 def resume(run: Run) -> None:
     """--resume: the checkpoint's weights, optimizer, schedule, loader position and RNG; the
     log cut back to its step."""
-    if run.s["resume"] and (run.out / "checkpoint").is_dir():
+    if run.s["resume"] and has_checkpoint(run.out / "checkpoint", run.accelerator):
         load_checkpoint(run.out / "checkpoint", [run.trainee], run.loader, run.accelerator)
     if run.main:
         truncate_log(run.out / "log.csv", run.trainee.step)

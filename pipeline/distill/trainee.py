@@ -16,9 +16,7 @@ writes everything else.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,6 @@ RESUMABLE_SETTINGS = (
     "store", "student", "steps", "batch_size", "grad_accum", "lr", "warmup", "loss",
     "temperature", "alpha", "seed", "buffer_size", "teacher",
 )  # fmt: skip
-LOADER_FILE = "loader.json"
 T = TypeVar("T")
 
 
@@ -300,74 +297,3 @@ def train_step(
         "lr": lr,
         "grad_norm": round(float(grad_norm), 6),
     }
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def save_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerator: Any) -> None:
-    """Write ``path`` atomically: trainees and the loader's global position (main process), the
-    RNG state of every rank."""
-    tmp = path.with_name(path.name + ".tmp")
-    rank = accelerator.process_index
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for t in trainees:
-            state = {
-                "model": accelerator.unwrap_model(t.model).state_dict(),
-                "optimizer": t.optimizer.state_dict(),
-                "scheduler": t.scheduler.state_dict(),
-            }
-            if accelerator.scaler is not None:  # fp16 loss scaling
-                state["scaler"] = accelerator.scaler.state_dict()
-            torch.save(state, tmp / f"{t.name}.pt")
-            progress = {
-                "step": t.step,
-                "tokens": t.tokens,
-                "trained_tokens": t.trained_tokens,
-                "extra": t.extra,
-            }
-            (tmp / f"{t.name}.json").write_text(json.dumps(progress))
-        (tmp / LOADER_FILE).write_text(json.dumps(loader.state_dict()))
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(path: Path, trainees: list[Trainee], loader: Any, accelerator: Any) -> None:
-    """Restore what ``save_checkpoint`` wrote, on every rank — with any number of ranks: a rank
-    the checkpoint has no RNG state for takes rank 0's."""
-    if not (path / LOADER_FILE).is_file():
-        raise UserError(
-            f"the checkpoint was written by an older kdcache (a loader position per process), "
-            f"{path}, start the run again in a new --out"
-        )
-    for t in trainees:
-        state = torch.load(path / f"{t.name}.pt", map_location="cpu", weights_only=True)
-        accelerator.unwrap_model(t.model).load_state_dict(state["model"])
-        t.optimizer.load_state_dict(state["optimizer"])
-        t.scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and "scaler" in state:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        progress = json.loads((path / f"{t.name}.json").read_text())
-        t.step, t.tokens, t.extra = progress["step"], progress["tokens"], progress["extra"]
-        t.trained_tokens = progress.get("trained_tokens", t.tokens)  # older checkpoints: unmasked
-    loader.load_state_dict(json.loads((path / LOADER_FILE).read_text()))
-    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
-    rng = torch.load(rng_file if rng_file.is_file() else path / "rng-rank0.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -38,8 +38,9 @@ import click
 import torch
 
 from kdcache.pipeline.distill import tracking
+from kdcache.pipeline.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.pipeline.distill.checks import check_finished
-from kdcache.pipeline.distill.dataset import manifest_fingerprint
+from kdcache.pipeline.distill.dataset import manifest_fingerprint, records_fingerprint
 from kdcache.pipeline.distill.evaluation import evaluate
 from kdcache.pipeline.distill.loader import DistillDataset, TeacherLoader, eval_batches
 from kdcache.pipeline.distill.student import (
@@ -48,12 +49,10 @@ from kdcache.pipeline.distill.student import (
     enable_gradient_checkpointing,
 )
 from kdcache.pipeline.distill.trainee import (
-    load_checkpoint,
     make_accelerator,
     make_trainee,
     on_main,
     parallel_note,
-    save_checkpoint,
     sum_over_ranks,
     train_step,
 )
@@ -164,7 +163,7 @@ def _train_group(
         if trainees[-1].head_note and accelerator.is_main_process:
             click.echo(f"Note: {candidate.name}: {trainees[-1].head_note}", err=True)
     checkpoint = out / "groups" / "+".join(c.name for c in group)
-    if checkpoint.is_dir():
+    if has_checkpoint(checkpoint, accelerator):  # as the main process sees it
         load_checkpoint(checkpoint, trainees, loader, accelerator)
     seconds = {t.name: float(t.extra.get("train_seconds", 0.0)) for t in trainees}
     logs = CandidateLogs(out, trainees, accelerator)  # log.csv kept to the checkpoint's steps
@@ -315,6 +314,7 @@ def sweep(settings: dict[str, Any]) -> list[dict[str, Any]]:
     plan = {
         "config": config.raw,
         "store_fingerprint": manifest_fingerprint(store.manifest),
+        "store_records": records_fingerprint(store.shards_of("train")),
         "together": settings["together"],
         "steps": steps,
     }

@@ -32,6 +32,9 @@ SWEEP_FILE = "sweep.json"
 LOG_FILE = "log.csv"
 
 
+LATER_PLAN_KEYS = ("store_records",)  # plan facts newer than some sweeps on disk
+
+
 def prepare_out(out: Path, plan: dict[str, Any]) -> None:
     """Create OUT, or check that it holds this same sweep (then finished candidates are kept)."""
     if out.exists() and not out.is_dir():
@@ -45,7 +48,8 @@ def prepare_out(out: Path, plan: dict[str, Any]) -> None:
             raise UserError(damaged) from e
         if not isinstance(previous, dict):
             raise UserError(damaged)
-        differences = [k for k in plan if previous.get(k) != plan[k]]
+        later = {k for k in LATER_PLAN_KEYS if k not in previous}  # a sweep of an older kdcache
+        differences = [k for k in plan if k not in later and previous.get(k) != plan[k]]
         if differences:
             raise UserError(
                 f"--out holds a different sweep (differs in {', '.join(differences)}), {out}, "

@@ -158,6 +158,22 @@ def test_resume_refuses_a_checkpoint_of_the_per_process_loader(
     assert code == 2 and "written by an older kdcache" in err and "Traceback" not in err
 
 
+def test_resume_refuses_a_store_whose_shards_changed_under_the_same_counts(
+    tmp_path: Path, capsys, tiny_tokenizer_dir: Path
+) -> None:
+    import shutil
+
+    url = tmp_path / "store"
+    write_synthetic_store(str(url), lengths=LENGTHS, tokenizer_dir=tiny_tokenizer_dir)
+    out = tmp_path / "out"
+    base = ["--store", str(url), "--out", str(out), "--steps", "2", *FAST]
+    assert run([*base, "--stop-after", "1"], capsys)[0] == 0
+    shutil.rmtree(url)  # other shards, as many, with as many tokens
+    write_synthetic_store(str(url), lengths=LENGTHS, tokenizer_dir=tiny_tokenizer_dir, seed=5)
+    code, _, err = run([*base, "--resume"], capsys)
+    assert code == 2 and "train_records: run has" in err and "Traceback" not in err
+
+
 def test_resume_refuses_changed_settings(store: str, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     base = ["--store", store, "--out", str(out), "--steps", "2", *FAST]
