@@ -54,6 +54,13 @@ class ShardRecord:
     def record_path(self) -> str:
         return f"{SHARDS_DIR}/{self.name}.json"
 
+    def content_files(self) -> dict[str, dict[str, Any]]:
+        """``files`` keyed relative to the shard's ``path`` ("" for a one-file shard): the
+        shard's content apart from the write attempt that named it, so two writes of the same
+        data compare equal."""
+        cut = len(self.path) + 1
+        return {(k[cut:] if k != self.path else ""): v for k, v in sorted(self.files.items())}
+
     def to_bytes(self) -> bytes:
         """Canonical JSON with a checksum of its own content, so any flipped byte is caught."""
         body = asdict(self)

@@ -93,8 +93,8 @@ def assert_same_content(a: str, b: str) -> None:
     store_a, store_b = open_store(a), open_store(b)
     assert [r.name for r in store_a.shards] == [r.name for r in store_b.shards]
     for ra, rb in zip(store_a.shards, store_b.shards, strict=True):
-        assert (ra.files, ra.num_tokens, ra.corpus_range) == (
-            rb.files,
+        assert (ra.content_files(), ra.num_tokens, ra.corpus_range) == (
+            rb.content_files(),
             rb.num_tokens,
             rb.corpus_range,
         )

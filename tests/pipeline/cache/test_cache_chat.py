@@ -162,11 +162,11 @@ def test_training_on_all_tokens_stores_every_position_and_costs_more_bytes(
 
 def test_a_rerun_resumes_the_same_store(qwen_run) -> None:
     teacher, corpus, out = qwen_run
-    before = {r.name: r.files for r in open_store(str(out)).shards}
+    before = {r.name: r.content_files() for r in open_store(str(out)).shards}
     victim = sorted(before)[0]
     (out / "shards" / f"{victim}.json").unlink()  # as if killed before that commit
     assert run(*cache_args(teacher, corpus, out)) == 0
-    assert {r.name: r.files for r in open_store(str(out)).shards} == before
+    assert {r.name: r.content_files() for r in open_store(str(out)).shards} == before
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma"])
