@@ -62,10 +62,16 @@ def own_tokenizer(spec: str) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
+    if not any((found / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"the student's tokenizer directory holds no tokenizer files ({', '.join(TOKENIZER_FILES)}), "
+            f"{found}, save the tokenizer there with save_pretrained"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(found)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the student's tokenizer, {found} ({e})") from e
+        reason = " ".join(str(e).split())  # transformers' messages span lines
+        raise UserError(f"cannot load the student's tokenizer, {found} ({reason})") from e
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(
             f"the student's tokenizer is not a fast tokenizer, {found}: cross-tokenizer "

@@ -630,3 +630,19 @@ def test_a_sweep_tokenizer_that_is_not_a_tokenizer_directory_is_one_line(
     err = capsys.readouterr().err
     assert e.value.code == 2 and "tokenizer 'nowhere' is not a tokenizer directory" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_a_student_config_whose_tokenizer_is_not_one_is_one_line(
+    text_store, tmp_path, capsys, where: str
+) -> None:
+    folder = tmp_path / "student"
+    folder.mkdir()
+    if where == "empty":  # a directory, but no tokenizer files in it
+        (folder / "tokenizer").mkdir()
+    config = folder / "student.yaml"
+    config.write_text("tokenizer: tokenizer\nhidden_size: 32\nnum_hidden_layers: 1\n")
+    code, err = _train(text_store, config, tmp_path / "out", capsys)
+    want = "is not a directory" if where == "missing" else "holds no tokenizer files"
+    assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
