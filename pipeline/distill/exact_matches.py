@@ -1,5 +1,5 @@
-"""The teacher's stored draws where a cross-tokenizer student can read them: at aligned
-positions, each drawn teacher token counted for the student token it begins with.
+"""The teacher's stored draws as a target over a cross-tokenizer student's next token, at every
+trained student position.
 
 A student position predicts "the token starting at byte b"; where a teacher token starts at the
 same byte b, the teacher's stored distribution at its position predicts the text from b on over
@@ -7,17 +7,17 @@ the teacher's vocabulary. A drawn teacher token spells a piece of that text, and
 would begin that piece with one of its own tokens: the same vocabulary entry when it holds it
 (TRL's GOLD compares such exact matches directly), else the first token of the entry as the
 student's own tokenizer model splits it (byte-level BPEs share their alphabet, so a teacher's
-entry is a string the student's BPE can split). So each draw becomes a draw of a student token,
-draws of one student token are merged (counts summed, log-probs log-summed), and the ordinary
-``sampled-kl`` loss applies at the student's position: the teacher's distribution over the
-student's next token, up to tokenization bias (the student splits the whole continuation, not
-the teacher's token alone). Draws with no student token (a tokenizer family whose entries the
-student's model cannot split) are dropped and the log-probs shifted by log P(kept), estimated by
-the share of the draws kept.
+entry is a string the student's BPE can split). Each draw counts, as its share of the row's
+draws, for that student token (``first_pieces``); the realized teacher token counts by its exact
+stored probability instead. Inside a teacher token, and to undo the teacher's boundary at b, the
+draws that continue the text seen so far count instead (``continuations.py``). Entries with no
+student token (a tokenizer family whose entries the student's model cannot split) are left out,
+the rest renormalized. The row is written as weights in units of 1/``QUANTUM`` and the ordinary
+``sampled-kl`` loss applies: the teacher's distribution over the student's next token, up to the
+tokenization bias one level of marginalization leaves.
 
-A student position no teacher token starts at (inside a teacher token, or where the student's
-token crosses a teacher boundary) has no teacher distribution; its target is the data's own next
-token, a one-hot teacher (one draw of it, log-prob 0), so there the KD term is the plain
+A student position the store says nothing about (no draw continues its text) gets the data's
+own next token, a one-hot teacher (log-prob 0), so there the KD term is the plain
 cross-entropy. The loss then mixes ``alpha · KD + (1 − alpha) · CE`` at every trained position
 and the positions without a teacher keep their full CE weight: averaging KD over the aligned
 positions alone gave the rest only ``1 − alpha`` of their CE (a byte-level student, whose

@@ -5,9 +5,10 @@ A student has its own tokenizer when ``--student`` is a model directory holding 
 file whose ``tokenizer`` entry names a tokenizer directory (relative to the file). If that
 tokenizer maps every token to the id the store's tokenizer gives it, the student is an ordinary
 one; otherwise it is a cross-tokenizer student (``cross_tokenizer.py``): the store must give
-the text and its spans (format 6); it learns from the teacher's draws at aligned positions whose
-tokens both vocabularies hold (``sampled-kl``, ``exact_matches.py``, a store with samples) or by
-chunk likelihood matching (``alm``, what ``auto`` picks).
+the text and its spans (format 6 and later); it learns from the teacher's draws mapped to its
+own tokens (``sampled-kl``, ``exact_matches.py``, a store with samples) or by chunk likelihood
+matching (``alm``); ``auto`` picks by how many of its tokens start where the teacher's do
+(``cross_loss``).
 """
 
 from __future__ import annotations
