@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ._remote import protocol_of, translate, with_defaults
+from ._remote import precondition_failed, protocol_of, translate, with_defaults
 from .errors import StoreUnavailable
 
 TMP_PREFIX = ".tmp-"
@@ -223,7 +223,7 @@ class StoreFS:
                 with self._errors(writing=True):
                     self.fs.pipe_file(path, data, IfNoneMatch="*")
             except Exception as e:  # a 412 surfaces as a translated or an OSError
-                if _precondition_failed(e):
+                if precondition_failed(e):
                     return False
                 raise
             return True
@@ -289,19 +289,3 @@ class StoreFS:
                     self.fs.rm_file(path)
         except FileNotFoundError:
             pass
-
-
-def _precondition_failed(error: BaseException) -> bool:
-    """Whether ``error`` (or what it was raised from) is an object store's 412 Precondition
-    Failed: a conditional write that found the key there already."""
-    seen: BaseException | None = error
-    while seen is not None:
-        text = f"{type(seen).__name__} {seen}"
-        if (
-            "PreconditionFailed" in text
-            or "412" in text
-            or "At least one of the pre-conditions" in text
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False

@@ -90,6 +90,15 @@ def _response(error: BaseException) -> dict[str, Any]:
     return {}
 
 
+def precondition_failed(error: BaseException) -> bool:
+    """Whether ``error`` is the server's answer 412 Precondition Failed (a conditional write
+    that found the key there already), read from the answer itself, never from a message (a key
+    such as ``shards/train-00412.json`` must not read as one)."""
+    response = _response(error)
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return bool(response.get("Error", {}).get("Code") == "PreconditionFailed" or status == 412)
+
+
 def _no_such_bucket(error: BaseException) -> bool:
     """A ``FileNotFoundError`` made of a NoSuchBucket answer (a HEAD request's answer carries
     no code, so the message is checked too)."""

@@ -135,3 +135,26 @@ def test_stale_attempts_are_cleaned_live_and_committed_ones_never(tmp_path: Path
     names = set(fs.list_names("shards"))
     assert f"train-00000.{old}.zarr" not in names and committed.rsplit("/", 1)[-1] in names
     assert open_store(url).read_shard(open_store(url).shards[0]).num_sequences == 1
+
+
+def test_only_the_servers_412_answer_reads_as_a_lost_race() -> None:
+    from botocore.exceptions import ClientError
+
+    from kdcache.storage._remote import precondition_failed
+
+    def answer(code: str, status: int) -> ClientError:
+        error = {
+            "Error": {"Code": code, "Message": "m"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        }
+        return ClientError(error, "PutObject")  # type: ignore[arg-type]
+
+    lost = answer("PreconditionFailed", 412)
+    try:  # as s3fs raises it: an OSError made from the server's answer
+        raise OSError("shards/train-00000.json") from lost
+    except OSError as wrapped:
+        assert precondition_failed(wrapped)
+    # a key with 412 in it, in another error, is not a lost race
+    other = OSError("cannot write shards/train-00412.json: connection reset (412 bytes sent)")
+    assert not precondition_failed(other)
+    assert not precondition_failed(answer("SlowDown", 503))
