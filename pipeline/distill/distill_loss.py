@@ -45,9 +45,11 @@ class DistillLoss:
             its own tokenizer, on ``CrossTokenizerCollator`` batches (``cross_tokenizer.py``).
         temperature: KD temperature (CE always at 1); sampled-kl only at the draws' own.
         alpha: the KD weight; CE gets ``1 − alpha``.
-        student_tokenizer: the student's tokenizer. When it is not the store's, the student
-            reads ``CrossTokenizerCollator`` batches and its logits cover its own ids: "auto"
-            is "alm", and "sampled-kl" (the matched draws) and "ce" are taken.
+        student_tokenizer: the student's tokenizer. When it is not the store's (any token's
+            id differs, or one of them lacks it), the student reads ``CrossTokenizerCollator``
+            batches and its logits cover its own ids; "auto" is train-student's choice from a
+            probe of the stored text (``student_tokenizer.cross_loss``), and "alm",
+            "sampled-kl" (the matched draws) and "ce" are taken.
 
     Raises:
         UserError: the store lacks the targets ``loss`` needs, or the temperature does not fit.
