@@ -14,8 +14,8 @@ old one back). Loading: the main process reads the files and sends them to the o
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kdcache.pipeline.errors import UserError
+from kdcache.storage._fs import fsync_dir, write_durable
 
 LOADER_FILE = "loader.json"
 
@@ -34,23 +35,15 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save(obj: Any, path: Path) -> None:
-    """``obj`` to ``path`` (torch.save for tensors, JSON for a ``str``), flushed to disk."""
-    with open(path, "wb") as f:
-        if isinstance(obj, str):
-            f.write(obj.encode("utf-8"))
-        else:
-            torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """``obj`` to ``path`` (torch.save for tensors, UTF-8 for a ``str``), flushed to disk."""
+    if isinstance(obj, str):
+        data = obj.encode("utf-8")
+    else:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        data = buffer.getvalue()
+    write_durable(str(path), data)
 
 
 def _broadcast(accelerator: Any, value: Any) -> Any:
@@ -87,12 +80,12 @@ def save_checkpoint(path: Path, trainees: list[Any], loader: Any, accelerator: A
         _save(json.dumps(loader.state_dict()), tmp / LOADER_FILE)
         for rank, state in enumerate(rng):
             _save(state, tmp / f"rng-rank{rank}.pt")
-        _fsync_dir(tmp)
+        fsync_dir(str(tmp))
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             path.rename(old)
         tmp.rename(path)
-        _fsync_dir(path.parent)
+        fsync_dir(str(path.parent))
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
