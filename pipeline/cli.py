@@ -85,9 +85,13 @@ def cli() -> None:
     """
 
 
+INVOKED_WITH: list[str] = []  # the arguments of this invocation (after the program name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns every user mistake into one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    INVOKED_WITH[:] = list(sys.argv[1:] if argv is None else argv)  # sweep --parallel relaunches
     try:
         prepare_for_logs()  # in a log, only our progress lines (pipeline/progress.py)
         result = cli.main(args=argv, prog_name="kdcache", standalone_mode=False)

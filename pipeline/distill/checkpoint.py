@@ -46,7 +46,7 @@ def _save(obj: Any, path: Path) -> None:
     write_durable(str(path), data)
 
 
-def _broadcast(accelerator: Any, value: Any) -> Any:
+def broadcast_main(accelerator: Any, value: Any) -> Any:
     """The main process's ``value``, on every rank."""
     if accelerator.num_processes == 1:
         return value
@@ -93,7 +93,7 @@ def save_checkpoint(path: Path, trainees: list[Any], loader: Any, accelerator: A
 def has_checkpoint(path: Path, accelerator: Any) -> bool:
     """Whether ``path`` holds a checkpoint, as the main process sees it, on every rank."""
     found = path.is_dir() if accelerator.is_main_process else None
-    return bool(_broadcast(accelerator, found))
+    return bool(broadcast_main(accelerator, found))
 
 
 def _read(path: Path, names: list[str], processes: int) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def load_checkpoint(path: Path, trainees: list[Any], loader: Any, accelerator: A
     payload = None
     if accelerator.is_main_process:
         payload = _read(path, [t.name for t in trainees], accelerator.num_processes)
-    payload = _broadcast(accelerator, payload)
+    payload = broadcast_main(accelerator, payload)
     for t in trainees:
         state, progress = payload["trainees"][t.name]
         accelerator.unwrap_model(t.model).load_state_dict(state["model"])

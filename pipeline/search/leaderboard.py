@@ -32,6 +32,8 @@ COLUMNS = (
     "ece",
     "train_tokens_per_s",
     "inference_tokens_per_s",
+    "inference_latency_ms",
+    "status",
 )
 
 
@@ -82,9 +84,25 @@ def ranking_metric(rows: Sequence[dict[str, Any]]) -> str:
     return "eval_bits_per_byte"
 
 
-def pareto_front(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[dict[str, Any]]:
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` in every objective (all minimized) and better in one."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(
+        x < y for x, y in zip(a, b, strict=True)
+    )
+
+
+def pareto_front(
+    rows: Sequence[dict[str, Any]], metric: str | None = None, columns: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Rows not dominated in (fewer parameters, lower ``metric`` — ``ranking_metric``'s by
-    default), sorted by size."""
+    default), sorted by size; with ``columns`` (a multi-objective sweep's, all minimized):
+    rows not dominated in those, sorted by the last."""
+    if len(columns) > 1:
+        points = [[float(r[c]) for c in columns] for r in rows]
+        front = [
+            r for r, p in zip(rows, points, strict=True) if not any(dominates(q, p) for q in points)
+        ]
+        return sorted(front, key=lambda r: (float(r[columns[-1]]), float(r[columns[0]])))
     metric = metric or ranking_metric(rows)
     front: list[dict[str, Any]] = []
     best = math.inf
@@ -132,16 +150,29 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def stopped(row: dict[str, Any]) -> bool:
+    """Whether early stopping ended this candidate at a rung (its row is from there)."""
+    return "stopped_at_tokens" in row
+
+
 def write_leaderboard(
-    rows: Sequence[dict[str, Any]], out_dir: Path, baseline: str | None = None
+    rows: Sequence[dict[str, Any]],
+    out_dir: Path,
+    baseline: str | None = None,
+    objective_columns: Sequence[str] = (),
 ) -> None:
     """``leaderboard.csv`` (all columns + settings) and ``leaderboard.md``, best first by
-    ``ranking_metric`` (eval CE per token; bits per byte when the tokenizers differ).
+    ``ranking_metric`` (eval CE per token; bits per byte when the tokenizers differ); the
+    candidates early stopping ended follow, ranked by what they measured at their rung.
 
-    The Pareto column marks the front among the distilled candidates (``baseline`` excluded).
+    The Pareto column marks the front among the finished distilled candidates (``baseline``
+    excluded), in (parameters, metric), or in the ``objective_columns`` of a multi-objective
+    sweep.
     """
     metric = ranking_metric(rows)
-    ranked = sorted(rows, key=lambda r: r[metric])
+    ranked = sorted(rows, key=lambda r: (stopped(r), r[metric]))
+    rows = [dict(r, status=_status(r)) for r in ranked]
+    ranked = rows
     present = {k for r in ranked for k in r}
     columns = [c for c in COLUMNS if c not in OPTIONAL or c in present]
     extra = sorted(present - set(COLUMNS))
@@ -150,7 +181,10 @@ def write_leaderboard(
     writer.writeheader()
     writer.writerows(ranked)
     write_text_atomic(out_dir / "leaderboard.csv", table.getvalue())
-    front = {id(r) for r in pareto_front([r for r in ranked if r["candidate"] != baseline])}
+    students = [r for r in ranked if r["candidate"] != baseline and not stopped(r)]
+    front = (
+        {id(r) for r in pareto_front(students, columns=objective_columns)} if students else set()
+    )
     lines = [
         "| rank | " + " | ".join(columns) + " | pareto |",
         "|" + "---|" * (len(columns) + 2),
@@ -161,27 +195,53 @@ def write_leaderboard(
     write_text_atomic(out_dir / "leaderboard.md", "\n".join(lines) + "\n")
 
 
-def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, baseline: str | None = None) -> None:
-    """Parameters (log x) vs eval cross-entropy, the Pareto front joined, the CE-only baseline marked."""
+def _status(row: dict[str, Any]) -> str:
+    if stopped(row):
+        return f"stopped at {int(row['stopped_at_tokens']):,} tokens"
+    return "finished"
+
+
+def plot_pareto(
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    baseline: str | None = None,
+    columns: Sequence[str] = (),
+) -> None:
+    """Parameters (log x; a multi-objective sweep: its second objective) vs eval cross-entropy
+    (or its first objective), the Pareto front joined, candidates stopped early in grey, the
+    CE-only baseline marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x_key = columns[1] if len(columns) > 1 else "parameters"
+    y_key = columns[0] if len(columns) > 1 else "eval_cross_entropy"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    students = [r for r in rows if r["candidate"] != baseline]
+    others = [r for r in rows if r["candidate"] != baseline]
+    students = [r for r in others if not stopped(r)]
+    early = [r for r in others if stopped(r)]
     ax.scatter(
-        [r["parameters"] for r in students],
-        [r["eval_cross_entropy"] for r in students],
+        [r[x_key] for r in students],
+        [r[y_key] for r in students],
         color="tab:blue",
         label="candidates (KD)",
     )
+    if early:
+        ax.scatter(
+            [r[x_key] for r in early],
+            [r[y_key] for r in early],
+            color="tab:gray",
+            alpha=0.5,
+            label="stopped early (at their rung)",
+        )
     for r in students:
-        ax.annotate(r["candidate"], (r["parameters"], r["eval_cross_entropy"]), fontsize=6)
-    front = pareto_front(students)
+        ax.annotate(r["candidate"], (r[x_key], r[y_key]), fontsize=6)
+    front = pareto_front(students, columns=columns) if students else []
+    front = sorted(front, key=lambda r: r[x_key])
     ax.plot(
-        [r["parameters"] for r in front],
-        [r["eval_cross_entropy"] for r in front],
+        [r[x_key] for r in front],
+        [r[y_key] for r in front],
         color="tab:red",
         marker="o",
         label="Pareto front",
@@ -189,16 +249,18 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, baseline: str | None
     for r in rows:
         if r["candidate"] == baseline:
             ax.scatter(
-                [r["parameters"]],
-                [r["eval_cross_entropy"]],
+                [r[x_key]],
+                [r[y_key]],
                 color="black",
                 marker="x",
                 s=60,
                 label="CE-only baseline (no teacher)",
             )
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("eval cross-entropy (nats/token)")
+    ax.set_xlabel(x_key.replace("_", " "))
+    ax.set_ylabel(
+        y_key.replace("_", " ") if len(columns) > 1 else "eval cross-entropy (nats/token)"
+    )
     ax.set_title("kdcache sweep: size vs quality")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -37,22 +37,25 @@ class Reading:
         return int(pad) if pad is not None else 0
 
 
-def candidate_readings(
-    config: SweepConfig, store: Any
-) -> tuple[dict[str, Reading], list[Candidate], list[str]]:
-    """Each candidate's ``Reading`` (by name), the candidates with their losses resolved, and
-    the notes to print (unknown tokens a student's tokenizer met).
+class Readings:
+    """Each candidate's ``Reading``, built once per tokenizer (the store's, or a directory), and
+    its loss resolved for that reading; ``notes`` gathers what to print (unknown tokens a
+    student's tokenizer met). Candidates that read alike get the same ``Reading`` object."""
 
-    Raises:
-        UserError: naming the candidate: a loss its reading cannot train, a store without the
-            text a student with its own tokenizer needs, a tokenizer that cannot encode it.
-    """
-    by_spec: dict[str, Reading] = {}
-    readings: dict[str, Reading] = {}
-    resolved: list[Candidate] = []
-    notes: list[str] = []
-    for candidate in config.candidates:
-        spec = candidate.tokenizer  # a directory, or "store" (sweep_config resolved the base's)
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.by_spec: dict[str, Reading] = {}
+        self.notes: list[str] = []
+
+    def of(self, candidate: Candidate) -> tuple[Reading, Candidate]:
+        """``candidate``'s reading and the candidate with its loss resolved.
+
+        Raises:
+            UserError: naming the candidate: a loss its reading cannot train, a store without
+                the text a student with its own tokenizer needs, a tokenizer that cannot
+                encode it.
+        """
+        store, spec = self.store, candidate.tokenizer  # a directory, or "store"
         try:
             cross = None
             if spec != STORE_TOKENIZER:
@@ -65,19 +68,35 @@ def candidate_readings(
                 key = "store"
             else:
                 key = spec
-                if key not in by_spec:
+                if key not in self.by_spec:
                     note = check_encodes(store, cross)  # a probe: unknown and aligned tokens
                     if note:
-                        notes.append(f"{candidate.name}: {note}")
-                    by_spec[key] = Reading(cross.tokenizer, cross, len(cross.tokenizer))
-                loss = cross_loss(candidate.loss, store, by_spec[key].cross)
+                        self.notes.append(f"{candidate.name}: {note}")
+                    self.by_spec[key] = Reading(cross.tokenizer, cross, len(cross.tokenizer))
+                loss = cross_loss(candidate.loss, store, self.by_spec[key].cross)
         except UserError as e:
             raise UserError(f"candidate {candidate.name}: {e.message}") from e
-        if key not in by_spec:
-            by_spec[key] = Reading(load_store_tokenizer(store), None, store.tokenizer_size)
-        readings[candidate.name] = by_spec[key]
-        resolved.append(replace(candidate, loss=loss))
-    return readings, resolved, notes
+        if key not in self.by_spec:
+            self.by_spec[key] = Reading(load_store_tokenizer(store), None, store.tokenizer_size)
+        return self.by_spec[key], replace(candidate, loss=loss)
+
+
+def candidate_readings(
+    config: SweepConfig, store: Any
+) -> tuple[dict[str, Reading], list[Candidate], list[str]]:
+    """Each listed candidate's ``Reading`` (by name), the candidates with their losses
+    resolved, and the notes to print (``Readings.of`` for each).
+
+    Raises:
+        UserError: as ``Readings.of``.
+    """
+    cache = Readings(store)
+    readings: dict[str, Reading] = {}
+    resolved: list[Candidate] = []
+    for candidate in config.candidates:
+        readings[candidate.name], candidate = cache.of(candidate)
+        resolved.append(candidate)
+    return readings, resolved, cache.notes
 
 
 def plan_groups(

@@ -24,9 +24,8 @@ leaderboard ranks by bits per byte.
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ import yaml
 from kdcache.pipeline.distill.losses import LOSSES
 from kdcache.pipeline.distill.student_tokenizer import tokenizer_dir
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.search.search_space import Range, grid, has_ranges, parse_space
+from kdcache.pipeline.search.strategy import Strategy, parse_objectives, parse_strategy
 
 ARCHITECTURE_KEYS = (
     "hidden_size",
@@ -64,6 +65,8 @@ TOP_LEVEL_KEYS = (
     "search",
     "candidates",
     "baseline",
+    "strategy",
+    "objectives",
 )
 BUDGET_KEYS = ("steps", "tokens")
 _SHORT = {
@@ -118,6 +121,21 @@ class SweepConfig:
     candidates: list[Candidate] = field(default_factory=list)
     teacher: str | None = None  # the model directory `init: teacher` candidates start from
     raw: dict[str, Any] = field(default_factory=dict)
+    strategy: Strategy = field(default_factory=Strategy)
+    objectives: list[str] = field(default_factory=lambda: ["eval_cross_entropy"])
+    space: dict[str, list[Any] | Range] = field(default_factory=dict)  # sampled strategies
+    path: Path = Path("sweep.yaml")
+    defaults: dict[str, Any] = field(default_factory=dict)  # top-level training settings
+
+    def make_candidate(self, overrides: dict[str, Any], name: str | None = None) -> Candidate:
+        """A candidate of this sweep from search-key ``overrides`` (a sampled point), named
+        ``name`` or after its settings.
+
+        Raises:
+            UserError: sizes that do not divide, an unknown loss, a bad tokenizer.
+        """
+        candidate = _make_candidate(self.path, self.defaults, overrides, self.base, self.teacher)
+        return candidate if name is None else replace(candidate, name=name)
 
 
 def _fail(path: Path, what: str, fix: str) -> UserError:
@@ -280,25 +298,18 @@ def load_sweep_config(path: Path) -> SweepConfig:
     if not isinstance(explicit, list):
         raise _fail(path, "candidates must be a list of mappings", "see sweeps/default.yaml")
 
+    space = parse_space(path, search)
+    strategy = parse_strategy(path, raw.get("strategy"), has_ranges(space))
+    objectives = parse_objectives(path, raw.get("objectives"), strategy)
     overrides_list: list[dict[str, Any]] = []
-    if search:
-        grid = {k: v if isinstance(v, list) else [v] for k, v in search.items()}
-        empty = sorted(k for k, v in grid.items() if not v)
-        if empty:
-            raise _fail(
-                path, f"empty search space (no values for {', '.join(empty)})", "list values"
-            )
-        keys = [k for k in SEARCH_KEYS if k in grid]
-        overrides_list += [
-            dict(zip(keys, combo, strict=True))
-            for combo in itertools.product(*(grid[k] for k in keys))
-        ]
+    if space and strategy.enumerated:
+        overrides_list += grid(path, space, SEARCH_KEYS)
     for entry in explicit:
         if not isinstance(entry, dict):
             raise _fail(path, f"a candidate must be a mapping, got {entry!r}", "fix the list")
         _unknown(path, "in a candidate", set(entry) - set(SEARCH_KEYS), SEARCH_KEYS)
         overrides_list.append(dict(entry))
-    if not overrides_list:
+    if not overrides_list and not (space and not strategy.enumerated):
         raise _fail(path, "empty search space", "give `search:` values or a `candidates:` list")
 
     base_spec = str(raw.get("base", "tiny"))
@@ -324,4 +335,9 @@ def load_sweep_config(path: Path) -> SweepConfig:
         candidates=candidates,
         raw=raw,
         teacher=teacher,
+        strategy=strategy,
+        objectives=objectives,
+        space={} if strategy.enumerated else space,
+        path=path,
+        defaults=defaults,
     )

@@ -26,13 +26,14 @@ from kdcache.pipeline.distill.tracking import log_eval, log_train
 from kdcache.pipeline.distill.trainee import LOG_FIELDS, Trainee
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.files import create_out_dir, write_text_atomic
-from kdcache.pipeline.search.sweep_config import Candidate
 
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "log.csv"
 
 
 LATER_PLAN_KEYS = ("store_records",)  # plan facts newer than some sweeps on disk
+# what workers sharing OUT may create before the plan is written (``study.py``, ``parallel.py``)
+WORKER_FILES = ("workers", "study.journal", ".tmp-")
 
 
 def prepare_out(out: Path, plan: dict[str, Any]) -> None:
@@ -56,25 +57,23 @@ def prepare_out(out: Path, plan: dict[str, Any]) -> None:
                 "rerun the original command to resume it or choose a new --out"
             )
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not p.name.startswith(WORKER_FILES) for p in out.iterdir()):
         raise UserError(
             f"--out already holds files that are not a sweep, {out}, choose a new --out"
         )
-    create_out_dir(out / "candidates")
-    write_text_atomic(record, json.dumps(plan, indent=2) + "\n")
+    create_out_dir(out)
+    write_text_atomic(record, json.dumps(plan, indent=2) + "\n")  # first: a worker beside
+    (out / "candidates").mkdir(exist_ok=True)  # this one reads the sweep it joins
 
 
 def candidate_dir(out: Path, name: str) -> Path:
     return out / "candidates" / name
 
 
-def finished(out: Path, candidate: Candidate) -> bool:
-    return (candidate_dir(out, candidate.name) / "metrics.json").is_file()
-
-
-def write_all_curves(out: Path, candidates: list[Candidate]) -> None:
-    """OUT/curves.png: every candidate's training loss (main process)."""
-    write_sweep_curves(out, {c.name: candidate_dir(out, c.name) / LOG_FILE for c in candidates})
+def write_all_curves(out: Path) -> None:
+    """OUT/curves.png: the training loss of every candidate trained into OUT (main process)."""
+    logs = sorted((out / "candidates").glob(f"*/{LOG_FILE}"))
+    write_sweep_curves(out, {log.parent.name: log for log in logs})
 
 
 class CandidateLogs:

@@ -35,6 +35,39 @@ OPTIONS: list[Callable[[Any], Any]] = [
     click.option(
         "--together", default=4, show_default=True, help="Candidates trained per data pass."
     ),
+    click.option(
+        "--study",
+        default=None,
+        help="Optuna storage every worker of this search shares: a journal file (on a shared "
+        "filesystem for several machines) or a database URL (sqlite:///…, postgresql://…). "
+        "Default: OUT/study.journal.",
+    ),
+    click.option(
+        "--study-name", default="kdcache-sweep", show_default=True, help="The study's name in it."
+    ),
+    click.option(
+        "--parallel",
+        default=1,
+        show_default=True,
+        type=int,
+        help="Workers on this machine, candidates side by side, each on its own devices "
+        "(GPUs: --devices-per-candidate each; CPU: an equal share of the cores).",
+    ),
+    click.option(
+        "--devices-per-candidate",
+        default=0,
+        type=int,
+        help="GPUs each worker trains a candidate on, data parallel (0: all of them, one "
+        "worker); with GPUs and no --parallel, the workers are the GPUs // this.",
+    ),
+    click.option(
+        "--stale-after",
+        default=300.0,
+        show_default=True,
+        type=float,
+        help="Seconds without a heartbeat after which a worker counts as dead and its running "
+        "candidate is rerun by another.",
+    ),
     workers_option,
     precision_option,
     gradient_checkpointing_option,
