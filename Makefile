@@ -71,7 +71,7 @@ STUDENT_ARGS = --store $(READ_STORE) --student $(STUDENT) --steps $(STEPS) --bat
 	$(TRAIN_ARGS)
 
 .PHONY: help install teacher cache-teacher train-student compare sweep test test-floors lint format \
-	readme bench fidelity fidelity-codec clean distclean
+	cli-reference docs bench fidelity fidelity-codec clean distclean
 
 help: ## list targets and variables
 	@echo "kdcache — offline knowledge distillation"
@@ -100,13 +100,13 @@ help: ## list targets and variables
 	@echo "  SWEEP=$(SWEEP)  SWEEP_OUT=$(SWEEP_OUT)"
 	@echo "  VENV=$(VENV)  PYTHON=$(PYTHON)  TORCH_INDEX=$(TORCH_INDEX)  PYTEST_ARGS=$(PYTEST_ARGS)"
 
-install: $(STAMP) ## create the venv (VENV) with kdcache (editable) and the dev tools
+install: $(STAMP) ## create the venv (VENV) with kdcache (editable), the dev and docs tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(HAS_CUDA),,$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
-	$(BIN)/python -m pip install --quiet -e '.[dev,hf,track]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,hf,track,docs]'
 	@touch $@
 	@echo "installed kdcache into $(VENV)"
 
@@ -169,8 +169,13 @@ test-floors: ## the tests marked floors, on every dependency at its declared min
 	if [ $$status -eq 5 ]; then echo "Error: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
 
-readme: install ## regenerate the CLI reference in README.md from --help
-	$(BIN)/python tests/test_readme.py --write
+cli-reference: install ## regenerate docs/reference/cli.md's CLI reference from --help
+	$(BIN)/python tests/test_cli_reference.py --write
+
+# not `install`: a venv made by hand without the docs extras gets one line instead of a pip run
+docs: ## build the documentation site into site/ (mkdocs build --strict)
+	@test -x $(BIN)/mkdocs || { echo "Error: make docs needs the docs extras, not installed in $(VENV): make install, or $(BIN)/python -m pip install -e '.[docs]'" >&2; exit 2; }
+	$(BIN)/mkdocs build --strict
 
 bench: install ## run every bench/*.py, then assemble bench/RESULTS.md
 	@set -e; for script in $(sort $(filter-out bench/report.py bench/_%.py,$(wildcard bench/*.py))); do \
@@ -189,8 +194,8 @@ fidelity-codec: install ## the store codec's fidelity (bench/fidelity.py --codec
 	$(BIN)/python bench/fidelity.py --codec-twins
 	$(BIN)/python bench/report.py
 
-clean: ## remove artifacts/, runs/ and caches (keeps the venv)
-	rm -rf artifacts runs build dist .pytest_cache .mypy_cache .ruff_cache
+clean: ## remove artifacts/, runs/, site/ and caches (keeps the venv)
+	rm -rf artifacts runs build dist site .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean ## clean, and remove the venv

@@ -2,7 +2,7 @@
 
 Each ``bench/<name>.py`` writes ``bench/results/<name>.md`` (starting with a ``## `` heading).
 This script puts the machine's facts on top and every section below, in name order, so the
-figures in the README can always be traced back to one command: ``make bench``.
+figures in the docs can always be traced back to one command: ``make bench``.
 
 Usage: ``python bench/report.py [--results DIR] [--out FILE]``
 """

@@ -126,6 +126,8 @@ def write_synthetic_store(
     sample_temperature: float = 1.0,
     logprob_dtype: str = "float16",
     finished: bool = True,
+    codec: str | None = None,
+    loss_mask: bool = False,
 ) -> str:
     """A valid store from synthetic teacher rows: ``lengths[split]`` lists shards of sequence lengths.
 
@@ -138,7 +140,8 @@ def write_synthetic_store(
     ``x`` starts with token ``s`` mod vocab, so tests can recognise sequences by their first
     token and shard. ``finished``: marked finished, as cache-teacher leaves a complete store
     (False: as a killed or running cache-teacher leaves it; train-student needs
-    --allow-unfinished).
+    --allow-unfinished). ``codec``: "raw" or "gaps" (None: the default); ``loss_mask``: every
+    third position untrained (targets at the others only), as chat data leaves a store.
     """
     import numpy as np
 
@@ -166,6 +169,8 @@ def write_synthetic_store(
         samples=samples if with_samples else 0,
         sample_seed=seed if with_samples else None,
         sample_temperature=sample_temperature,
+        loss_mask=loss_mask,
+        **({} if codec is None else {"codec": codec}),
     )
     writer = create_store(url, manifest)
     if tokenizer_dir is not None:
@@ -187,6 +192,10 @@ def write_synthetic_store(
                     logits[np.arange(n), (3 * tokens + 1) % vocab_size] += 6.0
                     logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # (n, V)
                     arrays: dict[str, np.ndarray] = {}
+                    if loss_mask:
+                        mask = (np.arange(n) % 3 != 0).astype(np.uint8)  # (n,)
+                        logprobs = logprobs[mask.astype(bool)]  # (T, V): trained rows only
+                        arrays["loss_mask"] = mask
                     if with_topk:
                         ids = np.argsort(-logprobs, axis=-1, kind="stable")[:, :top_k]
                         outside = np.exp(logprobs)
@@ -251,16 +260,17 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     }
 
 
-def needed(module: str) -> types.ModuleType:
-    """Import a test dependency of ``[dev]`` (moto, s3fs): skipped without it on a developer's
-    machine, a failure under ``CI=true`` (a broken install must not remove a whole area of
-    coverage without a word)."""
+def needed(module: str, extra: str = "dev") -> types.ModuleType:
+    """Import a test dependency of ``[dev]`` (moto, s3fs) or another ``extra`` (``docs``:
+    mkdocs): skipped without it on a developer's machine, a failure under ``CI=true`` (a broken
+    install must not remove a whole area of coverage without a word)."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         try:
             return importlib.import_module(module)
         except ImportError as e:
-            pytest.fail(f"{module} is missing under CI=true ({e}); install '.[dev]'")
-    return pytest.importorskip(module, reason=f"{module} is not installed: pip install -e '.[dev]'")
+            pytest.fail(f"{module} is missing under CI=true ({e}); install '.[{extra}]'")
+    reason = f"{module} is not installed: pip install -e '.[{extra}]'"
+    return pytest.importorskip(module, reason=reason)
 
 
 @pytest.fixture(scope="session")

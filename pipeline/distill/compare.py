@@ -177,7 +177,7 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 
 def format_markdown(rows: list[tuple[str, dict[str, float]]]) -> str:
-    """The same table in markdown (for the README / RESULTS)."""
+    """The same table in markdown (for the docs / RESULTS)."""
     columns = _columns(rows)
     header = ["model", *(title for _, title, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

@@ -92,8 +92,8 @@ class DistillDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
         buffer_size: the shuffle window, in sequences.
         infinite: epochs back to back forever (a micro-batch may span two epochs; what
             training reads); else one epoch per pass, the last micro-batch possibly smaller.
-        rank, world_size: this process and the number of processes; default: from an
-            initialised ``torch.distributed``, else 0 and 1.
+        rank: this process; default: from an initialised ``torch.distributed``, else 0.
+        world_size: the number of processes; default: from ``torch.distributed``, else 1.
         deal: "rows" — this rank's rows of every micro-batch (training; needs
             ``batch_size >= world_size``); "batches" — whole micro-batches, round-robin over
             ranks (eval: each batch is the one a single process would see).

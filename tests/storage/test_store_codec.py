@@ -552,7 +552,11 @@ def test_the_readme_numpy_lines_decode_a_gaps_store(tmp_path: Path, backend: str
     arrays = open_store(url).read_shard("train-00000")
     scope: dict[str, Any] = {"np": np, "json": json, "zarr": zarr, "pyarrow": pyarrow, "store": url}
     lines = (README_ZARR if backend == "zarr" else README_ARROW).strip().splitlines()
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    readme = (
+        (Path(__file__).resolve().parents[2] / "docs" / "reference" / "store-format.md")
+        .read_text()
+        .splitlines()
+    )
     assert [line for line in lines if line not in readme] == []  # the README shows them
     exec(README_ZARR if backend == "zarr" else README_ARROW, scope)
     np.testing.assert_array_equal(scope["ids"], arrays.topk_ids)
