@@ -18,17 +18,19 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ._remote import precondition_failed, protocol_of, translate, with_defaults
+from . import _retry
+from ._remote import S3_PROTOCOLS, precondition_failed, protocol_of, translate, with_defaults
 from .errors import StoreUnavailable
 
 TMP_PREFIX = ".tmp-"
+T = TypeVar("T")
 
 
 def fsync_dir(path: str) -> None:
@@ -75,6 +77,7 @@ _REMOTE: dict[str, fsspec.AbstractFileSystem] = {}
 
 
 def _open(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    options = {k: v for k, v in options.items() if k != "retries"}  # kdcache's (_retry.py)
     key = None
     if options.get("skip_instance_cache"):  # set for s3 by _remote.with_defaults
         environment = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
@@ -94,6 +97,8 @@ def _open(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem,
             f"unknown storage protocol, {url}, ({e}), give a local path or an fsspec "
             "URL such as s3://bucket/store with its package installed"
         ) from e
+    if protocol_of(url) in S3_PROTOCOLS:
+        fs.retries = 1  # s3fs's own retry loop off: _retry.call retries whole operations
     if key is not None:
         fs = _REMOTE.setdefault(key, fs)
     return fs, str(root)
@@ -105,11 +110,16 @@ class StoreFS:
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
         self.url = os.fspath(url)
         self.storage_options = with_defaults(self.url, storage_options)
+        # retries of transient failures (an object store's; checked for every store, so a bad
+        # value is refused wherever it is given)
+        self.retries = _retry.retries_option(dict(self.storage_options))
         fs, root = _open(self.url, self.storage_options)
         self._fs: fsspec.AbstractFileSystem | None = fs
         self._pid = os.getpid()
         self.root: str = root.rstrip("/") or "/"
         self.is_local = isinstance(fs, LocalFileSystem)
+        endpoint = self.storage_options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+        self._endpoint = f"{protocol_of(self.url)}:{endpoint}"
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -139,6 +149,22 @@ class StoreFS:
                 raise
             raise translated from e
 
+    def _call(self, op: Callable[[], T], *, writing: bool = False) -> T:
+        """``op()`` with an object store's errors as ``StoreError``s and its transient failures
+        retried with backoff (``_retry.call``); locally ``op()`` as it is."""
+        if self.is_local:
+            return op()
+
+        def translated() -> T:
+            with self._errors(writing=writing):
+                return op()
+
+        return _retry.call(translated, endpoint=self._endpoint, url=self.url, retries=self.retries)
+
+    def _put(self, path: str, data: bytes) -> None:
+        """One PUT to an object store (tried again on a transient failure: it is idempotent)."""
+        self._call(lambda: self.fs.pipe_file(path, data), writing=True)
+
     def _fresh(self, path: str) -> str:
         """``path``, with fsspec's cached listings of it dropped (object stores)."""
         if not self.is_local:
@@ -150,16 +176,13 @@ class StoreFS:
         return f"{self.root}/{rel}" if rel else self.root
 
     def exists(self, rel: str) -> bool:
-        with self._errors():
-            return bool(self.fs.exists(self._fresh(self.full(rel))))
+        return self._call(lambda: bool(self.fs.exists(self._fresh(self.full(rel)))))
 
     def isdir(self, rel: str) -> bool:
-        with self._errors():
-            return bool(self.fs.isdir(self._fresh(self.full(rel))))
+        return self._call(lambda: bool(self.fs.isdir(self._fresh(self.full(rel)))))
 
     def read(self, rel: str) -> bytes:
-        with self._errors():
-            data: bytes = self.fs.cat_file(self.full(rel))
+        data: bytes = self._call(lambda: self.fs.cat_file(self.full(rel)))
         return data
 
     def read_many(self, rels: list[str]) -> dict[str, bytes]:
@@ -167,37 +190,32 @@ class StoreFS:
         if not rels:
             return {}
         full = [self.full(r) for r in rels]
-        with self._errors():
-            got: dict[str, bytes] = self.fs.cat(full, on_error="raise")
+        got: dict[str, bytes] = self._call(lambda: self.fs.cat(full, on_error="raise"))
         return {r: got[f] for r, f in zip(rels, full, strict=True)}
 
     def list_names(self, rel: str) -> list[str]:
         """Base names directly under ``rel`` ([] when it does not exist)."""
         try:
-            with self._errors():
-                entries = self.fs.ls(self._fresh(self.full(rel)), detail=False)
+            entries = self._call(lambda: self.fs.ls(self._fresh(self.full(rel)), detail=False))
         except FileNotFoundError:
             return []
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def walk_files(self, rel: str) -> list[str]:
         """Every file under directory ``rel``, relative to the root."""
-        with self._errors():
-            found = self.fs.find(self._fresh(self.full(rel)))
+        found = self._call(lambda: self.fs.find(self._fresh(self.full(rel))))
         prefix = self.root.rstrip("/") + "/"
         return sorted(str(p)[len(prefix) :] if str(p).startswith(prefix) else str(p) for p in found)
 
     def size(self, rel: str) -> int:
-        with self._errors():
-            return int(self.fs.size(self._fresh(self.full(rel))))
+        return self._call(lambda: int(self.fs.size(self._fresh(self.full(rel)))))
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Write ``data`` so that readers see either nothing/the old file or all of it; locally
         also durable once this returns (file and directory fsynced)."""
         path = self.full(rel)
         if not self.is_local:
-            with self._errors(writing=True):
-                self.fs.pipe_file(path, data)
+            self._put(path, data)
             return
         directory, name = os.path.split(path)
         make_dirs(directory)
@@ -215,18 +233,26 @@ class StoreFS:
         """Create ``rel`` holding ``data`` only if it does not exist: True when this call
         created it, False when it was there already (its content untouched). Locally a durable
         temporary hard-linked into place (``link`` fails on an existing name, atomically); on an
-        object store one conditional PUT (``If-None-Match: *``, answered 412 if the key exists).
+        object store one conditional PUT (``If-None-Match: *``, answered 412 if the key exists);
+        a 412 to a PUT tried again after a lost answer (botocore's retry or ours) finds this
+        call's own object there, so the key's content decides: ``data`` (unique: a record names
+        its attempt) means created here.
         """
         path = self.full(rel)
         if not self.is_local:
-            try:
-                with self._errors(writing=True):
+
+            def put() -> bool:
+                try:
                     self.fs.pipe_file(path, data, IfNoneMatch="*")
-            except Exception as e:  # a 412 surfaces as a translated or an OSError
-                if precondition_failed(e):
-                    return False
-                raise
-            return True
+                except Exception as e:  # a 412 surfaces as an OSError or a translated one
+                    if precondition_failed(e):
+                        return False
+                    raise
+                return True
+
+            if self._call(put, writing=True):
+                return True
+            return bool(self._call(lambda: self.fs.cat_file(path)) == data)
         directory, name = os.path.split(path)
         make_dirs(directory)
         tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
@@ -249,9 +275,8 @@ class StoreFS:
         this returns; ``rel``'s own entry becomes durable with its parent's fsync (``move``).
         """
         if not self.is_local:
-            with self._errors(writing=True):
-                for key, data in files.items():
-                    self.fs.pipe_file(self.full(f"{rel}/{key}" if key else rel), data)
+            for key, data in files.items():
+                self._put(self.full(f"{rel}/{key}" if key else rel), data)
             return
         top = self.full(rel)
         make_dirs(os.path.dirname(top))
@@ -275,17 +300,19 @@ class StoreFS:
             os.replace(self.full(src), self.full(dst))
             fsync_dir(os.path.dirname(self.full(dst)))
         else:
-            with self._errors(writing=True):
-                self.fs.mv(self.full(src), self.full(dst), recursive=True)
+            self._call(
+                lambda: self.fs.mv(self.full(src), self.full(dst), recursive=True), writing=True
+            )
 
     def remove(self, rel: str) -> None:
         """Delete a file or a directory tree; missing is fine."""
         path = self.full(rel)
-        try:
-            with self._errors():
-                if self.fs.isdir(self._fresh(path)):
-                    self.fs.rm(path, recursive=True)
-                elif self.fs.exists(path):
-                    self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+
+        def rm() -> None:
+            if self.fs.isdir(self._fresh(path)):
+                self.fs.rm(path, recursive=True)
+            elif self.fs.exists(path):
+                self.fs.rm_file(path)
+
+        with suppress(FileNotFoundError):
+            self._call(rm)

@@ -29,7 +29,9 @@ S3_PROTOCOLS = ("s3", "s3a")
 # MAX_ATTEMPTS x 2 x CONNECT_TIMEOUT (aiohttp tries the connection twice per attempt), measured
 # ~17 s; a refused connection ~4 s. Either can be raised through --storage-options
 # '{"config_kwargs": {"connect_timeout": 10, "retries": {"max_attempts": 10}}}', and the
-# AWS_MAX_ATTEMPTS / AWS_RETRY_MODE environment variables are respected when set.
+# AWS_MAX_ATTEMPTS / AWS_RETRY_MODE environment variables are respected when set. Once the
+# endpoint has answered, whole operations are retried above botocore (_retry.py: the storage
+# option "retries" or KDCACHE_RETRIES, default 6), so a transient fault mid-run is not fatal.
 CONNECT_TIMEOUT = 3  # seconds per connection attempt
 MAX_ATTEMPTS = 3  # attempts per request, the first included (botocore "standard" retry mode)
 
@@ -78,7 +80,7 @@ def bucket_of(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0]
 
 
-def _response(error: BaseException) -> dict[str, Any]:
+def response_of(error: BaseException) -> dict[str, Any]:
     """The server's answer behind an exception s3fs translated (botocore's ``ClientError``
     ``.response``, kept as its cause), else {}."""
     seen: BaseException | None = error
@@ -94,7 +96,7 @@ def precondition_failed(error: BaseException) -> bool:
     """Whether ``error`` is the server's answer 412 Precondition Failed (a conditional write
     that found the key there already), read from the answer itself, never from a message (a key
     such as ``shards/train-00412.json`` must not read as one)."""
-    response = _response(error)
+    response = response_of(error)
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return bool(response.get("Error", {}).get("Code") == "PreconditionFailed" or status == 412)
 
@@ -102,7 +104,7 @@ def precondition_failed(error: BaseException) -> bool:
 def _no_such_bucket(error: BaseException) -> bool:
     """A ``FileNotFoundError`` made of a NoSuchBucket answer (a HEAD request's answer carries
     no code, so the message is checked too)."""
-    if _response(error).get("Error", {}).get("Code") == "NoSuchBucket":
+    if response_of(error).get("Error", {}).get("Code") == "NoSuchBucket":
         return True
     text = str(error).lower()
     return "bucket" in text and ("not exist" in text or "nosuchbucket" in text)
@@ -142,7 +144,7 @@ def translate(error: BaseException, url: str, *, writing: bool) -> StoreError | 
             f"cannot reach the object store, {url} ({type(error).__name__}: {text}), check "
             "AWS_ENDPOINT_URL (or endpoint_url in --storage-options) and that the server is up"
         )
-    status = _response(error).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    status = response_of(error).get("ResponseMetadata", {}).get("HTTPStatusCode")
     if isinstance(status, int) and 400 <= status < 500:  # 5xx: the server's trouble (OSError)
         return StoreUnavailable(
             f"the object store refused the request, {url} ({type(error).__name__}: {text}), "

@@ -4,13 +4,16 @@
 two stores or two versions of a shard never share an entry. An entry is written under a
 temporary name and renamed into place (concurrent fetches: one rename wins), under a per-shard
 ``flock``, so the threads and ranks of a run fetch a shard once. A fetch is checked against the
-record (sizes, sha256), retried once, then ``StoreCorrupt``; its files get a fixed mtime, and a
+record (sizes, sha256) before it is kept, retried once, then ``StoreCorrupt`` (a fetch that
+fails midway, e.g. a body cut mid-read, is retried with backoff below, in ``_fs.StoreFS`` /
+``_retry.py``: nothing partial is ever kept); its files get a fixed mtime, and a
 use re-hashes a file whose mtime changed (written since) — damaged: dropped and fetched again.
 Using an entry touches it; the oldest are evicted to fit the limit, never one in use here.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -274,6 +277,13 @@ class ShardCache:
             except OSError:  # another process put the same entry there first: keep theirs
                 if not os.path.isdir(path):
                     raise
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ShardCacheError(
+                f"the shard cache's disk is full, {self.directory} ({e.strerror}), free space "
+                "there, or give another --cache-dir or a smaller --cache-limit"
+            ) from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -210,3 +210,24 @@ def test_two_stores_never_share_entries_and_the_default_dir_follows_xdg(
     root = tmp_path / "xdg" / "kdcache" / "shards"
     assert len(entries(root)) == 2 and len({p.parent.parent for p in entries(root)}) == 2
     assert os.listdir(root) and all(".tmp-" not in str(p) for p in root.rglob("*"))
+
+
+def test_a_full_cache_disk_is_one_clear_error_and_nothing_is_kept(
+    s3_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+    import errno
+
+    from kdcache.storage import shard_cache
+
+    def full_disk(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(shard_cache, "open", full_disk, raising=False)
+    store = open_store(s3_store, cache=ShardCacheConfig(str(tmp_path / "cache"), limit=10**6))
+    with pytest.raises(ShardCacheError, match=r"the shard cache's disk is full, .*--cache-dir"):
+        store.read_shard(store.shards[0])
+    assert entries(tmp_path / "cache") == []
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
