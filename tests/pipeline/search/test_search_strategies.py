@@ -170,3 +170,29 @@ def test_a_study_of_another_sweep_or_an_unreachable_storage_is_refused(store, tm
     assert sweep(store, grid, tmp_path / "third", tmp_path, "--study", bad) == 2
     err = capsys.readouterr().err
     assert "cannot reach the study storage" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("stopping", "objectives"),
+    [("hyperband", "[eval_cross_entropy]"), ("asha", "[eval_cross_entropy, inference_latency]")],
+)
+def test_hyperband_and_multi_objective_halving_stop_some_at_their_rungs(
+    store, tmp_path, stopping, objectives
+):
+    yaml = f"""
+strategy: {{early_stopping: {stopping}, min_tokens: 96, reduction_factor: 3}}
+objectives: {objectives}
+search:
+  hidden_size: [16, 32, 64]
+  num_hidden_layers: [1, 2]
+"""
+    out = tmp_path / stopping
+    assert sweep(store, yaml, out, tmp_path, "--together", "3") == 0
+    rows = leaderboard(out)
+    stopped = [r for r in rows.values() if r["status"].startswith("stopped at")]
+    assert len(rows) == 6 and 0 < len(stopped) < 6
+    assert all(float(r["inference_latency_ms"]) > 0 for r in rows.values())
+    table = (out / "leaderboard.md").read_text()
+    for line in table.splitlines()[2:]:  # the front holds finished candidates only
+        if line.rstrip().endswith("* |"):
+            assert "| finished |" in line
