@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 API_TREE = ROOT / "build" / "docs-api" / "kdcache"  # mkdocs.yml: mkdocstrings paths
 
 
-def on_config(config: Any) -> Any:
+def link_api_tree() -> None:
     """Link storage/ and pipeline/ as kdcache.storage and kdcache.pipeline for mkdocstrings."""
     API_TREE.mkdir(parents=True, exist_ok=True)
     # a regular package: griffe would merge a namespace with any other `kdcache` on sys.path
@@ -30,7 +30,11 @@ def on_config(config: Any) -> Any:
         link = API_TREE / folder
         if not link.is_symlink():
             link.symlink_to(ROOT / folder, target_is_directory=True)
-    return config
+
+
+# at import: mkdocstrings keeps only the `paths` that exist when its handler starts, which is
+# before any hook's on_config (a fresh clone has no build/ yet)
+link_api_tree()
 
 
 def on_files(files: Files, config: Any) -> Files:

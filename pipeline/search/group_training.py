@@ -286,19 +286,26 @@ def _rung(
 ) -> list[Trainee]:
     """Evaluate every trainee at a rung of ``tokens``; the ones the study stops are recorded
     (their row says where) and leave the group; so do those another worker took over."""
-    kept = []
+    live = []
     for trainee in trainees:
         if run.worker.lost(trainee.name):
             run.worker.drop(trainee.name)
+        else:
+            live.append(trainee)
+    measured = {
+        t.name: measure(run, by_name[t.name], t, reading, probe, run.config.eval_batches)
+        for t in live
+    }
+    stops = run.worker.stop_at_rung(tokens, {name: row for name, (_, row) in measured.items()})
+    kept = []
+    for trainee in live:
+        metrics, row = measured[trainee.name]
+        if trainee.name not in stops:
+            kept.append(trainee)
             continue
-        candidate = by_name[trainee.name]
-        metrics, row = measure(run, candidate, trainee, reading, probe, run.config.eval_batches)
-        if run.worker.stop_at_rung(candidate.name, tokens, row):
-            logs.evaluated(trainee, metrics)
-            row["stopped_at_tokens"] = trainee.tokens
-            run.worker.record(candidate.name, row, stopped=True)
-            if run.accelerator.is_main_process:
-                click.echo(f"{candidate.name}: stopped at {trainee.tokens:,} tokens (rung)")
-            continue
-        kept.append(trainee)
+        logs.evaluated(trainee, metrics)
+        row["stopped_at_tokens"] = trainee.tokens
+        run.worker.record(trainee.name, row, stopped=True)
+        if run.accelerator.is_main_process:
+            click.echo(f"{trainee.name}: stopped at {trainee.tokens:,} tokens (rung)")
     return kept

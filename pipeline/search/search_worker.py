@@ -72,11 +72,11 @@ def pareto_levels(points: list[list[float]]) -> list[int]:
 
 def promoted(values: list[float], competing: list[list[float]], factor: int) -> bool:
     """Multi-objective successive halving: promoted when ``values`` ranks in the best
-    ``max(1, n // factor)`` of the ``n`` candidates that reached the rung, by Pareto level and
-    then by the first objective (``competing`` includes ``values``)."""
+    ⌈n / factor⌉ of the ``n`` candidates that reached the rung, by Pareto level and then by
+    the first objective (``competing`` includes ``values``)."""
     levels = pareto_levels(competing)
     order = sorted(range(len(competing)), key=lambda i: (levels[i], competing[i][0]))
-    keep = {i for i in order[: max(1, len(competing) // factor)]}
+    keep = {i for i in order[: max(1, math.ceil(len(competing) / factor))]}
     return any(competing[i] == values for i in keep)
 
 
@@ -213,27 +213,33 @@ class SearchWorker:
             answer = self.held[name].trial.number in self.heartbeat.lost
         return bool(broadcast_main(self.accelerator, answer))
 
-    def stop_at_rung(self, name: str, tokens: int, row: dict[str, Any]) -> bool:
-        """Report ``row``'s objectives at ``tokens``; whether the candidate stops here."""
+    def stop_at_rung(self, tokens: int, rows: dict[str, dict[str, Any]]) -> set[str]:
+        """Report each candidate's objectives at ``tokens`` (``rows`` by name); the names that
+        stop here. Every member of the group reports before any is decided, so the pruner
+        halves the group as a whole (``strategy.RungPruner``)."""
         answer = None
         if self.main:
-            answer = self._stop_at_rung(name, tokens, row)
-        return bool(broadcast_main(self.accelerator, answer))
+            answer = self._stop_at_rung(tokens, rows)
+        return set(broadcast_main(self.accelerator, answer))
 
-    def _stop_at_rung(self, name: str, tokens: int, row: dict[str, Any]) -> bool:
-        trial = self.held[name].trial
-        values = objective_values(row, self.config.objectives)
-        if len(values) == 1:
-            trial.report(values[0], tokens)
-            return bool(trial.should_prune())
+    def _stop_at_rung(self, tokens: int, rows: dict[str, dict[str, Any]]) -> set[str]:
+        values = {n: objective_values(row, self.config.objectives) for n, row in rows.items()}
+        trials = {n: self.held[n].trial for n in rows}
+        if len(self.config.objectives) == 1:
+            for name, trial in trials.items():
+                trial.report(values[name][0], tokens)
+            return {name for name, trial in trials.items() if trial.should_prune()}
         key = f"rung_{tokens}"  # multi-objective: Optuna's pruners take one value
-        trial.set_user_attr(key, values)
+        for name, trial in trials.items():
+            trial.set_user_attr(key, values[name])
         competing = [
             t.user_attrs[key] for t in self.study.get_trials(deepcopy=False) if key in t.user_attrs
         ]
-        if values not in competing:
-            competing.append(values)
-        return not promoted(values, competing, self.config.strategy.reduction_factor)
+        for value in values.values():
+            if value not in competing:
+                competing.append(value)
+        factor = self.config.strategy.reduction_factor
+        return {name for name in rows if not promoted(values[name], competing, factor)}
 
     def record(self, name: str, row: dict[str, Any], stopped: bool = False) -> None:
         """End ``name``'s trial with its leaderboard ``row``: complete, or pruned at a rung."""

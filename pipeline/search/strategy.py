@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optuna.pruners import BasePruner
+
 from kdcache.pipeline.errors import UserError
 
 SAMPLERS = ("grid", "random", "tpe", "nsga2")
@@ -184,12 +186,44 @@ def make_pruner(strategy: Strategy, budget_tokens: int) -> Any:
         return optuna.pruners.NopPruner()
     first = strategy.min_tokens or max(1, budget_tokens // strategy.reduction_factor**3)
     if strategy.early_stopping == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=first, reduction_factor=strategy.reduction_factor
-        )
+        return RungPruner(first, strategy.reduction_factor)
     return optuna.pruners.HyperbandPruner(
         min_resource=first, max_resource=budget_tokens, reduction_factor=strategy.reduction_factor
     )
+
+
+class RungPruner(BasePruner):
+    """Successive halving on Optuna's pruner interface (``optuna.pruners.BasePruner``'s
+    ``prune``), with rungs at ``min_tokens`` × factor^k training tokens: at a rung a candidate
+    goes on when its value ranks in the best ⌈n / factor⌉ of the n values reported at that rung
+    so far (its own included).
+
+    Optuna's SuccessiveHalvingPruner compares a candidate with those already *decided* at the
+    rung, so of a group that reaches a rung together (``--together``: one data pass) the first
+    reported is promoted whatever it measured. Here every member reports before any is decided,
+    so a group is halved as synchronous successive halving would halve it, and candidates
+    arriving one by one (other groups, other workers) meet the asynchronous rule (ASHA).
+    """
+
+    def __init__(self, min_tokens: int, reduction_factor: int) -> None:
+        self.min_tokens, self.factor = min_tokens, reduction_factor
+
+    def prune(self, study: Any, trial: Any) -> bool:
+        step = trial.last_step
+        if step is None or step < self.min_tokens:
+            return False
+        value = trial.intermediate_values[step]
+        if not math.isfinite(value):
+            return True
+        competing = sorted(
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False)
+            if step in t.intermediate_values
+        )
+        if value not in competing:  # this trial's report not yet visible in the list
+            competing = sorted([*competing, value])
+        keep = max(1, math.ceil(len(competing) / self.factor))
+        return value > competing[keep - 1]
 
 
 def steps_for(tokens: int, tokens_per_step: int) -> int:
