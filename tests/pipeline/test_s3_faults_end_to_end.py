@@ -146,16 +146,25 @@ def test_train_student_and_sweep_at_10_percent_faults_equal_a_clean_run(
         assert code == 0, err
         runs[name] = out
         complete_entries(tmp_path / f"cache-{name}")
-    faulty_sweep = tmp_path / "sweep.yaml"
-    faulty_sweep.write_text(SWEEP)
-    code, stdout, err = run(
-        ["sweep", "--store", clean, "--config", str(faulty_sweep), "--out", str(tmp_path / "sw"),
-         "--threads", "1"],
-        capsys,
-    )  # fmt: skip
+    config = tmp_path / "sweep.yaml"
+    config.write_text(SWEEP)
+    boards = {}
+    for name, rates in (("clean", {}), ("faulty", FAULTS)):
+        proxy.set_rates(rates)
+        out = tmp_path / f"sweep-{name}"
+        code, stdout, err = run(
+            ["sweep", "--store", clean, "--config", str(config), "--out", str(out),
+             "--threads", "1"],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        assert "sweep done: 2 candidates" in stdout
+        boards[name] = {
+            r["candidate"]: r["eval_cross_entropy"]
+            for r in csv.DictReader((out / "leaderboard.csv").open())
+        }
     proxy.set_rates({})
-    assert code == 0, err
-    assert "sweep done: 2 candidates" in stdout
+    assert boards["faulty"] == boards["clean"]  # the same students, to the printed digit
     clean_run, faulty_run = runs["clean"], runs["faulty"]
     assert losses(clean_run) == losses(faulty_run) and len(losses(clean_run)) == 6
     for weights in clean_run.rglob("*.safetensors"):
