@@ -89,7 +89,10 @@ def test_parallel_workers_and_a_killed_worker_finish_every_candidate_once(store,
         if not journal.exists():
             continue
         storage = storage or JournalStorage(JournalFileBackend(str(journal)))
-        study = optuna.load_study(study_name="kdcache-sweep", storage=storage)
+        try:
+            study = optuna.load_study(study_name="kdcache-sweep", storage=storage)
+        except KeyError:  # the journal exists, the study is not in it yet
+            continue
         for trial in study.get_trials(states=(TrialState.RUNNING,)):
             log = out / "candidates" / str(trial.user_attrs.get("candidate")) / "log.csv"
             if log.is_file() and 3 < len(log.read_text().splitlines()) < 30:  # of 40 steps
