@@ -26,10 +26,18 @@ export TOKENIZERS_PARALLELISM := false
 # --- stage one: teacher and store ------------------------------------------------------------
 TEACHER ?=
 DEFAULT_TEACHER ?= artifacts/teacher
-TEACHER_DIR = $(or $(TEACHER),$(DEFAULT_TEACHER))
 TEACHER_STEPS ?= 150
 TEACHER_CORPUS ?= stdlib
 CORPUS ?= stdlib
+# CORPUS=stdlib-chat without TEACHER: the default teacher tuned on the records' training split
+# (build-teacher --from, TUNE_STEPS steps; empty = build-teacher's default) caches the store
+CHAT_TEACHER ?= artifacts/teacher-stdlib-chat
+TUNE_STEPS ?=
+CHAT_DEFAULT = $(if $(TEACHER),,$(filter stdlib-chat,$(CORPUS)))
+CACHE_TEACHER_DIR = $(or $(TEACHER),$(if $(CHAT_DEFAULT),$(CHAT_TEACHER),$(DEFAULT_TEACHER)))
+# compare runs the teacher the last cache-teacher ran (TEACHER overrides)
+LAST_TEACHER_FILE := artifacts/last-teacher
+TEACHER_DIR = $(or $(TEACHER),$(shell cat $(LAST_TEACHER_FILE) 2>/dev/null),$(DEFAULT_TEACHER))
 # STORE empty: cache-teacher writes artifacts/store (artifacts/store-<corpus> for another
 # CORPUS, e.g. artifacts/store-stdlib-chat) and remembers it; train-student, compare and sweep
 # read the store cache-teacher wrote last
@@ -70,7 +78,7 @@ STUDENT_ARGS = --store $(READ_STORE) --student $(STUDENT) --steps $(STEPS) --bat
 	--seed $(SEED) $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(ALPHA),--alpha $(ALPHA)) \
 	$(TRAIN_ARGS)
 
-.PHONY: help install teacher cache-teacher train-student compare sweep test test-floors lint format \
+.PHONY: help install teacher chat-teacher cache-teacher train-student compare sweep test test-floors lint format \
 	cli-reference docs bench fidelity fidelity-codec clean distclean
 
 help: ## list targets and variables
@@ -81,8 +89,12 @@ help: ## list targets and variables
 		awk -F'|' '{printf "  %-16s %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables (current value):"
-	@echo "  TEACHER=$(TEACHER)      HF id or model dir; empty = build the default into $(DEFAULT_TEACHER)"
+	@echo "  TEACHER=$(TEACHER)      HF id or model dir; empty = build the default into $(DEFAULT_TEACHER);"
+	@echo "                 compare (and train-student's table) runs TEACHER, else the last cache-teacher's teacher"
 	@echo "  TEACHER_STEPS=$(TEACHER_STEPS)  training steps of the default teacher"
+	@echo "  CHAT_TEACHER=$(CHAT_TEACHER)  CORPUS=stdlib-chat without TEACHER caches from the default"
+	@echo "                 tuned on the records' training split (held-out records untouched) into this dir"
+	@echo "  TUNE_STEPS=$(TUNE_STEPS)  its fine-tune steps (empty = build-teacher --from's default)"
 	@echo "  CORPUS=$(CORPUS)        dir, file, glob of .txt/.md/.py/.jsonl/.parquet, stdlib or stdlib-chat"
 	@echo "  TEACHER_CORPUS=$(TEACHER_CORPUS)  what the default teacher is trained on"
 	@echo "  STORE=$(STORE)  logit store: local path or fsspec URL (s3://...); empty = $(CACHE_STORE) for cache-teacher, the last one written for the others"
@@ -91,7 +103,7 @@ help: ## list targets and variables
 	@echo "  SEQLEN=$(SEQLEN)  FORMAT=$(FORMAT) (zarr|arrow)"
 	@echo "  MAX_TOKENS=$(MAX_TOKENS)  cap on cached corpus tokens (empty = whole corpus)"
 	@echo "  EVAL_FRACTION=$(EVAL_FRACTION)  share of documents held out (teacher and store agree)"
-	@echo "  THREADS=$(THREADS)  CPU threads of the default-teacher build"
+	@echo "  THREADS=$(THREADS)  CPU threads of the default teacher's build and tune"
 	@echo "  STUDENT=$(STUDENT)  preset (tiny|small|base), config .json/.yaml or HF dir"
 	@echo "  STEPS=$(STEPS)  BATCH_SIZE=$(BATCH_SIZE)  LOSS=$(LOSS) (auto|kl|ghost|reverse-kl|sampled-kl|ce)  SEED=$(SEED)"
 	@echo "  TEMPERATURE=$(TEMPERATURE)  ALPHA=$(ALPHA)  (empty = train-student's defaults)"
@@ -112,18 +124,27 @@ $(STAMP): pyproject.toml
 
 teacher: $(DEFAULT_TEACHER)/config.json ## build the default teacher (tokenizer + small Llama) once
 
+chat-teacher: $(CHAT_TEACHER)/config.json ## tune the default teacher on stdlib-chat's training split once
+
 $(DEFAULT_TEACHER)/config.json: | install
 	$(KDCACHE) build-teacher --corpus $(TEACHER_CORPUS) --out $(DEFAULT_TEACHER) --steps $(TEACHER_STEPS) \
 		--eval-fraction $(EVAL_FRACTION) --threads $(THREADS) --force
 
-cache-teacher: install $(if $(TEACHER),,teacher) ## cache the teacher's soft targets (TARGETS) into STORE (resumable)
-	$(KDCACHE) cache-teacher --teacher $(TEACHER_DIR) --corpus $(CORPUS) --out $(CACHE_STORE) \
+# the held-out records (EVAL_FRACTION, the same hash split as cache-teacher's) stay untouched
+$(CHAT_TEACHER)/config.json: $(DEFAULT_TEACHER)/config.json | install
+	$(KDCACHE) build-teacher --from $(DEFAULT_TEACHER) --corpus stdlib-chat --out $(CHAT_TEACHER) \
+		--seq-len $(SEQLEN) --eval-fraction $(EVAL_FRACTION) --threads $(THREADS) --force \
+		$(if $(TUNE_STEPS),--steps $(TUNE_STEPS))
+
+cache-teacher: install $(if $(TEACHER),,$(if $(CHAT_DEFAULT),chat-teacher,teacher)) ## cache the teacher's soft targets (TARGETS) into STORE (resumable)
+	$(KDCACHE) cache-teacher --teacher $(CACHE_TEACHER_DIR) --corpus $(CORPUS) --out $(CACHE_STORE) \
 		--targets $(TARGETS) $(if $(filter topk topk+sampled,$(TARGETS)),--top-k $(TOPK)) \
 		$(if $(filter sampled topk+sampled,$(TARGETS)),--samples $(SAMPLES) \
 			$(if $(SAMPLE_TEMPERATURE),--sample-temperature $(SAMPLE_TEMPERATURE))) \
 		--seq-len $(SEQLEN) --format $(FORMAT) --eval-fraction $(EVAL_FRACTION) \
 		$(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS))
-	@mkdir -p $(dir $(LAST_STORE_FILE)) && echo "$(CACHE_STORE)" > $(LAST_STORE_FILE)
+	@mkdir -p $(dir $(LAST_STORE_FILE)) && echo "$(CACHE_STORE)" > $(LAST_STORE_FILE) && \
+		echo "$(CACHE_TEACHER_DIR)" > $(LAST_TEACHER_FILE)
 
 train-student: install ## train STUDENT with KD (OUT) and CE-only (CE_OUT), then compare
 	@# replace earlier runs of this target (only directories that hold a train-student run)

@@ -13,15 +13,14 @@ the documents that later make up the store's ``eval`` split.
 The teacher trains on plain text (EOS between documents, no BOS: its tokenizer adds no special
 tokens). Its tokenizer carries a chat template that renders a conversation as Python (a user turn
 as a signature line, an assistant turn as the docstring that follows), so the ``stdlib-chat``
-corpus is meaningful to it.
+corpus is meaningful to it. ``--from DIR`` adapts a built teacher to a corpus' training split
+instead (``teacher_finetune``: ``make cache-teacher CORPUS=stdlib-chat`` tunes the default on the
+records' completions).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,20 @@ from kdcache.pipeline.cache.corpus import (
     resolve_corpus,
 )
 from kdcache.pipeline.cache.packing import pack_sequences
+from kdcache.pipeline.cache.teacher_finetune import finetune_teacher
+from kdcache.pipeline.cache.teacher_training import (
+    METADATA_FILE,
+    check_out,
+    make_optimizer,
+    save_teacher_dir,
+)
 from kdcache.pipeline.errors import UserError
 from kdcache.pipeline.host_memory import keep_freed_memory
 from kdcache.pipeline.precision import native_bf16
 from kdcache.pipeline.progress import progress
 
-METADATA_FILE = "kdcache_teacher.json"
+__all__ = ["METADATA_FILE", "build_teacher", "command", "evaluate_perplexity"]
+
 MIN_VOCAB = 300  # 256 byte symbols + 4 specials + a few merges
 
 
@@ -93,7 +100,8 @@ def _read_split(
             if document.kind != "text":
                 raise UserError(
                     f"build-teacher trains on plain text, {corpus} holds {document.kind} "
-                    f"records ({document.source}), give a text corpus such as `stdlib`"
+                    f"records ({document.source}), give a text corpus such as `stdlib`, or "
+                    "tune a built teacher on them with --from"
                 )
             (held_out if is_eval_document(document.text, eval_fraction) else train).append(
                 document.text
@@ -135,14 +143,6 @@ def _build_model(s: dict[str, Any], tokenizer: Any) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def _lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @torch.inference_mode()
 def evaluate_perplexity(
     model: torch.nn.Module, sequences: list[np.ndarray], batch_size: int, device: torch.device
@@ -182,11 +182,7 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     """
     _check_settings(s)
     out = Path(s["out"])
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not s["force"]:
-        raise UserError(
-            f"the output directory already holds files, {out}, "
-            "pass --force to replace it or choose another --out"
-        )
+    check_out(out, s["force"])
     if s["threads"] > 0:
         torch.set_num_threads(s["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,18 +219,7 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     keep_freed_memory(device)  # CPU only: no page-fault storm per vocab-wide tensor
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s["lr"],
-        betas=(0.9, 0.95),
-        fused=device.type == "cuda",
-    )
-    warmup = min(s["warmup"], s["steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, warmup, s["steps"])
-    )
+    optimizer, scheduler = make_optimizer(model, s["lr"], s["warmup"], s["steps"], device)
     use_bf16 = native_bf16(device)  # not the emulated bfloat16 of a T4 or V100
 
     # 3. the training loop: seeded shuffles of the packed sequences, epoch after epoch
@@ -286,17 +271,7 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     }
 
     # 5. save atomically: a half-written directory never looks like a teacher
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    partial.rename(out)
+    save_teacher_dir(out, model, tokenizer.save_pretrained, metadata)
     click.echo(
         f"teacher: {num_params / 1e6:.1f}M parameters, {tokens_seen:,} tokens in "
         f"{train_seconds:.0f}s ({tokens_seen / train_seconds:,.0f} tokens/s), held-out "
@@ -306,12 +281,23 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+# the options whose default depends on the mode: (from scratch, with --from)
+MODE_DEFAULTS = {
+    "steps": (150, 75),
+    "lr": (3e-3, 1e-3),
+    "warmup": (15, 10),
+    "eval_sequences": (64, None),
+}
+# what --from's teacher fixes: refused with --from
+ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "kv_heads")
+
+
 @click.command("build-teacher")
 @click.option(
     "--corpus",
     default="stdlib",
     show_default=True,
-    help="Corpus spec: dir, file, glob or `stdlib`.",
+    help="Corpus spec: dir, file, glob, `stdlib` or (with --from) `stdlib-chat`.",
 )
 @click.option(
     "--out",
@@ -319,6 +305,15 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     show_default=True,
     type=click.Path(file_okay=False),
     help="Output HF model directory.",
+)
+@click.option(
+    "--from",
+    "base",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Fine-tune this teacher directory (its tokenizer and sizes kept) on the training split "
+    "of --corpus (text, or chat and prompt/completion records rendered and masked as "
+    "cache-teacher does) instead of training a new one.",
 )
 @click.option("--vocab-size", default=8192, show_default=True, help="BPE vocabulary size.")
 @click.option("--hidden-size", default=256, show_default=True)
@@ -328,11 +323,26 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
 @click.option(
     "--kv-heads", default=2, show_default=True, help="Key/value heads (grouped-query attention)."
 )
-@click.option("--seq-len", default=256, show_default=True, help="Training sequence length.")
+@click.option(
+    "--seq-len",
+    default=256,
+    show_default=True,
+    help="Training sequence length (with --from: records longer are skipped, as by "
+    "cache-teacher --seq-len).",
+)
 @click.option("--batch-size", default=16, show_default=True, help="Sequences per step.")
-@click.option("--steps", default=150, show_default=True, help="Optimizer steps.")
-@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--warmup", default=15, show_default=True, help="Warmup steps.")
+@click.option(
+    "--steps", type=int, default=None, help="Optimizer steps.  [default: 150; with --from: 75]"
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Peak learning rate (AdamW).  [default: 0.003; with --from: 0.001]",
+)
+@click.option(
+    "--warmup", type=int, default=None, help="Warmup steps.  [default: 15; with --from: 10]"
+)
 @click.option(
     "--eval-fraction",
     default=0.02,
@@ -341,9 +351,9 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option(
     "--eval-sequences",
-    default=64,
-    show_default=True,
-    help="At most this many held-out sequences are evaluated.",
+    type=int,
+    default=None,
+    help="At most this many held-out sequences are evaluated.  [default: 64; with --from: all]",
 )
 @click.option(
     "--text-field", default="text", show_default=True, help="Text field of .jsonl/.parquet corpora."
@@ -353,6 +363,29 @@ def build_teacher(s: dict[str, Any]) -> dict[str, Any]:
     "--threads", default=0, show_default=True, help="CPU threads for torch (0 = torch's default)."
 )
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
-def command(**settings: Any) -> None:
-    """Train the default teacher: a BPE tokenizer and a small Llama, saved as an HF model dir."""
-    build_teacher(settings)
+def command(base: str | None, **settings: Any) -> None:
+    """Train the default teacher, or tune a teacher on a corpus' training split (--from).
+
+    The default teacher is a BPE tokenizer and a small Llama, saved as a Hugging Face model
+    directory. With --from, the teacher's tokenizer and sizes are kept and only the trained
+    positions of the training split (a record's completion) carry the loss; the held-out
+    documents (--eval-fraction, cache-teacher's split) are only evaluated.
+    """
+    from click.core import ParameterSource
+
+    mode = int(base is not None)
+    for name, defaults in MODE_DEFAULTS.items():
+        if settings[name] is None:
+            settings[name] = defaults[mode]
+    if base is None:
+        build_teacher(settings)
+        return
+    ctx = click.get_current_context()
+    for name in ARCHITECTURE:
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} is the --from teacher's, got {flag} {settings[name]}, leave it out"
+            )
+    kept = {k: v for k, v in settings.items() if k not in ARCHITECTURE}
+    finetune_teacher({"base": base, **kept})
