@@ -16,6 +16,7 @@ import click
 
 from kdcache.pipeline.distill.checkpoint import broadcast_main
 from kdcache.pipeline.errors import UserError
+from kdcache.pipeline.search.leaderboard import dominates
 from kdcache.pipeline.search.search_space import suggest
 from kdcache.pipeline.search.strategy import OBJECTIVES
 from kdcache.pipeline.search.study import (
@@ -54,15 +55,7 @@ def pareto_levels(points: list[list[float]]) -> list[int]:
     levels = [-1] * len(points)
     level, left = 0, set(range(len(points)))
     while left:
-        front = {
-            i
-            for i in left
-            if not any(
-                all(a <= b for a, b in zip(points[j], points[i], strict=True))
-                and points[j] != points[i]
-                for j in left
-            )
-        }
+        front = {i for i in left if not any(dominates(points[j], points[i]) for j in left)}
         for i in front:
             levels[i] = level
         left -= front
