@@ -78,7 +78,7 @@ STUDENT_ARGS = --store $(READ_STORE) --student $(STUDENT) --steps $(STEPS) --bat
 	--seed $(SEED) $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(ALPHA),--alpha $(ALPHA)) \
 	$(TRAIN_ARGS)
 
-.PHONY: help install teacher chat-teacher cache-teacher train-student compare sweep test test-floors test-quickstart lint format \
+.PHONY: help install teacher chat-teacher cache-teacher train-student compare sweep test test-floors test-minutes lint format \
 	cli-reference docs bench fidelity fidelity-codec clean distclean
 
 help: ## list targets and variables
@@ -159,8 +159,8 @@ compare: install ## print the teacher / KD / CE-only table again
 sweep: install ## train the candidates of SWEEP from STORE into SWEEP_OUT
 	$(KDCACHE) sweep --store $(READ_STORE) --config $(SWEEP) --out $(SWEEP_OUT)
 
-test-quickstart: install ## the quickstart's stable claim on the default (KD beats CE-only), ~5 min; CI runs it
-	$(BIN)/python -m pytest -m quickstart $(PYTEST_ARGS)
+test-minutes: install ## run the docs' blocks marked minutes and check their claims (KD beats CE-only), ~25 min; CI runs it
+	$(BIN)/python -m pytest -m minutes $(PYTEST_ARGS)
 
 lint: install ## ruff check + ruff format --check + mypy on storage/
 	$(BIN)/ruff check .

@@ -27,13 +27,15 @@ Public API (see docs/architecture.md §3 and §8)::
                       sampled_counts=counts, sampled_logprobs=logprobs,
                       loss_mask=mask)   # (L,) 0/1; the targets' T rows are mask's 1s, in order
 
-Layout: ``manifest.json``, ``shards/<split>-<index:05d>.zarr|.arrow`` and the commit record
-``shards/<split>-<index:05d>.json`` (written last; only shards with a record exist for readers).
-This kdcache writes format_version 6 (codec ``raw`` or ``gaps``, ``make_manifest(codec=...)``;
+Layout: ``manifest.json``; one write attempt's shard data at
+``shards/<split>-<index:05d>.<attempt>.zarr|.arrow`` (``<split>-<index:05d>.zarr|.arrow`` before
+format 7); the commit record ``shards/<split>-<index:05d>.json`` that names it (written last;
+only shards with a record exist for readers). This kdcache writes format_version 7 (codec
+``raw`` or ``gaps``, ``make_manifest(codec=...)``;
 ``next_token_logprob=True, text=True`` for per-position next-token log-probs and the text with
 each token's span: ``seq.next_token_logprob`` (L,), ``seq.text`` (B,) uint8, ``seq.token_ends``
 (L,) int64, None without them; ``require_text`` refuses a store that lacks them) and reads 1 to
-6 (docs/architecture.md §3).
+7 (docs/architecture.md §3).
 """
 
 from ._arrays import ShardArrays, TeacherSequence

@@ -2,7 +2,8 @@
 
 A fenced block is code the suite runs, unless the line right above it marks it
 ``<!-- needs: gpu -->`` (or ``cluster``, ``network``, ``minutes``; several comma-separated):
-then the suite checks it without running it (syntax, commands, options, make variables).
+then ``make test`` checks it without running it (syntax, commands, options, make variables);
+the blocks marked ``minutes`` alone run in ``make test-minutes`` (tests/test_docs_minutes.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Every code block of the README and of the docs runs here, or says on the line above it what
 it needs (``<!-- needs: gpu -->``, ``cluster``, ``network``, ``minutes``) and is checked
 without running: syntax, and every ``kdcache`` command, option and ``make`` target or variable
-against the real CLI and Makefile (tests/doc_blocks.py reads the pages).
+against the real CLI and Makefile (tests/doc_blocks.py reads the pages). The ``minutes`` blocks
+then run in tests/test_docs_minutes.py (``make test-minutes``).
 
 Python blocks run page by page, in order, in one namespace, in a folder whose ``artifacts/``
 holds the stores the pages name (docs/training-stack.md's run in tests/test_docs_examples.py).
