@@ -38,6 +38,13 @@ def run(store_url: str, out: Path, per_device: int, fsdp: bool = False) -> dict:
 
 
 if __name__ == "__main__":
+    import torch.distributed as dist
+
     result = run(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["fsdp"])
     if result["world"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         (Path(sys.argv[2]) / "result.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        # both ranks done before gloo is torn down: a rank leaving while the other's gloo
+        # threads still talk to it aborts it at exit ("terminate called", SIGABRT) under load
+        dist.barrier()
+        dist.destroy_process_group()
