@@ -36,6 +36,7 @@ from kdcache.pipeline.search.study import (
     recover_stale,
     result_rows,
     wait_for_queue,
+    waiting,
 )
 from kdcache.pipeline.search.sweep_config import SEARCH_KEYS, Candidate, SweepConfig
 
@@ -133,6 +134,8 @@ class SearchWorker:
 
     def _next_group(self, together: int, reading_of: Any) -> list[Candidate] | None:
         recover_stale(self.study, self.stale_after, self.slot.name)
+        if self.done_asking and waiting(self.study):
+            self.done_asking = False  # a rerun was queued since (here or by another worker)
         if not self.resumed:  # after a kill: this worker's own running trials first
             self.resumed = True
             for trial in own_running(self.study, self.slot.name):

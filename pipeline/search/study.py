@@ -248,6 +248,13 @@ def in_flight(study: Any) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
 
 
+def waiting(study: Any) -> bool:
+    """Whether a trial waits in the queue (a listed candidate, or a rerun of a stale one)."""
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def fresh_allowed(study: Any, trial: Any, limit: int | None) -> bool:
     """Whether a newly sampled trial is within the ``trials`` budget: fewer than ``limit``
     sampled trials (not enqueued ones) carry a smaller number. Numbers are handed out in
